@@ -1,0 +1,3 @@
+from scaling_sparse.cli import run
+
+run()

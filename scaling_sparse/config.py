@@ -1,0 +1,215 @@
+"""Config schema, defaults and start-up validation.
+
+Every experiment config under experiments/configs/ starts from `base_config()` and overrides
+fields; absl's `config_flags` lets the command line override any of them
+(`--config.model.ff_sparsity=64`). `validate()` runs before anything is built and raises
+`ConfigError` naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """An invalid config field or combination; the message names the field and the fix."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    m = c.model = ml_collections.ConfigDict()
+    m.vocab_size = 8000
+    m.d_model = 256
+    m.d_ff = 1024
+    m.n_heads = 4
+    m.n_layers = 4
+    m.max_len = 512            # learned positional embeddings cover this many positions
+    m.dropout = 0.0            # residual / FFN dropout
+    m.attn_dropout = 0.0       # attention-probability dropout
+    m.dtype = "float32"        # compute dtype: float32 | bfloat16
+    m.param_dtype = "float32"  # storage dtype of trainable parameters
+    m.layer_norm_eps = 1e-6
+    # Sparse FFN (reference.md §1). 0 = dense FFN.
+    m.ff_sparsity = 0          # N: units per block; d_ff / N blocks
+    m.ff_lowrank = 0           # controller rank r; 0 = d_ff // N
+    m.ff_temperature = 0.1
+    m.ff_quant_prob = 0.3
+    # Sparse QKV (reference.md §2). 0 = dense Q, K, V projections.
+    m.attn_sparsity = 0        # S: modules of the multiplicative layer; M = d_model / S
+    m.attn_length_kernel = 3
+    m.attn_output = "none"     # output projection after sparse QKV: none | dense | mult
+    # Output (loss) layer (reference.md §3). 0 = dense d_model -> vocab.
+    m.loss_sparsity = 0
+    m.loss_type = "mult"       # mult | lowrank (used when loss_sparsity > 0 or loss_lowrank > 0)
+    m.loss_lowrank = 0
+    # Terraformer (reference.md §4).
+    m.reversible = False
+    m.attention = "full"       # full | lsh
+    m.lsh_n_hashes = 1
+    m.lsh_chunk_len = 128
+    m.lsh_n_buckets = 0        # 0 = 2 * seq_len / chunk_len
+    m.ff_sru_units = 0         # 0 = no SRU recurrence
+
+    t = c.train = ml_collections.ConfigDict()
+    t.num_steps = 1000
+    t.batch_size = 8
+    t.seq_len = 256
+    t.optimizer = "adafactor"  # adafactor | adamw
+    t.learning_rate = 1.0      # peak; the rsqrt schedule multiplies 1/sqrt(max(step, warmup))
+    t.schedule = "rsqrt"       # rsqrt | cosine
+    t.warmup_steps = 1000
+    t.weight_decay = 1e-5      # decoupled
+    t.grad_clip = 1.0
+    t.adam_b1 = 0.9
+    t.adam_b2 = 0.98
+    t.log_every = 10
+    t.eval_every = 100
+    t.eval_batches = 8
+    t.checkpoint_every = 200
+    t.keep_checkpoints = 3
+    t.seed = 0
+    t.sample_at_end = True     # print a greedy sample after training
+    t.progress = True          # tqdm progress bar
+
+    d = c.data = ml_collections.ConfigDict()
+    d.source = "stdlib"        # stdlib | files | jsonl | tfds
+    d.path = ""                # files: directory or glob; jsonl: file or glob
+    d.text_field = "text"      # jsonl field holding the text
+    d.input_field = ""         # jsonl field holding a prefix-LM input segment ("" = none)
+    d.target_field = ""        # jsonl target field when input_field is set
+    d.tfds_name = "c4/en:3.1.0"
+    d.tfds_data_dir = ""
+    d.tokenizer_path = ""      # a SentencePiece .model; "" = train one on the training split
+    d.tokenizer_train_chars = 20_000_000
+    d.validation_fraction = 0.02
+    d.shuffle_seed = 0
+    d.max_files = 0            # 0 = all files of the corpus
+
+    g = c.generate = ml_collections.ConfigDict()
+    g.temperature = 0.0        # 0 = greedy
+    g.top_k = 0                # 0 = no top-k filtering
+    g.seed = 0
+    return c
+
+
+_DTYPES = ("float32", "bfloat16")
+
+
+def _require(ok: bool, field: str, problem: str, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"config.{field}: {problem}. Fix: {fix}.")
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks every field and combination; returns the config or raises ConfigError."""
+    m, t, d = config.model, config.train, config.data
+    for name in ("vocab_size", "d_model", "d_ff", "n_heads", "n_layers", "max_len"):
+        value = m[name]
+        _require(isinstance(value, int) and value > 0, f"model.{name}",
+                 f"must be a positive integer, got {value!r}", f"set --config.model.{name}=<int > 0>")
+    _require(m.d_model % m.n_heads == 0, "model.n_heads",
+             f"d_model {m.d_model} is not divisible by n_heads {m.n_heads}",
+             "choose n_heads dividing d_model (e.g. d_model / 64)")
+    for name in ("dropout", "attn_dropout"):
+        _require(0.0 <= m[name] < 1.0, f"model.{name}", f"must be in [0, 1), got {m[name]}",
+                 f"set --config.model.{name}=0.1 or similar")
+    for name in ("dtype", "param_dtype"):
+        _require(m[name] in _DTYPES, f"model.{name}", f"unknown dtype {m[name]!r}",
+                 f"use one of {_DTYPES}")
+
+    # Sparse FFN.
+    _require(m.ff_sparsity >= 0, "model.ff_sparsity", "must be >= 0", "0 = dense, N > 0 = sparse")
+    if m.ff_sparsity:
+        _require(m.d_ff % m.ff_sparsity == 0, "model.ff_sparsity",
+                 f"d_ff {m.d_ff} is not divisible by ff_sparsity {m.ff_sparsity}",
+                 "choose d_ff as a multiple of ff_sparsity")
+        _require(m.ff_sparsity >= 2, "model.ff_sparsity", "a block of one unit selects nothing",
+                 "use ff_sparsity >= 2 (the paper uses 64)")
+        rank = m.ff_lowrank or m.d_ff // m.ff_sparsity
+        _require(0 < rank <= min(m.d_model, m.d_ff), "model.ff_lowrank",
+                 f"controller rank {rank} must be in 1..min(d_model, d_ff)={min(m.d_model, m.d_ff)}",
+                 "lower --config.model.ff_lowrank")
+        _require(m.ff_temperature >= 0, "model.ff_temperature", "must be >= 0", "use 0.1")
+        _require(0.0 <= m.ff_quant_prob <= 1.0, "model.ff_quant_prob", "must be in [0, 1]", "use 0.3")
+    _require(m.ff_lowrank >= 0, "model.ff_lowrank", "must be >= 0", "0 = d_ff // ff_sparsity")
+
+    # Sparse QKV.
+    _require(m.attn_sparsity >= 0, "model.attn_sparsity", "must be >= 0", "0 = dense, S > 0 = sparse")
+    if m.attn_sparsity:
+        _require(m.d_model % m.attn_sparsity == 0, "model.attn_sparsity",
+                 f"d_model {m.d_model} is not divisible by attn_sparsity {m.attn_sparsity}",
+                 "choose S dividing d_model (e.g. n_heads)")
+        _require(m.attn_length_kernel >= 1, "model.attn_length_kernel", "must be >= 1", "use 3")
+    _require(m.attn_output in ("none", "dense", "mult"), "model.attn_output",
+             f"unknown value {m.attn_output!r}", "use none | dense | mult")
+
+    # Output layer.
+    _require(m.loss_sparsity >= 0, "model.loss_sparsity", "must be >= 0", "0 = dense output layer")
+    _require(m.loss_type in ("mult", "lowrank"), "model.loss_type", f"unknown value {m.loss_type!r}",
+             "use mult | lowrank")
+    if m.loss_sparsity and m.loss_type == "mult":
+        _require(m.vocab_size % m.loss_sparsity == 0, "model.loss_sparsity",
+                 f"vocab_size {m.vocab_size} is not divisible by loss_sparsity {m.loss_sparsity}",
+                 "choose a vocab size divisible by the loss sparsity (32000 works with 2, 4, 8)")
+        _require(m.loss_sparsity <= m.d_model, "model.loss_sparsity",
+                 f"{m.loss_sparsity} modules exceed d_model {m.d_model}", "use 2, 4 or 8")
+    _require(m.loss_lowrank >= 0, "model.loss_lowrank", "must be >= 0", "0 = off")
+    if m.loss_type == "lowrank" and (m.loss_sparsity or m.loss_lowrank):
+        _require(0 < m.loss_lowrank <= min(m.d_model, m.vocab_size), "model.loss_lowrank",
+                 f"rank {m.loss_lowrank} must be in 1..min(d_model, vocab_size)",
+                 "set --config.model.loss_lowrank to e.g. 64")
+
+    # Terraformer.
+    _require(m.attention in ("full", "lsh"), "model.attention", f"unknown value {m.attention!r}",
+             "use full | lsh")
+    _require(m.ff_sru_units >= 0, "model.ff_sru_units", "must be >= 0", "0 = off, 32 in the paper")
+
+    # Training.
+    for name in ("num_steps", "batch_size", "seq_len", "log_every", "eval_every", "checkpoint_every",
+                 "keep_checkpoints", "eval_batches"):
+        _require(isinstance(t[name], int) and t[name] > 0, f"train.{name}",
+                 f"must be a positive integer, got {t[name]!r}", f"set --config.train.{name}=<int > 0>")
+    _require(t.seq_len <= m.max_len, "train.seq_len",
+             f"seq_len {t.seq_len} exceeds model.max_len {m.max_len}",
+             "lower train.seq_len or raise model.max_len")
+    _require(t.optimizer in ("adafactor", "adamw"), "train.optimizer", f"unknown {t.optimizer!r}",
+             "use adafactor | adamw")
+    _require(t.schedule in ("rsqrt", "cosine"), "train.schedule", f"unknown {t.schedule!r}",
+             "use rsqrt | cosine")
+    _require(t.learning_rate > 0, "train.learning_rate", "must be > 0", "e.g. 1.0 (rsqrt) or 3e-4")
+    _require(t.warmup_steps >= 1, "train.warmup_steps", "must be >= 1", "e.g. 1000")
+
+    # Data.
+    _require(d.source in ("stdlib", "files", "jsonl", "tfds"), "data.source", f"unknown {d.source!r}",
+             "use stdlib | files | jsonl | tfds")
+    if d.source in ("files", "jsonl"):
+        _require(bool(d.path), "data.path", f"source={d.source} needs a path",
+                 "set --config.data.path=DIR, a glob, or a .jsonl file")
+    _require(0.0 < d.validation_fraction < 1.0, "data.validation_fraction", "must be in (0, 1)",
+             "use 0.02")
+    return config
+
+
+def configs_dir():
+    """experiments/configs/ of this checkout (presets are code there, as the project card asks)."""
+    import pathlib
+
+    return pathlib.Path(__file__).resolve().parent.parent / "experiments" / "configs"
+
+
+def load_config(name_or_path: str) -> ml_collections.ConfigDict:
+    """Loads a preset by name (`medium_dense`) or a config file path; returns it validated."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(name_or_path)
+    if path.suffix != ".py":
+        path = configs_dir() / f"{name_or_path}.py"
+    if not path.is_file():
+        known = sorted(p.stem for p in configs_dir().glob("*.py") if not p.stem.startswith("_"))
+        raise ConfigError(f"config {name_or_path!r} not found. Fix: use a file path or one of {known}.")
+    spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return validate(module.get_config())

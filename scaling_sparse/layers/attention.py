@@ -1,0 +1,66 @@
+"""Causal multi-head self-attention with a KV cache; the Q/K/V maker and output are pluggable."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from scaling_sparse.layers.base import check_mode
+from scaling_sparse.layers.dropout import dropout
+
+
+def dot_product_attention(q, k, v, mask, *, dropout_rate=0.0, rng=None, train=False):
+    """q [b, tq, h, dh], k/v [b, tk, h, dh], mask broadcastable to [b, h, tq, tk] (True = attend)."""
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    probs = dropout(probs, dropout_rate, rng, train=train)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+class CausalSelfAttention(nnx.Module):
+    def __init__(self, *, d_model: int, n_heads: int, qkv: nnx.Module, out: nnx.Module | None,
+                 attn_dropout: float = 0.0):
+        self.d_model = d_model
+        self.qkv = qkv
+        self.out = out
+        self.n_heads = n_heads
+        self.attn_dropout = attn_dropout
+
+    def _heads(self, x):
+        b, t, d = x.shape
+        return x.reshape(b, t, self.n_heads, d // self.n_heads)
+
+    def _project_out(self, o):
+        b, t = o.shape[:2]
+        o = o.reshape(b, t, -1)
+        return o if self.out is None else self.out(o)
+
+    def __call__(self, x, *, mode: str = "eval", rng=None):
+        train = check_mode(mode)
+        q, k, v = (self._heads(a) for a in self.qkv(x))
+        t = x.shape[1]
+        mask = jnp.tril(jnp.ones((t, t), bool))
+        o = dot_product_attention(q, k, v, mask, dropout_rate=self.attn_dropout, rng=rng, train=train)
+        return self._project_out(o)
+
+    def init_cache(self, batch: int, cache_len: int, dtype):
+        shape = (batch, cache_len, self.n_heads, self.d_model // self.n_heads)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+                "qkv": self.qkv.init_cache(batch, dtype)}
+
+    def decode(self, x, cache, index):
+        (q, k, v), qkv_cache = self.qkv.decode(x, cache["qkv"])
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
+        v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
+        q_pos = index + jnp.arange(x.shape[1])
+        k_pos = jnp.arange(k_all.shape[1])
+        mask = k_pos[None, :] <= q_pos[:, None]
+        o = dot_product_attention(q, k_all, v_all, mask)
+        return self._project_out(o), {"k": k_all, "v": v_all, "qkv": qkv_cache}
+
+    def params_per_token(self) -> int:
+        return self.qkv.params_per_token() + (0 if self.out is None else self.out.params_per_token())

@@ -1,0 +1,38 @@
+"""Pre-LayerNorm decoder block: x + attn(LN x), then x + ffn(LN x)."""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from scaling_sparse.layers.base import check_mode
+from scaling_sparse.layers.dropout import dropout
+from scaling_sparse.layers.factory import make_attention, make_ffn
+from scaling_sparse.layers.norm import LayerNorm
+
+
+class DecoderBlock(nnx.Module):
+    def __init__(self, m, *, rngs: nnx.Rngs):
+        self.attn_norm = LayerNorm(m.d_model, eps=m.layer_norm_eps)
+        self.attn = make_attention(m, rngs)
+        self.ffn_norm = LayerNorm(m.d_model, eps=m.layer_norm_eps)
+        self.ffn = make_ffn(m, rngs)
+        self.dropout_rate = m.dropout
+
+    def __call__(self, x, *, mode: str = "eval", rng=None):
+        train = check_mode(mode)
+        keys = jax.random.split(rng, 4) if train else [None] * 4
+        h = self.attn(self.attn_norm(x), mode=mode, rng=keys[0])
+        x = x + dropout(h, self.dropout_rate, keys[1], train=train)
+        h = self.ffn(self.ffn_norm(x), mode=mode, rng=keys[2])
+        return x + dropout(h, self.dropout_rate, keys[3], train=train)
+
+    def init_cache(self, batch: int, cache_len: int, dtype):
+        return {"attn": self.attn.init_cache(batch, cache_len, dtype),
+                "ffn": self.ffn.init_cache(batch, cache_len, dtype)}
+
+    def decode(self, x, cache, index):
+        h, attn_cache = self.attn.decode(self.attn_norm(x), cache["attn"], index)
+        x = x + h
+        h, ffn_cache = self.ffn.decode(self.ffn_norm(x), cache["ffn"], index)
+        return x + h, {"attn": attn_cache, "ffn": ffn_cache}

@@ -1,0 +1,30 @@
+"""Plain dense (affine) layer that computes in its input's dtype."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+glorot_uniform = nnx.initializers.glorot_uniform()
+
+
+def tiny_normal(key, shape, dtype=jnp.float32):
+    """N(0, 1e-6^2): the reference's bias initialisation."""
+    return 1e-6 * jax.random.normal(key, shape, dtype)
+
+
+class Dense(nnx.Module):
+    def __init__(self, d_in: int, d_out: int, *, rngs: nnx.Rngs, use_bias: bool = True,
+                 kernel_init=glorot_uniform, param_dtype=jnp.float32):
+        self.kernel = nnx.Param(kernel_init(rngs.params(), (d_in, d_out), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((d_out,), param_dtype)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.kernel[...].astype(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(x.dtype)
+        return y
+
+    def params_per_token(self) -> int:
+        return self.kernel.size + (0 if self.bias is None else self.bias.size)

@@ -1,0 +1,61 @@
+"""The one place that maps config fields to layer variants. Blocks ask it for "the QKV", "the FFN",
+"the output layer"; nothing else in the model branches on sparsity."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from scaling_sparse.layers.attention import CausalSelfAttention
+from scaling_sparse.layers.dense import Dense
+from scaling_sparse.layers.ffn import DenseFF
+from scaling_sparse.layers.output import DenseOutput
+from scaling_sparse.layers.qkv import DenseQKV
+
+
+def param_dtype(m):
+    return jnp.dtype(m.param_dtype)
+
+
+def make_qkv(m, rngs: nnx.Rngs) -> nnx.Module:
+    if m.attn_sparsity:
+        from scaling_sparse.layers.sparse_qkv import SparseQKV
+        return SparseQKV(m.d_model, m.attn_sparsity, length_kernel=m.attn_length_kernel, rngs=rngs,
+                         param_dtype=param_dtype(m))
+    return DenseQKV(m.d_model, rngs=rngs, param_dtype=param_dtype(m))
+
+
+def make_attn_output(m, rngs: nnx.Rngs) -> nnx.Module | None:
+    """Dense attention keeps its output projection; sparse QKV has none unless asked for."""
+    if not m.attn_sparsity or m.attn_output == "dense":
+        return Dense(m.d_model, m.d_model, rngs=rngs, param_dtype=param_dtype(m))
+    if m.attn_output == "mult":
+        from scaling_sparse.layers.multiplicative import MultiplicativeDense
+        return MultiplicativeDense(m.d_model, m.d_model, m.attn_sparsity, rngs=rngs,
+                                   param_dtype=param_dtype(m))
+    return None
+
+
+def make_attention(m, rngs: nnx.Rngs) -> nnx.Module:
+    return CausalSelfAttention(d_model=m.d_model, n_heads=m.n_heads, qkv=make_qkv(m, rngs),
+                               out=make_attn_output(m, rngs), attn_dropout=m.attn_dropout)
+
+
+def make_ffn(m, rngs: nnx.Rngs) -> nnx.Module:
+    if m.ff_sparsity:
+        from scaling_sparse.layers.sparse_ffn import SparseFF
+        return SparseFF(m.d_model, m.d_ff, m.ff_sparsity, lowrank=m.ff_lowrank or m.d_ff // m.ff_sparsity,
+                        temperature=m.ff_temperature, quant_prob=m.ff_quant_prob,
+                        dropout_rate=m.dropout, rngs=rngs, param_dtype=param_dtype(m))
+    return DenseFF(m.d_model, m.d_ff, rngs=rngs, dropout_rate=m.dropout, param_dtype=param_dtype(m))
+
+
+def make_output(m, rngs: nnx.Rngs) -> nnx.Module:
+    if m.loss_type == "lowrank" and (m.loss_lowrank or m.loss_sparsity):
+        from scaling_sparse.layers.sparse_output import LowRankOutput
+        return LowRankOutput(m.d_model, m.vocab_size, m.loss_lowrank, rngs=rngs, param_dtype=param_dtype(m))
+    if m.loss_sparsity:
+        from scaling_sparse.layers.sparse_output import MultiplicativeOutput
+        return MultiplicativeOutput(m.d_model, m.vocab_size, m.loss_sparsity, rngs=rngs,
+                                    param_dtype=param_dtype(m))
+    return DenseOutput(m.d_model, m.vocab_size, rngs=rngs, param_dtype=param_dtype(m))

@@ -1,0 +1,29 @@
+"""The standard residual stack: blocks applied in order (Python-unrolled, so each layer's weights
+are read in place when decoding; see design.md's measured facts)."""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from scaling_sparse.layers.block import DecoderBlock
+
+
+class StandardStack(nnx.Module):
+    def __init__(self, m, *, rngs: nnx.Rngs):
+        self.blocks = nnx.List([DecoderBlock(m, rngs=rngs) for _ in range(m.n_layers)])
+
+    def __call__(self, x, *, mode: str = "eval", rng=None):
+        for i, block in enumerate(self.blocks):
+            x = block(x, mode=mode, rng=None if rng is None else jax.random.fold_in(rng, i))
+        return x
+
+    def init_cache(self, batch: int, cache_len: int, dtype):
+        return [block.init_cache(batch, cache_len, dtype) for block in self.blocks]
+
+    def decode(self, x, cache, index):
+        new_cache = []
+        for block, block_cache in zip(self.blocks, cache):
+            x, block_cache = block.decode(x, block_cache, index)
+            new_cache.append(block_cache)
+        return x, new_cache

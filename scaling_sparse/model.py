@@ -1,0 +1,97 @@
+"""The decoder-only LM. Dense and sparse share this code: the config picks each layer's variant
+through layers/factory.py, and the stack (standard or reversible) through `make_stack`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from scaling_sparse.layers.base import check_mode, param_count
+from scaling_sparse.layers.dropout import dropout
+from scaling_sparse.layers.factory import make_output
+from scaling_sparse.layers.norm import LayerNorm
+
+
+def sinusoidal_init(max_len: int, d: int) -> np.ndarray:
+    pos = np.arange(max_len)[:, None]
+    inv = np.exp(-np.log(10000.0) * np.arange(0, d, 2) / d)
+    table = np.zeros((max_len, d), np.float32)
+    table[:, 0::2] = np.sin(pos * inv)
+    table[:, 1::2] = np.cos(pos * inv)[:, : d // 2]
+    return table
+
+
+def make_stack(m, rngs: nnx.Rngs) -> nnx.Module:
+    if m.reversible:
+        from scaling_sparse.layers.reversible import ReversibleStack
+        return ReversibleStack(m, rngs=rngs)
+    from scaling_sparse.layers.stack import StandardStack
+    return StandardStack(m, rngs=rngs)
+
+
+class DecoderLM(nnx.Module):
+    def __init__(self, m, *, rngs: nnx.Rngs):
+        pdt = jnp.dtype(m.param_dtype)
+        self.token_embed = nnx.Param(
+            nnx.initializers.normal(1.0)(rngs.params(), (m.vocab_size, m.d_model), pdt))
+        self.pos_embed = nnx.Param(jnp.asarray(sinusoidal_init(m.max_len, m.d_model), pdt))
+        self.stack = make_stack(m, rngs)
+        self.final_norm = LayerNorm(m.d_model, eps=m.layer_norm_eps)
+        self.output = make_output(m, rngs)
+        self.dtype = jnp.dtype(m.dtype)
+        self.max_len = m.max_len
+        self.vocab_size = m.vocab_size
+        self.dropout_rate = m.dropout
+
+    def _embed(self, tokens, positions):
+        x = jnp.take(self.token_embed[...], tokens, axis=0) + jnp.take(self.pos_embed[...], positions, axis=0)
+        return x.astype(self.dtype)
+
+    def __call__(self, tokens: jax.Array, *, mode: str = "eval", rng=None) -> jax.Array:
+        """tokens [batch, T] -> logits [batch, T, vocab] (float32), causal."""
+        train = check_mode(mode)
+        if train and rng is None:
+            raise ValueError("mode='train' needs rng=<PRNG key>")
+        if tokens.shape[1] > self.max_len:
+            raise ValueError(f"sequence of {tokens.shape[1]} tokens exceeds model.max_len {self.max_len}")
+        embed_rng, stack_rng = jax.random.split(rng) if train else (None, None)
+        x = self._embed(tokens, jnp.arange(tokens.shape[1]))
+        x = dropout(x, self.dropout_rate, embed_rng, train=train)
+        x = self.stack(x, mode=mode, rng=stack_rng)
+        return self.output(self.final_norm(x)).astype(jnp.float32)
+
+    def init_cache(self, batch: int, cache_len: int, dtype=None):
+        if cache_len > self.max_len:
+            raise ValueError(f"cache of {cache_len} positions exceeds model.max_len {self.max_len}")
+        return self.stack.init_cache(batch, cache_len, dtype or self.dtype)
+
+    def decode(self, tokens: jax.Array, cache, index):
+        """tokens [batch, T] at absolute positions index..index+T-1 -> (logits [batch, T, vocab], cache)."""
+        x = self._embed(tokens, index + jnp.arange(tokens.shape[1]))
+        x, cache = self.stack.decode(x, cache, index)
+        return self.output(self.final_norm(x)).astype(jnp.float32), cache
+
+    def components(self) -> dict[str, dict[str, int]]:
+        """Per component: total parameters and parameters read per decoded token."""
+        d = self.token_embed.shape[1]
+        report = {
+            "embedding": {"total": self.token_embed.size + self.pos_embed.size, "per_token": 2 * d},
+            "attention": {"total": 0, "per_token": 0},
+            "ffn": {"total": 0, "per_token": 0},
+            "norms": {"total": param_count(self.final_norm), "per_token": param_count(self.final_norm)},
+            "output": {"total": param_count(self.output), "per_token": self.output.params_per_token()},
+        }
+        for block in self.stack.blocks:
+            for name, child in vars(block).items():
+                if not isinstance(child, nnx.Module):
+                    continue
+                if isinstance(child, LayerNorm):
+                    kind = "norms"
+                else:
+                    kind = "attention" if name.startswith("attn") else "ffn" if name.startswith("ffn") else "norms"
+                per_token = child.params_per_token() if hasattr(child, "params_per_token") else param_count(child)
+                report[kind]["total"] += param_count(child)
+                report[kind]["per_token"] += per_token
+        return report

@@ -1,0 +1,35 @@
+"""scaling-sparse: sparse Scaling Transformers and the Terraformer decoder in JAX/Flax NNX."""
+
+from setuptools import find_packages, setup
+
+# Ranges admit the newest releases and the GPU image (jax 0.11.2, flax 0.12.10, optax 0.2.8,
+# orbax-checkpoint 0.12.4, Python 3.12).
+CORE = [
+    "jax>=0.5.0",
+    "flax>=0.10.4",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11.0",
+    "chex>=0.1.87",
+    "ml-collections>=0.1.1",
+    "absl-py>=1.4",
+    "sentencepiece>=0.2.0",
+    "numpy>=1.26",
+    "tqdm>=4.60",
+    "matplotlib>=3.7",
+    "tensorboardX>=2.6",
+]
+# The C4 pipeline only: TensorFlow stays out of the model, decoding and training imports.
+C4 = ["tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9.4"]
+TEST = C4 + ["pytest>=7.4", "pytest-xdist>=3.5"]
+
+setup(
+    name="scaling-sparse",
+    version="0.1.0",
+    description="Sparse Scaling Transformers and Terraformer in JAX/Flax NNX",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["scaling_sparse", "scaling_sparse.*"]),
+    install_requires=CORE,
+    extras_require={"c4": C4, "test": TEST},
+    entry_points={"console_scripts": ["scaling-sparse=scaling_sparse.cli:run"]},
+)
