@@ -1,0 +1,209 @@
+"""Local corpora: the embedded stdlib sources, text files, JSONL; the train/validation split.
+
+A corpus is a list of documents (key, text). The key (a file's path relative to the corpus root, or
+"file:line" for a JSONL record) decides the split: documents are ordered by a hash of their key and
+the first `validation_fraction` of them are the validation split. The split is therefore
+deterministic, disjoint, independent of the machine's file order, and stable when files are added.
+Unreadable, non-UTF-8 or malformed inputs are skipped and counted, never a crash mid-run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import pathlib
+import sysconfig
+
+from tqdm import tqdm
+
+from scaling_sparse.data import DataError
+
+
+@dataclasses.dataclass
+class SourceFiles:
+    """The files of a corpus, in split order, with what identifies their contents for caching."""
+
+    root: pathlib.Path
+    files: list[pathlib.Path]
+
+    def keys(self) -> list[str]:
+        return [_rel(f, self.root) for f in self.files]
+
+    def signature(self) -> list:
+        """(key, size, mtime) of every file: a changed file changes every cache key built from it."""
+        sig = []
+        for f in self.files:
+            try:
+                st = f.stat()
+                sig.append([_rel(f, self.root), st.st_size, st.st_mtime_ns])
+            except OSError:
+                sig.append([_rel(f, self.root), -1, -1])
+        return sig
+
+
+@dataclasses.dataclass
+class Corpus:
+    train: list[str]
+    validation: list[str]
+    stats: dict
+
+
+def _rel(path: pathlib.Path, root: pathlib.Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def _hash_key(key: str) -> str:
+    return hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def stdlib_root() -> pathlib.Path:
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    if not root.is_dir():
+        raise DataError(f"data.source=stdlib: the interpreter's standard library was not found at {root}. "
+                        "Fix: use --config.data.source=files --config.data.path=DIR with your own text.")
+    return root
+
+
+def _regular_or_dangling(path: pathlib.Path) -> bool:
+    # Broken symlinks are kept so they are counted as unreadable; FIFOs/sockets would block a read.
+    return path.is_file() or (path.is_symlink() and not path.exists())
+
+
+def _walk(directory: pathlib.Path, suffix: str | None) -> list[pathlib.Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(directory):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__pycache__"]
+        for name in filenames:
+            if name.startswith(".") or (suffix and not name.endswith(suffix)):
+                continue
+            p = pathlib.Path(dirpath) / name
+            if _regular_or_dangling(p):
+                out.append(p)
+    return out
+
+
+def list_files(data_config, exclude=None) -> SourceFiles:
+    """The files of config.data's corpus in split order (hash of key), limited to max_files.
+
+    `exclude` (the workdir) is left out, so a corpus directory that holds the workdir does not
+    swallow its own token cache and checkpoints.
+    """
+    source, path = data_config.source, data_config.path
+    if source == "stdlib":
+        root = stdlib_root()
+        files = [f for f in _walk(root, ".py") if "site-packages" not in f.relative_to(root).parts]
+    elif source in ("files", "jsonl"):
+        p = pathlib.Path(os.path.expanduser(path))
+        if p.is_dir():
+            root = p
+            files = _walk(p, ".jsonl" if source == "jsonl" else None)
+        elif p.is_file():
+            root, files = p.parent, [p]
+        else:
+            matches = [pathlib.Path(m) for m in glob.glob(os.path.expanduser(path), recursive=True)]
+            files = [m for m in matches if _regular_or_dangling(m)]
+            # Keys relative to the glob's fixed prefix, so moving the corpus keeps the split.
+            root = pathlib.Path(os.path.commonpath([str(m.parent) for m in files])) if files else p.parent
+    else:
+        raise DataError(f"data.source={source!r} is not a local corpus. Fix: use stdlib | files | jsonl.")
+    if exclude is not None:
+        exclude = pathlib.Path(exclude).resolve()
+        files = [f for f in files if exclude not in f.resolve().parents]
+    if not files:
+        raise DataError(f"data.path={path!r} (source={source}) matches no files: the corpus is empty. "
+                        "Fix: point --config.data.path at a directory, a glob such as 'docs/**/*.txt', "
+                        + ("or a .jsonl file." if source == "jsonl" else "or a text file."))
+    files.sort(key=lambda f: _hash_key(_rel(f, root)))
+    if data_config.max_files:
+        files = files[: data_config.max_files]
+    return SourceFiles(root=root, files=files)
+
+
+def _read_text(path: pathlib.Path, skipped: dict) -> str | None:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        skipped["unreadable_files"] += 1
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        skipped["non_utf8_files"] += 1
+        return None
+
+
+def _jsonl_documents(path: pathlib.Path, key: str, text: str, field: str, skipped: dict):
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            skipped["malformed_records"] += 1
+            continue
+        value = record.get(field) if isinstance(record, dict) else None
+        if not isinstance(value, str):
+            skipped["records_without_field"] += 1
+            continue
+        if value:
+            yield f"{key}:{line_no}", value
+
+
+def read_documents(source: SourceFiles, data_config, progress: bool = True):
+    """-> (documents [(key, text)], skipped-counts dict). Never raises for a bad individual file."""
+    skipped = {"unreadable_files": 0, "non_utf8_files": 0, "empty_files": 0,
+               "malformed_records": 0, "records_without_field": 0}
+    docs = []
+    for f, key in tqdm(list(zip(source.files, source.keys())), desc="reading corpus", unit="file",
+                       disable=not progress, leave=False):
+        text = _read_text(f, skipped)
+        if text is None:
+            continue
+        if data_config.source == "jsonl":
+            docs.extend(_jsonl_documents(f, key, text, data_config.text_field, skipped))
+        elif text.strip():
+            docs.append((key, text))
+        else:
+            skipped["empty_files"] += 1
+    if not docs:
+        detail = ", ".join(f"{k}={v}" for k, v in skipped.items() if v) or "no text in any file"
+        fix = (f"check that the records hold a string field {data_config.text_field!r} "
+               "(--config.data.text_field)" if data_config.source == "jsonl"
+               else "point --config.data.path at UTF-8 text files")
+        raise DataError(f"the corpus (source={data_config.source}, path={data_config.path!r}, "
+                        f"{len(source.files)} files) has no documents ({detail}). Fix: {fix}.")
+    return docs, skipped
+
+
+def split_documents(docs, validation_fraction: float) -> tuple[list[str], list[str]]:
+    """Documents ordered by hash of key; the first fraction (at least one) is validation.
+
+    A corpus of one document (a single text file) is split inside the text instead, at the line
+    boundary nearest to the fraction's end, so one book is still a usable corpus.
+    """
+    if len(docs) == 1:
+        text = docs[0][1]
+        cut = int(len(text) * (1.0 - validation_fraction))
+        newline = text.rfind("\n", 0, cut)
+        cut = newline + 1 if newline > 0 else cut
+        return [text[:cut]], [text[cut:]]
+    docs = sorted(docs, key=lambda d: _hash_key(d[0]))
+    n_val = min(len(docs) - 1, max(1, round(validation_fraction * len(docs))))
+    return [t for _, t in docs[n_val:]], [t for _, t in docs[:n_val]]
+
+
+def load_corpus(data_config, progress: bool = True, source: SourceFiles | None = None) -> Corpus:
+    source = source or list_files(data_config)
+    docs, skipped = read_documents(source, data_config, progress)
+    train, validation = split_documents(docs, data_config.validation_fraction)
+    stats = {"files": len(source.files), "documents": len(docs), "train_documents": len(train),
+             "validation_documents": len(validation), "train_chars": sum(map(len, train)),
+             "validation_chars": sum(map(len, validation)), "skipped": skipped,
+             "skipped_files": skipped["unreadable_files"] + skipped["non_utf8_files"]}
+    return Corpus(train=train, validation=validation, stats=stats)

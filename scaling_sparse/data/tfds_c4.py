@@ -1,0 +1,231 @@
+"""C4 (or any TFDS text dataset with a "text" feature) streamed from tensorflow-datasets.
+
+The only module that imports TensorFlow, and only when config.data.source == "tfds". It works
+offline on prepared data: the builder is opened with try_gcs=False, nothing is downloaded or
+prepared, and a missing dataset is an error that says how to prepare it. TensorFlow is kept off
+the GPU (the accelerator belongs to JAX).
+
+Records are read in the dataset's stored order (shuffle_files=False, deterministic interleave),
+tokenized in multithreaded chunks and packed sequentially into windows of L+1 tokens (stride L,
+eos after each document). The iterator state is the position of the next window's first token:
+{"epoch", "record", "token"}. Restoring re-opens the split and skips `record` records with
+tf.data's skip, which reads through them: O(records), so resuming deep into C4's 365M records
+takes time proportional to how far the run had read (not measured on real C4 here).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+import pathlib
+from typing import Callable, Iterator
+
+import numpy as np
+
+from scaling_sparse.data import DataError, cache, packing
+
+log = logging.getLogger(__name__)
+
+_ENCODE_CHUNK = 256  # records tokenized per multithreaded SentencePiece call
+
+
+def _prepare_hint(name: str, data_dir: str) -> str:
+    return (f"Fix: prepare {name} once on a machine with network access and point "
+            f"--config.data.tfds_data_dir at it: `tfds build {name.replace(':', ' --version=')} "
+            f"--data_dir={data_dir}` (C4 needs Apache Beam and a large download; see the TFDS c4 catalog "
+            "page), or copy an already prepared copy (the directory holding c4/en/<version>/ with its "
+            "dataset_info.json and .tfrecord shards). Alternatively train on C4's JSON release with "
+            "--config.data.source=jsonl --config.data.path='c4/en/c4-train.*.json'.")
+
+
+_modules = None
+
+
+def import_tfds():
+    """Imports TensorFlow with the GPU hidden (once), then tensorflow_datasets."""
+    global _modules
+    if _modules is None:
+        try:
+            import tensorflow as tf
+        except ImportError as e:
+            raise DataError("config.data.source=tfds needs TensorFlow. Fix: pip install 'scaling-sparse[c4]' "
+                            "(tensorflow-cpu and tensorflow-datasets).") from e
+        try:
+            tf.config.set_visible_devices([], "GPU")  # TF must not grab the accelerator's memory
+        except RuntimeError:  # TF's runtime was already initialised by other code: it can't be changed now
+            if tf.config.get_visible_devices("GPU"):
+                log.warning("TensorFlow was initialised before the data pipeline and can see the GPU; it may "
+                            "take GPU memory from JAX. Import scaling_sparse.data.tfds_c4 before using TF.")
+        import tensorflow_datasets as tfds
+
+        _modules = (tf, tfds)
+    return _modules
+
+
+def open_builder(data_config):
+    """The prepared TFDS builder for data_config.tfds_name, or a DataError saying how to prepare it."""
+    name, data_dir = data_config.tfds_name, data_config.tfds_data_dir
+    if data_dir and not pathlib.Path(os.path.expanduser(data_dir)).is_dir():
+        raise DataError(f"config.data.tfds_data_dir={data_dir!r} does not exist. " + _prepare_hint(name, data_dir))
+    _, tfds = import_tfds()
+    try:
+        builder = tfds.builder(name, data_dir=os.path.expanduser(data_dir) if data_dir else None, try_gcs=False)
+    except Exception as e:  # unknown name or version: tfds raises several types
+        raise DataError(f"config.data.tfds_name={name!r}: tensorflow-datasets cannot open it ({e}). "
+                        "Fix: use a registered name with a version, e.g. 'c4/en:3.1.0'.") from e
+    if not builder.is_prepared():
+        raise DataError(f"{name} is not prepared under {builder.data_dir} (config.data.tfds_data_dir="
+                        f"{data_dir!r}). " + _prepare_hint(name, data_dir or str(builder.data_dir_root)))
+    return builder
+
+
+def record_reader(builder, split: str) -> Callable[[int], Iterator[str]]:
+    """-> open(skip): an iterator over the split's texts starting at record `skip`."""
+    tf, tfds = import_tfds()
+
+    def open_split(skip: int) -> Iterator[str]:
+        read_config = tfds.ReadConfig(try_autocache=False, shuffle_seed=None)
+        ds = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config)
+        options = tf.data.Options()
+        options.deterministic = True
+        ds = ds.with_options(options).map(lambda ex: ex["text"])
+        if skip:
+            ds = ds.skip(skip)
+        for text in ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
+            yield text.decode("utf-8", "replace")
+
+    return open_split
+
+
+class StreamIterator:
+    """Infinite iterator of packed batches over a record stream; resumable from {"epoch","record","token"}."""
+
+    def __init__(self, open_records: Callable[[int], Iterator[str]], tokenizer, batch_size: int, seq_len: int,
+                 fingerprint: str = "", split: str = "train"):
+        self.open_records, self.tokenizer = open_records, tokenizer
+        self.batch_size, self.seq_len, self.fingerprint, self.split = batch_size, seq_len, fingerprint, split
+        self._seek(0, 0, 0)
+
+    def _seek(self, epoch: int, record: int, token: int) -> None:
+        # _pending: [epoch, record, tokens] not yet fully consumed; _offset: tokens of its head already used
+        # (or, while _pending is empty, of the next record to read).
+        self._pending = collections.deque()
+        self._offset, self._available = token, 0
+        self._next = (epoch, record)
+        self._reader = self._records(epoch, record)
+
+    def _records(self, epoch: int, record: int):
+        while True:
+            count = 0
+            for i, text in enumerate(self.open_records(record), start=record):
+                count += 1
+                yield epoch, i, text
+            if count == 0 and record == 0:
+                raise DataError(f"the {self.split} split has no records. Fix: check config.data.tfds_name.")
+            epoch, record = epoch + 1, 0
+
+    def _fill(self) -> None:
+        chunk = list(itertools.islice(self._reader, _ENCODE_CHUNK))
+        for (epoch, record, _), ids in zip(chunk, self.tokenizer.encode_batch([t for _, _, t in chunk])):
+            tokens = np.asarray(ids + [self.tokenizer.eos_id], np.int32)
+            if not self._pending:  # after a restore, drop the head record's already-used tokens
+                tokens_left = len(tokens) - self._offset
+            else:
+                tokens_left = len(tokens)
+            self._pending.append([epoch, record, tokens])
+            self._available += tokens_left
+            self._next = (epoch, record + 1)
+
+    def _window(self) -> np.ndarray:
+        while self._available < self.seq_len + 1:
+            self._fill()
+        parts, need, offset = [], self.seq_len + 1, self._offset
+        for _, _, tokens in self._pending:
+            part = tokens[offset: offset + need]
+            parts.append(part)
+            need -= len(part)
+            offset = 0
+            if not need:
+                break
+        # Advance by L: the window's last token is the next window's first.
+        advance = self.seq_len
+        self._available -= advance
+        while advance:
+            left = len(self._pending[0][2]) - self._offset
+            if advance < left:
+                self._offset += advance
+                advance = 0
+            else:
+                advance -= left
+                self._pending.popleft()
+                self._offset = 0
+        return np.concatenate(parts)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return packing.make_batch(np.stack([self._window() for _ in range(self.batch_size)]))
+
+    def get_state(self) -> dict:
+        epoch, record = (self._pending[0][0], self._pending[0][1]) if self._pending else self._next
+        return {"kind": "stream", "epoch": int(epoch), "record": int(record), "token": int(self._offset),
+                "fingerprint": self.fingerprint}
+
+    def set_state(self, state: dict) -> None:
+        if state.get("kind") != "stream":
+            raise DataError(f"iterator state {state!r} is not a TFDS stream state. Fix: resume with the data "
+                            "config (config.data.source) the checkpoint was written with.")
+        if self.fingerprint and state.get("fingerprint") not in (None, self.fingerprint):
+            raise DataError("the checkpoint's data iterator was saved over a different dataset or tokenizer "
+                            f"(fingerprint {state.get('fingerprint')!r}, now {self.fingerprint!r}). Fix: resume "
+                            "with the original config.data and tokenizer, or start a fresh --workdir.")
+        self._seek(int(state["epoch"]), int(state["record"]), int(state["token"]))
+
+
+def validation_stream(open_records, tokenizer, max_tokens: int) -> np.ndarray:
+    """The first max_tokens tokens (or the whole split if shorter) as one eos-joined stream."""
+    token_lists, total = [], 0
+    reader = open_records(0)
+    while total < max_tokens:
+        texts = list(itertools.islice(reader, _ENCODE_CHUNK))
+        if not texts:
+            break
+        for ids in tokenizer.encode_batch(texts):
+            token_lists.append(ids)
+            total += len(ids) + 1
+    return packing.join_documents(token_lists, tokenizer.eos_id, tokenizer.vocab_size)[:max_tokens]
+
+
+def _split_name(builder, *candidates: str) -> str:
+    splits = set(builder.info.splits.keys())
+    for name in candidates:
+        if not splits or name in splits:
+            return name
+    raise DataError(f"{builder.info.full_name} has no split among {candidates} (it has {sorted(splits)}). "
+                    "Fix: use a dataset with train and validation splits.")
+
+
+def build_data(config, workdir):
+    from scaling_sparse.data.pipeline import Data, get_tokenizer
+
+    d, t = config.data, config.train
+    builder = open_builder(d)
+    train_split = _split_name(builder, "train")
+    val_split = _split_name(builder, "validation", "test")
+    open_train, open_val = record_reader(builder, train_split), record_reader(builder, val_split)
+    tokenizer = get_tokenizer(config, workdir, lambda: open_train(0))
+    key = cache.fingerprint({"dataset": d.tfds_name, "tokenizer": cache.bytes_digest(tokenizer.model_proto)})
+    train = StreamIterator(open_train, tokenizer, t.batch_size, t.seq_len, fingerprint=key[:16], split=train_split)
+    val = validation_stream(open_val, tokenizer, t.eval_batches * t.batch_size * t.seq_len + 1)
+    evals = packing.eval_batches(val, t.batch_size, t.seq_len, t.eval_batches, tokenizer.pad_id)
+    splits = builder.info.splits
+    stats = {"source": "tfds", "dataset": d.tfds_name, "data_dir": str(builder.data_dir),
+             "train_records": int(splits[train_split].num_examples) if train_split in splits else None,
+             "validation_records": int(splits[val_split].num_examples) if val_split in splits else None,
+             "validation_tokens": int(len(val)), "eval_batches": len(evals), "tokenizer": tokenizer.path,
+             "vocab_size": tokenizer.vocab_size}
+    log.info("data: %s", stats)
+    return Data(tokenizer=tokenizer, train=train, eval_batches=evals, stats=stats)
