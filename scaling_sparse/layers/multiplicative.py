@@ -1,0 +1,85 @@
+"""The multiplicative (factored) dense layer and the module convolution of sparse QKV (reference.md §2).
+
+MultiplicativeDense: `y[s, m] = sum_i x_i D[s, i] E[i, m] + bias[s*M + m]`, output module-major
+(S modules of M = d_out / S units). d_in*S + d_in*M weights instead of d_in*d_out.
+
+ModuleConv: the output of a multiplicative layer viewed as [batch, length, S, M] and convolved with
+length as height and modules as width (M channels in and out, weights shared across modules):
+causal on the length axis (the caller supplies the kl-1 previous rows: zeros for a full sequence, the
+decode cache when decoding) and zero-padded by (ks-1)/2 on each side of the module axis.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from scaling_sparse.layers.dense import tiny_normal
+
+glorot_uniform = nnx.initializers.glorot_uniform()
+
+
+class MultiplicativeDense(nnx.Module):
+    def __init__(self, d_in: int, d_out: int, n_modules: int, *, rngs: nnx.Rngs, use_bias: bool = True,
+                 param_dtype=jnp.float32):
+        if n_modules < 1 or d_out % n_modules:
+            raise ValueError(f"MultiplicativeDense: d_out {d_out} is not divisible by n_modules {n_modules}; "
+                             "choose a number of modules dividing the output width")
+        self.d_in, self.d_out, self.n_modules = d_in, d_out, n_modules
+        self.d_module = d_out // n_modules
+        # D ~ N(0, 0.5^2) (the reference's gating vectors), E Glorot-uniform, bias N(0, 1e-6^2).
+        # One draw from the Rngs stream per layer (each draw is costly under nnx.eval_shape), split here.
+        keys = jax.random.split(rngs.params(), 3)
+        self.gates = nnx.Param(nnx.initializers.normal(0.5)(keys[0], (n_modules, d_in), param_dtype))
+        self.kernel = nnx.Param(glorot_uniform(keys[1], (d_in, self.d_module), param_dtype))
+        self.bias = nnx.Param(tiny_normal(keys[2], (d_out,), param_dtype)) if use_bias else None
+
+    def modules(self, x: jax.Array) -> jax.Array:
+        """x [..., d_in] -> [..., S, M] (before the bias)."""
+        gated = x[..., None, :] * self.gates[...].astype(x.dtype)        # [..., S, d_in]
+        return gated @ self.kernel[...].astype(x.dtype)                  # [..., S, M]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.modules(x).reshape(*x.shape[:-1], self.d_out)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(x.dtype)
+        return y
+
+    def params_per_token(self) -> int:
+        return self.gates.size + self.kernel.size + (0 if self.bias is None else self.bias.size)
+
+
+class ModuleConv(nnx.Module):
+    """2-D convolution over (length, modules) with M channels in and out; causal along length."""
+
+    def __init__(self, n_modules: int, d_module: int, *, length_kernel: int = 3, module_kernel: int = 3,
+                 rngs: nnx.Rngs, param_dtype=jnp.float32):
+        if module_kernel % 2 != 1:
+            raise ValueError(f"ModuleConv: module_kernel must be odd (zero padding (ks-1)/2 each side), "
+                             f"got {module_kernel}")
+        if length_kernel < 1:
+            raise ValueError(f"ModuleConv: length_kernel must be >= 1, got {length_kernel}")
+        self.n_modules, self.d_module = n_modules, d_module
+        self.length_kernel, self.module_kernel = length_kernel, module_kernel
+        shape = (length_kernel, module_kernel, d_module, d_module)  # HWIO
+        kernel_key, bias_key = jax.random.split(rngs.params())
+        self.kernel = nnx.Param(glorot_uniform(kernel_key, shape, param_dtype))
+        self.bias = nnx.Param(tiny_normal(bias_key, (d_module,), param_dtype))
+
+    @property
+    def history(self) -> int:
+        """How many previous positions one output needs (the decode cache length)."""
+        return self.length_kernel - 1
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [b, history + T, S, M] (the first `history` rows are past context) -> [b, T, S, M]."""
+        half = (self.module_kernel - 1) // 2
+        y = jax.lax.conv_general_dilated(
+            x, self.kernel[...].astype(x.dtype), window_strides=(1, 1),
+            padding=((0, 0), (half, half)),  # length: the caller's history is the causal padding
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + self.bias[...].astype(x.dtype)
+
+    def params_per_token(self) -> int:
+        return self.kernel.size + self.bias.size

@@ -1,0 +1,106 @@
+"""Sparse feed-forward layer (reference.md §1): a low-rank controller picks one unit per block of N.
+
+Shapes: d = d_model, f = d_ff, N units per block, B = f / N blocks, r = controller rank.
+  controller: logits[..., b, n] = ((x @ C1) @ C2)[..., b, n] + cb[b, n]; C1 [d, r], C2 [r, B, N], cb [B, N]
+  main:       h = relu((x @ W1) * mask), y = h @ W2 + b2; W1 and W2 both stored [B, N, d], no b1.
+Modes:
+  train:  Gumbel noise (temperature T scales it) picks k = argmax(log p + T g); the straight-through mask
+          onehot(k) + p - stop_gradient(p) is used with probability quant_prob (one scalar draw per call),
+          otherwise the soft mask p = softmax(logits). Dropout on h. All randomness comes from `rng`, so
+          the same key gives bit-identical masks (the reversible stack relies on it).
+  eval:   mask = onehot(argmax logits), dense compute.
+  decode: the same argmax, but only the chosen row of each block is gathered from W1 and W2:
+          y = sum_b relu(x . W1[b, k_b]) W2[b, k_b] + b2. The unit axis leads, so each gather reads
+          B contiguous rows of d values; no transposes and no f-sized masks.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from scaling_sparse.layers.base import check_mode
+from scaling_sparse.layers.dense import tiny_normal
+from scaling_sparse.layers.dropout import dropout
+
+
+def _glorot(in_axis, out_axis):
+    return nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=in_axis, out_axis=out_axis)
+
+
+class SparseFF(nnx.Module):
+    def __init__(self, d_model: int, d_ff: int, n_elements: int, *, lowrank: int = 0, temperature: float = 0.1,
+                 quant_prob: float = 0.3, dropout_rate: float = 0.0, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        if n_elements < 2 or d_ff % n_elements:
+            raise ValueError(f"SparseFF: d_ff {d_ff} must be a multiple of ff_sparsity {n_elements} (>= 2); "
+                             "choose d_ff as a multiple of model.ff_sparsity")
+        lowrank = lowrank or d_ff // n_elements
+        if not 0 < lowrank <= min(d_model, d_ff):
+            raise ValueError(f"SparseFF: controller rank {lowrank} must be in 1..min(d_model, d_ff)="
+                             f"{min(d_model, d_ff)}; lower model.ff_lowrank")
+        self.d_model, self.d_ff, self.n_elements = d_model, d_ff, n_elements
+        self.n_blocks, self.lowrank = d_ff // n_elements, lowrank
+        self.temperature, self.quant_prob, self.dropout_rate = float(temperature), float(quant_prob), dropout_rate
+        b, n, d, r = self.n_blocks, n_elements, d_model, lowrank
+        # Glorot-uniform over the logical [d, f] / [f, d] / [d, r] / [r, f] matrices; biases N(0, 1e-6^2).
+        # One draw from the Rngs stream per layer (each draw is costly under nnx.eval_shape), split here.
+        keys = jax.random.split(rngs.params(), 6)
+        self.w1 = nnx.Param(_glorot(-1, (0, 1))(keys[0], (b, n, d), param_dtype))
+        self.w2 = nnx.Param(_glorot((0, 1), -1)(keys[1], (b, n, d), param_dtype))
+        self.b2 = nnx.Param(tiny_normal(keys[2], (d,), param_dtype))
+        self.c1 = nnx.Param(_glorot(0, 1)(keys[3], (d, r), param_dtype))
+        self.c2 = nnx.Param(_glorot(0, (1, 2))(keys[4], (r, b, n), param_dtype))
+        self.cb = nnx.Param(tiny_normal(keys[5], (b, n), param_dtype))
+
+    # -- controller -------------------------------------------------------------------------------
+    def controller_logits(self, x: jax.Array) -> jax.Array:
+        """x [..., d] -> logits [..., B, N]: two small matmuls through the rank-r bottleneck."""
+        low = x @ self.c1[...].astype(x.dtype)
+        return jnp.einsum("...r,rbn->...bn", low, self.c2[...].astype(x.dtype)) + self.cb[...].astype(x.dtype)
+
+    def choose(self, x: jax.Array) -> jax.Array:
+        """The deterministic choice: unit index per block, [..., B] int32."""
+        return jnp.argmax(self.controller_logits(x), axis=-1).astype(jnp.int32)
+
+    def mask(self, x: jax.Array, mode: str = "eval", rng=None) -> jax.Array:
+        """The block mask [..., B, N] in x's dtype; in train mode a pure function of (weights, x, rng)."""
+        if not check_mode(mode):
+            return jax.nn.one_hot(self.choose(x), self.n_elements, dtype=x.dtype)
+        if rng is None:
+            raise ValueError("SparseFF in train mode needs an rng key (Gumbel noise and the hard/soft draw)")
+        gumbel_key, select_key, _ = jax.random.split(rng, 3)
+        log_p = jax.nn.log_softmax(self.controller_logits(x).astype(jnp.float32), axis=-1)
+        p = jnp.exp(log_p)
+        u = jax.random.uniform(gumbel_key, p.shape, jnp.float32, 1e-6, 1.0 - 1e-6)
+        choice = jnp.argmax(log_p - self.temperature * jnp.log(-jnp.log(u)), axis=-1)
+        hard = jax.nn.one_hot(choice, self.n_elements, dtype=p.dtype) + p - jax.lax.stop_gradient(p)
+        use_hard = jax.random.uniform(select_key, ()) < self.quant_prob  # one scalar draw per call
+        return jnp.where(use_hard, hard, p).astype(x.dtype)
+
+    # -- main path --------------------------------------------------------------------------------
+    def __call__(self, x: jax.Array, *, mode: str = "eval", rng=None) -> jax.Array:
+        train = check_mode(mode)
+        mask = self.mask(x, mode, rng)
+        h = jax.nn.relu(jnp.einsum("...d,bnd->...bn", x, self.w1[...].astype(x.dtype)) * mask)
+        if train:
+            h = dropout(h, self.dropout_rate, jax.random.split(rng, 3)[2], train=True)
+        return jnp.einsum("...bn,bnd->...d", h, self.w2[...].astype(x.dtype)) + self.b2[...].astype(x.dtype)
+
+    def init_cache(self, batch: int, cache_len: int, dtype):
+        return {}
+
+    def decode(self, x: jax.Array, cache, index):
+        """Reads only the chosen row of each block: 2 B d main weights per token."""
+        rows = self.choose(x) + jnp.arange(self.n_blocks, dtype=jnp.int32) * self.n_elements  # [..., B]
+        flat = (self.n_blocks * self.n_elements, self.d_model)  # a free reshape of the [B, N, d] arrays
+        # Indices are in range by construction, so skip the gather's bounds handling.
+        gather = lambda w: w[...].reshape(flat).at[rows].get(mode="promise_in_bounds").astype(x.dtype)
+        w_in, w_out = gather(self.w1), gather(self.w2)  # [..., B, d] each
+        h = jax.nn.relu(jnp.einsum("...d,...bd->...b", x, w_in))
+        y = jnp.einsum("...b,...bd->...d", h, w_out) + self.b2[...].astype(x.dtype)
+        return y, cache
+
+    def params_per_token(self) -> int:
+        controller = self.c1.size + self.c2.size + self.cb.size
+        return controller + 2 * self.n_blocks * self.d_model + self.b2.size

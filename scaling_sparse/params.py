@@ -1,0 +1,85 @@
+"""Parameter report: total parameters and parameters read per decoded token, per component.
+
+Computed from the model's abstract shapes (`nnx.eval_shape`), so the 800M and 17B presets are
+reported without allocating a single weight. Parameters read per token are what bounds unbatched
+decoding (reference.md §6): bytes_per_token = params_per_token x bytes of the compute dtype
+(decoding casts the weights once to model.dtype).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from scaling_sparse.layers.base import param_count
+
+_SIZE_FIELDS = ("vocab_size", "d_model", "d_ff", "n_heads", "n_layers", "ff_sparsity", "ff_lowrank",
+                "attn_sparsity", "attn_output", "loss_sparsity", "loss_type", "loss_lowrank", "reversible",
+                "dtype", "param_dtype")
+
+
+def abstract_model(model_config):
+    """The DecoderLM with ShapeDtypeStructs instead of arrays (no memory allocated)."""
+    from scaling_sparse.model import DecoderLM
+
+    return nnx.eval_shape(lambda: DecoderLM(model_config, rngs=nnx.Rngs(0)))
+
+
+def report_params(config, name: str | None = None) -> dict:
+    """config: a full ConfigDict (or its .model) or a preset name. Returns a JSON-serialisable dict."""
+    if isinstance(config, str):
+        from scaling_sparse.config import load_config
+
+        name, config = name or config, load_config(config)
+    m = config.model if "model" in config else config
+    model = abstract_model(m)
+    components = model.components()
+    total = sum(c["total"] for c in components.values())
+    per_token = sum(c["per_token"] for c in components.values())
+    # One decoder layer: everything but the embeddings, the output layer and the final norm.
+    final_norm = param_count(model.final_norm)
+    per_layer = {
+        key: (sum(components[k][key] for k in ("attention", "ffn", "norms")) - final_norm) // m.n_layers
+        for key in ("total", "per_token")}
+    sizes = {k: (m[k].item() if hasattr(m[k], "item") else m[k]) for k in _SIZE_FIELDS if k in m}
+    if m.ff_sparsity:
+        sizes["ff_lowrank"] = m.ff_lowrank or m.d_ff // m.ff_sparsity  # the effective controller rank
+    bytes_per_param = jnp.dtype(m.dtype).itemsize
+    return {
+        "config": name or "",
+        "sizes": sizes,
+        "total_params": int(total),
+        "params_per_token": int(per_token),
+        "bytes_per_token": int(per_token * bytes_per_param),
+        "bytes_per_param": bytes_per_param,
+        "per_layer": per_layer,
+        "components": {k: {"total": int(v["total"]), "per_token": int(v["per_token"])}
+                       for k, v in components.items()},
+    }
+
+
+def _human(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def format_report(report: dict) -> str:
+    """A small fixed-width table of the report."""
+    s = report["sizes"]
+    title = report["config"] or "model"
+    lines = [f"{title}: d_model {s['d_model']}, d_ff {s['d_ff']}, {s['n_layers']} layers, vocab {s['vocab_size']}, "
+             f"ff_sparsity {s['ff_sparsity']}, attn_sparsity {s['attn_sparsity']}, "
+             f"loss_sparsity {s['loss_sparsity']}, dtype {s['dtype']}",
+             f"{'component':<12}{'total':>16}{'per token':>16}"]
+    rows = list(report["components"].items()) + [("per layer", report["per_layer"]),
+                                                 ("all", {"total": report["total_params"],
+                                                          "per_token": report["params_per_token"]})]
+    for name, c in rows:
+        lines.append(f"{name:<12}{c['total']:>16,}{c['per_token']:>16,}")
+    lines.append(f"total {_human(report['total_params'])} parameters; {_human(report['params_per_token'])} "
+                 f"read per decoded token = {report['bytes_per_token'] / 2**20:.1f} MiB "
+                 f"({report['bytes_per_param']} bytes each)")
+    return "\n".join(lines)

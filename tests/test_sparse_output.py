@@ -1,0 +1,64 @@
+"""Sparse output (loss) layers (reference.md §3): multiplicative with S modules, and low rank."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from scaling_sparse.config import load_config
+from scaling_sparse.layers.factory import make_output
+from scaling_sparse.layers.output import DenseOutput
+from scaling_sparse.layers.sparse_output import LowRankOutput, MultiplicativeOutput
+
+D, V = 32, 64
+
+
+def x_of(seed=0):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal((2, 5, D)), jnp.float32)
+
+
+def test_multiplicative_output_is_module_major():
+    out = MultiplicativeOutput(D, V, 4, rngs=nnx.Rngs(0))
+    x = x_of()
+    logits = np.asarray(out(x))
+    assert logits.shape == (2, 5, V)
+    gates, kernel, bias = (np.asarray(p[...]) for p in (out.gates, out.kernel, out.bias))
+    assert gates.shape == (4, D) and kernel.shape == (D, V // 4) and bias.shape == (V,)
+    xs = np.asarray(x)
+    for s in range(4):  # logit s * V/S + m belongs to module s
+        want = (xs * gates[s]) @ kernel + bias[s * 16:(s + 1) * 16]
+        np.testing.assert_allclose(logits[..., s * 16:(s + 1) * 16], want, atol=1e-5, rtol=1e-5)
+
+
+def test_multiplicative_output_counts():
+    out = MultiplicativeOutput(D, V, 4, rngs=nnx.Rngs(0))
+    assert out.params_per_token() == 4 * D + D * V // 4 + V
+    assert out.params_per_token() < DenseOutput(D, V, rngs=nnx.Rngs(0)).params_per_token()
+
+
+def test_low_rank_output():
+    out = LowRankOutput(D, V, 8, rngs=nnx.Rngs(0))
+    x = x_of(1)
+    want = (np.asarray(x) @ np.asarray(out.down.kernel[...]) + np.asarray(out.down.bias[...])) \
+        @ np.asarray(out.up.kernel[...]) + np.asarray(out.up.bias[...])
+    np.testing.assert_allclose(out(x), want, atol=1e-5, rtol=1e-5)
+    assert out.params_per_token() == D * 8 + 8 + 8 * V + V
+
+
+def test_bad_sizes_fail_clearly():
+    with pytest.raises(ValueError, match="loss_sparsity"):
+        MultiplicativeOutput(D, 65, 4, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="loss_lowrank"):
+        LowRankOutput(D, V, D + 1, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("fields,kind", [
+    ({}, DenseOutput),
+    ({"loss_sparsity": 4}, MultiplicativeOutput),
+    ({"loss_type": "lowrank", "loss_lowrank": 8}, LowRankOutput),
+    ({"loss_type": "lowrank", "loss_lowrank": 8, "loss_sparsity": 4}, LowRankOutput),
+])
+def test_the_factory_follows_the_config(fields, kind):
+    m = load_config("tiny").model
+    m.update(**fields)
+    assert type(make_output(m, nnx.Rngs(0))) is kind
