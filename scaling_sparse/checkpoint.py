@@ -1,0 +1,139 @@
+"""Checkpoints (orbax) and the run's saved config.
+
+A checkpoint holds two items per step under WORKDIR/checkpoints/<step>/:
+  - "state": {"params", "opt_state", "step", "rng"} as plain pytrees of arrays (params as NNX's
+    pure dict, so the on-disk format does not depend on NNX's Variable classes);
+  - "data": the training iterator's position (data.train.get_state(), JSON).
+orbax writes each step into a temporary directory and renames it when complete, so a crash during
+a save leaves the previous checkpoints restorable; leftover temporary directories are ignored and
+removed by the next writer.
+
+WORKDIR/config.json records the config the run was trained with: eval, generate and a resumed
+run compare their model against it and fail with a ConfigError naming the differing fields
+instead of a pytree mismatch deep inside orbax.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+import ml_collections
+import orbax.checkpoint as ocp
+
+from scaling_sparse.config import ConfigError
+
+CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "config.json"
+
+
+class Checkpointer:
+    """An orbax CheckpointManager keeping the last `keep` steps of one workdir."""
+
+    def __init__(self, workdir, *, keep: int = 3, read_only: bool = False):
+        self.directory = (pathlib.Path(workdir) / CHECKPOINT_DIR).absolute()
+        if read_only and not self.directory.is_dir():
+            raise FileNotFoundError(
+                f"no checkpoints in {self.directory}: train first "
+                f"(python -m scaling_sparse train --config=... --workdir={workdir})")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            create=not read_only,
+            # The writer removes tmp directories a crashed save left behind; readers touch nothing.
+            cleanup_tmp_directories=not read_only,
+            # Synchronous saves: the train step donates its buffers, and a checkpoint must be
+            # complete before a SIGTERM'd process exits.
+            enable_async_checkpointing=False,
+        )
+        self.read_only = read_only
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: dict, data_state: dict | None = None) -> None:
+        if self.read_only:
+            raise RuntimeError("this Checkpointer was opened read_only")
+        state = jax.tree.map(lambda x: np.asarray(x) if isinstance(x, np.generic) else x, state)
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {}))
+        self.manager.save(int(step), args=args, force=True)
+        self.manager.wait_until_finished()
+
+    def restore(self, target: dict, step: int | None = None) -> tuple[dict, dict]:
+        """Restores `state` shaped like `target` (arrays or ShapeDtypeStructs) -> (state, data_state)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {self.directory}: train first")
+        abstract = jax.tree.map(_abstract, target)
+        restored = self.manager.restore(
+            int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                               data=ocp.args.JsonRestore()))
+        return restored.state, dict(restored.data or {})
+
+    def close(self) -> None:
+        self.manager.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _abstract(x):
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    if isinstance(x, jax.Array):
+        return ocp.utils.to_shape_dtype_struct(x)
+    x = np.asarray(x)  # numpy arrays and scalars
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+
+def save_config(config: ml_collections.ConfigDict, workdir) -> None:
+    """Writes WORKDIR/config.json atomically."""
+    path = pathlib.Path(workdir) / CONFIG_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def load_saved_config(workdir) -> ml_collections.ConfigDict | None:
+    path = pathlib.Path(workdir) / CONFIG_FILE
+    if not path.exists():
+        return None
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def _param_shapes(model_config) -> dict:
+    from flax import nnx
+
+    from scaling_sparse.model import DecoderLM
+
+    abstract = nnx.eval_shape(lambda: DecoderLM(model_config, rngs=nnx.Rngs(0)))
+    state = nnx.state(abstract, nnx.Param).to_pure_dict()
+    return jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), state)
+
+
+def check_compatible(config: ml_collections.ConfigDict, workdir) -> None:
+    """Raises ConfigError when `config.model` builds parameters the workdir's checkpoints don't hold."""
+    saved = load_saved_config(workdir)
+    if saved is None or "model" not in saved:
+        return
+    current = config.model.to_dict()
+    before = saved.model.to_dict()
+    differing = sorted(k for k in set(current) | set(before) if current.get(k) != before.get(k))
+    if not differing:
+        return
+    merged = ml_collections.ConfigDict(current)  # fields missing from an older config.json keep today's defaults
+    merged.update({k: v for k, v in before.items() if k in current})
+    if _param_shapes(config.model) == _param_shapes(merged):
+        return  # e.g. dropout or dtype changed: same parameters, allowed
+    changes = ", ".join(f"model.{k}: checkpoint {before.get(k)!r}, config {current.get(k)!r}" for k in differing)
+    raise ConfigError(
+        f"the config's model does not match the checkpoints in {workdir} ({changes}). Fix: pass the "
+        f"config the run was trained with (saved in {pathlib.Path(workdir) / CONFIG_FILE}) or use a new --workdir.")

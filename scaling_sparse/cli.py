@@ -1,0 +1,191 @@
+"""scaling-sparse: train, evaluate and sample sparse (or dense) decoder LMs.
+
+Usage:
+  python -m scaling_sparse train    --config=CONFIG.py --workdir=DIR [--config.FIELD=VALUE ...]
+  python -m scaling_sparse eval     --config=CONFIG.py --workdir=DIR [--json]
+  python -m scaling_sparse generate --config=CONFIG.py --workdir=DIR --prompt="TEXT"
+                                    [--max_new_tokens=N] [--temperature=T] [--top_k=K] [--seed=S]
+  python -m scaling_sparse params   --config=CONFIG.py [--json]
+
+Commands:
+  train     Train from scratch, or resume from the latest checkpoint in DIR. Writes DIR/config.json,
+            DIR/metrics.jsonl (one JSON object per logged step), TensorBoard events in
+            DIR/tensorboard and orbax checkpoints in DIR/checkpoints. SIGTERM or Ctrl-C saves a
+            checkpoint before exiting; running the same command again resumes with the same batches.
+  eval      Validation loss (= log-perplexity, nats per token), perplexity and token accuracy of the
+            latest checkpoint in DIR.
+  generate  Continue --prompt with the latest checkpoint: greedy (--temperature=0, the default),
+            or sampled with a temperature and optionally top-k. The whole loop runs jitted with a
+            KV cache.
+  params    Parameter counts: total and read per decoded token, per component (no weights built).
+
+Every config field can be overridden on the command line, e.g.
+  --config.train.num_steps=500 --config.model.ff_sparsity=64 --config.model.attn_sparsity=16
+  --config.model.loss_sparsity=4 --config.data.source=files --config.data.path=DIR
+Configs live in experiments/configs/ (tiny.py, stdlib.py, medium_dense.py, ...).
+Invalid settings stop at start-up with a message naming the field and the fix (exit status 2).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+COMMANDS = ("train", "eval", "generate", "params")
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. experiments/configs/stdlib.py; override fields with --config.a.b=v.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, tokenizer, data cache.")
+_PROMPT = flags.DEFINE_string("prompt", None, "generate: the text to continue.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "generate: number of tokens to generate.")
+_TEMPERATURE = flags.DEFINE_float(
+    "temperature", None, "generate: sampling temperature; 0 = greedy. Default: config.generate.temperature.")
+_TOP_K = flags.DEFINE_integer("top_k", None, "generate: sample among the k most likely tokens; 0 = all. "
+                              "Default: config.generate.top_k.")
+_SEED = flags.DEFINE_integer("seed", None, "generate: sampling seed. Default: config.generate.seed.")
+_JSON = flags.DEFINE_bool("json", False, "eval, params: print JSON instead of text.")
+
+EXIT_USAGE = 2  # bad config, flags or prompt
+EXIT_FAILURE = 1  # e.g. no checkpoint to load
+
+
+class UsageError(Exception):
+    """A bad command line (not a config field): printed as `error: ...` without a traceback."""
+
+
+def _config():
+    from scaling_sparse.config import validate
+
+    config = _CONFIG.value
+    if config is None:
+        raise UsageError("--config is required, e.g. --config=experiments/configs/stdlib.py")
+    try:
+        config.model  # config_flags defers a failed load to the first access
+    except OSError as e:
+        first = str(e).strip().splitlines()[-1].strip()
+        raise UsageError(f"--config could not be loaded ({first}). Fix: give a config file such as "
+                         "experiments/configs/stdlib.py") from None
+    return validate(config)
+
+
+def _workdir() -> str:
+    if not _WORKDIR.value:
+        raise UsageError("--workdir is required: the run directory holding checkpoints (e.g. --workdir=workdirs/demo)")
+    return _WORKDIR.value
+
+
+def cmd_train(config, workdir) -> int:
+    from scaling_sparse.train import train
+
+    summary = train(config, workdir)
+    if summary.get("interrupted"):
+        print(f"stopped at step {summary['step']} (checkpoint saved); run the same command again to resume",
+              file=sys.stderr)
+        return 128 + int(summary.get("signal", 15))
+    return 0
+
+
+def cmd_eval(config, workdir) -> int:
+    from scaling_sparse.train import evaluate
+
+    metrics = evaluate(config, workdir)
+    if _JSON.value:
+        print(json.dumps(metrics))
+    else:
+        print(f"step {metrics['step']} | eval_loss (log-perplexity) {metrics['eval_loss']:.4f} | "
+              f"perplexity {metrics['eval_perplexity']:.2f} | accuracy {metrics['eval_accuracy']:.4f} | "
+              f"{metrics['eval_tokens']} tokens")
+    return 0
+
+
+def cmd_generate(config, workdir) -> int:
+    from scaling_sparse.checkpoint import check_compatible
+    from scaling_sparse.train import load_model, load_tokenizer, sample
+
+    g = config.generate
+    temperature = g.temperature if _TEMPERATURE.value is None else _TEMPERATURE.value
+    top_k = g.top_k if _TOP_K.value is None else _TOP_K.value
+    seed = g.seed if _SEED.value is None else _SEED.value
+    prompt, max_new = _PROMPT.value, _MAX_NEW.value
+    if temperature < 0:
+        raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 <= top_k <= config.model.vocab_size:
+        raise UsageError(f"--top_k must be in 0..vocab_size={config.model.vocab_size} (0 = off), got {top_k}")
+    if max_new < 1:
+        raise UsageError(f"--max_new_tokens must be >= 1, got {max_new}")
+    if not prompt:
+        raise UsageError('the prompt is empty: give the text to continue with --prompt="..."')
+    check_compatible(config, workdir)
+    tokenizer = load_tokenizer(config, workdir)
+    # Documents are packed after an eos in training, so eos + prompt reads as a document start.
+    ids = [tokenizer.eos_id] + tokenizer.encode(prompt)
+    if len(ids) + max_new > config.model.max_len:
+        raise UsageError(
+            f"the prompt is {len(ids)} tokens (with the leading eos) and --max_new_tokens={max_new}: "
+            f"{len(ids) + max_new} exceeds model.max_len={config.model.max_len}. Fix: shorten the prompt "
+            f"or lower --max_new_tokens to {max(config.model.max_len - len(ids), 0)}.")
+    model, _ = load_model(config, workdir)
+    out = sample(model, ids, max_new, temperature=temperature, top_k=top_k, seed=seed, eos_id=tokenizer.eos_id)
+    print(prompt + tokenizer.decode(out))
+    return 0
+
+
+def cmd_params(config) -> int:
+    from scaling_sparse.params import format_report, report_params
+
+    name = pathlib.Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem
+    report = report_params(config, name=name)
+    print(json.dumps(report, indent=2) if _JSON.value else format_report(report))
+    return 0
+
+
+def main(argv) -> int:
+    from scaling_sparse.config import ConfigError
+
+    if not flags.FLAGS["verbosity"].present:
+        # orbax logs every save step at INFO through absl; keep the console to our own output.
+        logging.getLogger("absl").setLevel(logging.WARNING)
+    try:
+        commands = argv[1:]
+        if len(commands) != 1 or commands[0] not in COMMANDS:
+            raise UsageError(f"give exactly one command of {', '.join(COMMANDS)} (got {commands or 'none'}); "
+                             "see --help")
+        command = commands[0]
+        config = _config()
+        if command == "params":
+            return cmd_params(config)
+        workdir = _workdir()
+        return {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate}[command](config, workdir)
+    except (ConfigError, UsageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _parse_flags(argv):
+    """absl's parser, with bad flags and config overrides reported in one line, not a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        message = f"{e}"
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        # ml_collections raises these for --config.<field> overrides naming no field or of the wrong type.
+        overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        message = (f"cannot apply the config overrides {overrides} ({type(e).__name__}: {e}). Fix: use field "
+                   "names and value types of the config file (e.g. --config.train.num_steps=100)")
+    print(f"error: {message}\nSee --help for the usage.", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+
+
+def run() -> None:
+    """Console entry point (`python -m scaling_sparse`, `scaling-sparse`)."""
+    # absl's --help prints the __main__ module's docstring: make it this module's usage text.
+    sys.modules["__main__"].__doc__ = __doc__
+    app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,145 @@
+"""The command line end to end on the tiny preset and a small text corpus made here.
+
+train, eval and generate run through absl's flag parsing and `cli.main` in this process (one
+trained workdir shared by the module); the real `python -m scaling_sparse` entry point runs as a
+subprocess for --help and for a bad config (no model is built there, so it is quick).
+"""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+
+from scaling_sparse import cli
+from scaling_sparse.metrics import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "experiments", "configs", "tiny.py")
+
+
+def _main(*argv) -> int:
+    """Parses argv as `python -m scaling_sparse` would and runs cli.main -> exit code."""
+    flags.FLAGS.unparse_flags()
+    sys_argv, sys.argv = sys.argv, ["scaling_sparse", *argv]
+    try:
+        return cli.main(flags.FLAGS(sys.argv))  # config_flags reads its overrides from sys.argv
+    finally:
+        sys.argv = sys_argv
+        flags.FLAGS.unparse_flags()
+        # config_flags defines one flag per --config.<field> override while parsing; a second
+        # parse in this process would define them again.
+        for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+            delattr(flags.FLAGS, name)
+
+
+def run_cli(capsys, *argv):
+    """-> (exit code, stdout, stderr)."""
+    code = _main(*argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    words = "the cat sat on a mat and the dog ran to the park while birds sang in tall green trees".split()
+    rng = random.Random(0)
+    root = tmp_path_factory.mktemp("corpus")
+    for i in range(10):
+        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 12))) + "." for _ in range(50)]
+        (root / f"doc{i}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_args(corpus, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    return [f"--config={TINY}", f"--workdir={workdir}", "--config.data.source=files",
+            f"--config.data.path={corpus}", "--config.model.vocab_size=128"]
+
+
+@pytest.fixture(scope="module")
+def trained(run_args):
+    code = _main("train", *run_args, "--config.train.num_steps=6", "--config.train.eval_every=3",
+                 "--config.train.checkpoint_every=3", "--config.train.log_every=3")
+    return code, run_args[1].split("=", 1)[1]
+
+
+def test_train_writes_metrics_checkpoints_and_config(trained):
+    code, workdir = trained
+    assert code == 0
+    records = read_metrics(workdir)
+    assert [r["step"] for r in records] == [3, 6]
+    assert all("train_loss" in r and "eval_loss" in r for r in records)
+    assert records[-1]["eval_loss"] < records[0]["train_loss"] + 1.0
+    saved = json.loads(open(os.path.join(workdir, "config.json")).read())
+    assert saved["model"]["vocab_size"] == 128 and saved["data"]["source"] == "files"
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
+
+
+def test_eval_reports_the_checkpoints_validation_loss(trained, run_args, capsys):
+    _, workdir = trained
+    code, out, _ = run_cli(capsys, "eval", *run_args, "--json")
+    assert code == 0
+    metrics = json.loads(out.strip().splitlines()[-1])
+    assert metrics["step"] == 6
+    assert metrics["eval_loss"] == pytest.approx(read_metrics(workdir)[-1]["eval_loss"], rel=1e-5)
+    assert metrics["eval_perplexity"] == pytest.approx(2.718281828 ** metrics["eval_loss"], rel=1e-4)
+
+
+def test_generate_greedy_is_deterministic_and_sampling_runs(trained, run_args, capsys):
+    args = ["generate", *run_args, "--prompt=the cat", "--max_new_tokens=8"]
+    code, first, _ = run_cli(capsys, *args)
+    assert code == 0 and first.startswith("the cat")
+    assert run_cli(capsys, *args)[1] == first
+    code, sampled, _ = run_cli(capsys, *args, "--temperature=1.0", "--top_k=5", "--seed=3")
+    assert code == 0 and sampled.startswith("the cat")
+
+
+def test_generate_rejects_empty_and_too_long_prompts(trained, run_args, capsys):
+    code, _, err = run_cli(capsys, "generate", *run_args, "--prompt=")
+    assert code == 2 and "prompt is empty" in err
+    code, _, err = run_cli(capsys, "generate", *run_args, "--prompt=" + "the cat sat on the mat " * 20)
+    assert code == 2 and "exceeds model.max_len=64" in err and "Traceback" not in err
+
+
+def test_a_config_that_does_not_match_the_checkpoint_is_a_clear_error(trained, run_args, capsys):
+    code, _, err = run_cli(capsys, "eval", *run_args, "--config.model.d_model=64")
+    assert code == 2 and "model.d_model: checkpoint 32, config 64" in err
+
+
+def test_bad_config_and_missing_arguments(run_args, capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", *run_args, "--config.model.n_heads=5")
+    assert code == 2 and "config.model.n_heads" in err and "Fix:" in err
+    code, _, err = run_cli(capsys, "eval", f"--config={TINY}", f"--workdir={tmp_path}")
+    assert code == 1 and "no checkpoints" in err
+    code, _, err = run_cli(capsys, "train", f"--config={TINY}")
+    assert code == 2 and "--workdir is required" in err
+    code, _, err = run_cli(capsys, "fly", f"--config={TINY}")
+    assert code == 2 and "train, eval, generate, params" in err
+
+
+def test_params_command(capsys):
+    code, out, _ = run_cli(capsys, "params", f"--config={TINY}", "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["total_params"] > report["params_per_token"] > 0
+
+
+def _module(*argv):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "scaling_sparse", *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_module_entry_point_help_and_clean_errors():
+    done = _module("--help")  # absl exits with status 1 after printing the help
+    for text in ("python -m scaling_sparse train", "generate", "--prompt", "--config.train.num_steps", "params"):
+        assert text in done.stdout
+    done = _module("train", f"--config={TINY}", "--workdir=unused", "--config.train.seq_len=1000")
+    assert done.returncode == 2 and "config.train.seq_len" in done.stderr and "Traceback" not in done.stderr
+    done = _module("train", f"--config={TINY}", "--config.model.no_such_field=1")
+    assert done.returncode == 2 and "no_such_field" in done.stderr and "Traceback" not in done.stderr
