@@ -22,8 +22,9 @@ def dot_product_attention(q, k, v, mask, *, dropout_rate=0.0, rng=None, train=Fa
 
 class CausalSelfAttention(nnx.Module):
     def __init__(self, *, d_model: int, n_heads: int, qkv: nnx.Module, out: nnx.Module | None,
-                 attn_dropout: float = 0.0):
+                 attn_dropout: float = 0.0, lsh: nnx.Module | None = None):
         self.d_model = d_model
+        self.lsh = lsh  # layers/lsh.py: shared-QK LSH attention replaces the dot product (K unused)
         self.qkv = qkv
         self.out = out
         self.n_heads = n_heads
@@ -41,6 +42,8 @@ class CausalSelfAttention(nnx.Module):
     def __call__(self, x, *, mode: str = "eval", rng=None):
         train = check_mode(mode)
         q, k, v = (self._heads(a) for a in self.qkv(x))
+        if self.lsh is not None:
+            return self._project_out(self.lsh(q, v, train=train, rng=rng, dropout_rate=self.attn_dropout))
         t = x.shape[1]
         mask = jnp.tril(jnp.ones((t, t), bool))
         o = dot_product_attention(q, k, v, mask, dropout_rate=self.attn_dropout, rng=rng, train=train)
@@ -54,12 +57,17 @@ class CausalSelfAttention(nnx.Module):
     def decode(self, x, cache, index):
         (q, k, v), qkv_cache = self.qkv.decode(x, cache["qkv"])
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        if self.lsh is not None:
+            k = self.lsh.key(q)
         k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
         v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
         q_pos = index + jnp.arange(x.shape[1])
         k_pos = jnp.arange(k_all.shape[1])
-        mask = k_pos[None, :] <= q_pos[:, None]
-        o = dot_product_attention(q, k_all, v_all, mask)
+        if self.lsh is not None:  # full attention over the cache with LSH's scoring (see lsh.py)
+            o = self.lsh.attend_cache(q, k_all, v_all, q_pos)
+        else:
+            mask = k_pos[None, :] <= q_pos[:, None]
+            o = dot_product_attention(q, k_all, v_all, mask)
         return self._project_out(o), {"k": k_all, "v": v_all, "qkv": qkv_cache}
 
     def params_per_token(self) -> int:

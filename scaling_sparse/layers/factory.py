@@ -37,11 +37,24 @@ def make_attn_output(m, rngs: nnx.Rngs) -> nnx.Module | None:
 
 
 def make_attention(m, rngs: nnx.Rngs) -> nnx.Module:
+    lsh = None
+    if m.attention == "lsh":  # Terraformer: LSH self-attention (layers/lsh.py)
+        from scaling_sparse.layers.lsh import LSHAttention
+        lsh = LSHAttention(chunk_len=m.lsh_chunk_len, n_buckets=m.lsh_n_buckets, n_hashes=m.lsh_n_hashes)
     return CausalSelfAttention(d_model=m.d_model, n_heads=m.n_heads, qkv=make_qkv(m, rngs),
-                               out=make_attn_output(m, rngs), attn_dropout=m.attn_dropout)
+                               out=make_attn_output(m, rngs), attn_dropout=m.attn_dropout, lsh=lsh)
 
 
 def make_ffn(m, rngs: nnx.Rngs) -> nnx.Module:
+    main = _make_main_ffn(m, rngs)
+    if m.ff_sru_units:  # Terraformer: a parallel SRU branch (layers/sru.py)
+        from scaling_sparse.layers.sru import SRUFeedForward
+        return SRUFeedForward(main, m.d_model, m.ff_sru_units, rngs=rngs, eps=m.layer_norm_eps,
+                              param_dtype=param_dtype(m))
+    return main
+
+
+def _make_main_ffn(m, rngs: nnx.Rngs) -> nnx.Module:
     if m.ff_sparsity:
         from scaling_sparse.layers.sparse_ffn import SparseFF
         return SparseFF(m.d_model, m.d_ff, m.ff_sparsity, lowrank=m.ff_lowrank or m.d_ff // m.ff_sparsity,

@@ -1,0 +1,158 @@
+"""Reversible residual stack (RevNet style), the Terraformer's decoder body (reference.md §4).
+
+Two streams start as copies of the embeddings. Every sub-layer is a half-residual followed by a
+swap: (a, b) -> (b + F(LN a), a). A block is three of them: attention, attention, FFN. The stack
+returns the average of the two streams (the model's final LayerNorm follows).
+
+Training memory: a `jax.custom_vjp` over the whole stack keeps only the final two streams. The
+backward pass walks the sub-layers in reverse, rebuilding each input from its output
+(a = y2, b = y1 - F(y2)) and taking `jax.vjp` of F at the rebuilt input, so activation memory does
+not grow with depth (benchmarks/train_memory.py measures it). F is a pure function of
+(block state, input, key) through nnx.split / nnx.merge; every sub-layer's randomness (dropout,
+the sparse FFN's Gumbel noise and hard/soft draw, LSH rotations) comes from a key derived from the
+block's key and the sub-layer index, so the recomputation replays exactly the forward pass's
+randomness: the sparse FFN picks the same units (reference.md §1).
+
+Decoding runs the same half-residuals forwards (no recomputation), with each attention/FFN cache.
+`recompute=False` computes the same network with plain autodiff (stores activations); the tests
+compare the two.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from scaling_sparse.layers.base import check_mode
+from scaling_sparse.layers.dropout import dropout
+from scaling_sparse.layers.factory import make_attention, make_ffn
+from scaling_sparse.layers.norm import LayerNorm
+
+SUBLAYERS = ("attn1", "attn2", "ffn")
+
+
+class ReversibleBlock(nnx.Module):
+    """Three half-residual sub-layers; children named attn*/ffn* so model.components() counts them."""
+
+    def __init__(self, m, *, rngs: nnx.Rngs):
+        self.attn1_norm = LayerNorm(m.d_model, eps=m.layer_norm_eps)
+        self.attn1 = make_attention(m, rngs)
+        self.attn2_norm = LayerNorm(m.d_model, eps=m.layer_norm_eps)
+        self.attn2 = make_attention(m, rngs)
+        self.ffn_norm = LayerNorm(m.d_model, eps=m.layer_norm_eps)
+        self.ffn = make_ffn(m, rngs)
+        self.dropout_rate = m.dropout
+
+    def _sublayer(self, i: int):
+        name = SUBLAYERS[i]
+        return getattr(self, f"{name}_norm"), getattr(self, name)
+
+    def residual(self, i: int, a, *, mode: str, rng=None):
+        """F_i(a): sub-layer i on LN(a), then residual dropout (mask shared along the sequence, as
+        in the Terraformer)."""
+        train = check_mode(mode)
+        layer_key, dropout_key = jax.random.split(rng) if train else (None, None)
+        norm, layer = self._sublayer(i)
+        h = layer(norm(a), mode=mode, rng=layer_key)
+        return dropout(h, self.dropout_rate, dropout_key, train=train, broadcast_dims=(1,))
+
+    def init_cache(self, batch: int, cache_len: int, dtype):
+        return {name: self._sublayer(i)[1].init_cache(batch, cache_len, dtype) for i, name in enumerate(SUBLAYERS)}
+
+    def decode(self, x1, x2, cache, index):
+        new_cache = {}
+        for i, name in enumerate(SUBLAYERS):
+            norm, layer = self._sublayer(i)
+            h, new_cache[name] = layer.decode(norm(x1), cache[name], index)
+            x1, x2 = x2 + h, x1
+        return x1, x2, new_cache
+
+
+def _sublayer_key(block_key, i):
+    return None if block_key is None else jax.random.fold_in(block_key, i)
+
+
+def _residual_fn(graphdef, i: int, mode: str):
+    """F_i as a pure function of (block state, a, block key)."""
+
+    def f(state, a, block_key):
+        return nnx.merge(graphdef, state).residual(i, a, mode=mode, rng=_sublayer_key(block_key, i))
+
+    return f
+
+
+def _forward(graphdefs, mode, x1, x2, states, keys):
+    for j, (graphdef, state) in enumerate(zip(graphdefs, states)):
+        key = None if keys is None else keys[j]
+        for i in range(len(SUBLAYERS)):
+            x1, x2 = x2 + _residual_fn(graphdef, i, mode)(state, x1, key), x1
+    return x1, x2
+
+
+def _add(a, b):
+    return jax.tree.map(lambda u, v: u + v, a, b)
+
+
+def reversible_apply(graphdefs: tuple, mode: str, x1, x2, states: tuple, keys, *, recompute: bool = True):
+    """Runs the blocks (graphdefs[j], states[j]) on the two streams; returns the final (x1, x2).
+
+    With recompute=True the backward pass rebuilds activations instead of storing them."""
+    if not recompute:
+        return _forward(graphdefs, mode, x1, x2, states, keys)
+
+    @jax.custom_vjp
+    def run(x1, x2, states, keys):
+        return _forward(graphdefs, mode, x1, x2, states, keys)
+
+    def run_fwd(x1, x2, states, keys):
+        y1, y2 = _forward(graphdefs, mode, x1, x2, states, keys)
+        return (y1, y2), (y1, y2, states, keys)  # no activations: only the outputs are kept
+
+    def run_bwd(residuals, cotangents):
+        y1, y2, states, keys = residuals
+        dy1, dy2 = cotangents
+        dstates = []
+        for j in reversed(range(len(graphdefs))):
+            key = None if keys is None else keys[j]
+            dstate = None
+            for i in reversed(range(len(SUBLAYERS))):
+                # Forward was (a, b) -> (y1, y2) = (b + F(a), a): rebuild a and b, then back-propagate.
+                a = y2
+                f_out, f_vjp = jax.vjp(lambda s, a_: _residual_fn(graphdefs[j], i, mode)(s, a_, key), states[j], a)
+                b = y1 - f_out
+                ds, da = f_vjp(dy1)
+                dstate = ds if dstate is None else _add(dstate, ds)
+                y1, y2, dy1, dy2 = a, b, dy2 + da, dy1
+            dstates.append(dstate)
+        # Keys are integer data: None = a zero cotangent.
+        return dy1, dy2, tuple(reversed(dstates)), None
+
+    run.defvjp(run_fwd, run_bwd)
+    return run(x1, x2, states, keys)
+
+
+class ReversibleStack(nnx.Module):
+    """Stack protocol of layers/stack.py: __call__(x, mode, rng), init_cache, decode, `blocks`."""
+
+    def __init__(self, m, *, rngs: nnx.Rngs, recompute: bool = True):
+        self.blocks = nnx.List([ReversibleBlock(m, rngs=rngs) for _ in range(m.n_layers)])
+        self.recompute = recompute
+
+    def __call__(self, x, *, mode: str = "eval", rng=None):
+        train = check_mode(mode)
+        if train and rng is None:
+            raise ValueError("ReversibleStack in train mode needs an rng key")
+        graphdefs, states = zip(*(nnx.split(block) for block in self.blocks))
+        keys = tuple(jax.random.fold_in(rng, j) for j in range(len(self.blocks))) if train else None
+        x1, x2 = reversible_apply(tuple(graphdefs), mode, x, x, tuple(states), keys, recompute=self.recompute)
+        return (x1 + x2) / 2
+
+    def init_cache(self, batch: int, cache_len: int, dtype):
+        return [block.init_cache(batch, cache_len, dtype) for block in self.blocks]
+
+    def decode(self, x, cache, index):
+        x1, x2, new_cache = x, x, []
+        for block, block_cache in zip(self.blocks, cache):
+            x1, x2, block_cache = block.decode(x1, x2, block_cache, index)
+            new_cache.append(block_cache)
+        return (x1 + x2) / 2, new_cache
