@@ -76,8 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
     d.source = "stdlib"        # stdlib | files | jsonl | tfds
     d.path = ""                # files: directory or glob; jsonl: file or glob
     d.text_field = "text"      # jsonl field holding the text
-    d.input_field = ""         # jsonl field holding a prefix-LM input segment ("" = none)
-    d.target_field = ""        # jsonl target field when input_field is set
+    d.input_field = ""         # jsonl field holding a prefix-LM input segment ("" = plain LM)
+    d.target_field = ""        # prefix-LM: jsonl field of the target ("" = text_field); loss on it only
     d.tfds_name = "c4/en:3.1.0"
     d.tfds_data_dir = ""
     d.tokenizer_path = ""      # a SentencePiece .model; "" = train one on the training split
@@ -186,6 +186,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if d.source in ("files", "jsonl"):
         _require(bool(d.path), "data.path", f"source={d.source} needs a path",
                  "set --config.data.path=DIR, a glob, or a .jsonl file")
+    if d.input_field:
+        _require(d.source == "jsonl", "data.input_field",
+                 f"prefix-LM inputs come from JSONL records, but data.source={d.source!r}",
+                 "set --config.data.source=jsonl --config.data.path=FILE.jsonl, or leave input_field empty")
     _require(0.0 < d.validation_fraction < 1.0, "data.validation_fraction", "must be in (0, 1)",
              "use 0.02")
     return config

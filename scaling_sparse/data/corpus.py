@@ -46,8 +46,8 @@ class SourceFiles:
 
 @dataclasses.dataclass
 class Corpus:
-    train: list[str]
-    validation: list[str]
+    train: list        # str documents, or (input, target) pairs for prefix-LM
+    validation: list
     stats: dict
 
 
@@ -138,7 +138,9 @@ def _read_text(path: pathlib.Path, skipped: dict) -> str | None:
         return None
 
 
-def _jsonl_documents(path: pathlib.Path, key: str, text: str, field: str, skipped: dict):
+def _jsonl_documents(path: pathlib.Path, key: str, text: str, fields: tuple[str, ...], skipped: dict):
+    """(key, value) per record: the text field's string, or with two fields (prefix-LM) the
+    (input, target) pair of strings. Records missing a field are skipped and counted."""
     for line_no, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -147,12 +149,19 @@ def _jsonl_documents(path: pathlib.Path, key: str, text: str, field: str, skippe
         except json.JSONDecodeError:
             skipped["malformed_records"] += 1
             continue
-        value = record.get(field) if isinstance(record, dict) else None
-        if not isinstance(value, str):
+        values = [record.get(f) if isinstance(record, dict) else None for f in fields]
+        if not all(isinstance(v, str) for v in values):
             skipped["records_without_field"] += 1
             continue
-        if value:
-            yield f"{key}:{line_no}", value
+        if values[-1]:  # an empty input segment is allowed, an empty text/target is not
+            yield f"{key}:{line_no}", values[0] if len(values) == 1 else tuple(values)
+
+
+def jsonl_fields(data_config) -> tuple[str, ...]:
+    """The JSONL fields a record must hold: (text_field,), or (input_field, target) for prefix-LM."""
+    if data_config.input_field:
+        return (data_config.input_field, data_config.target_field or data_config.text_field)
+    return (data_config.text_field,)
 
 
 def read_documents(source: SourceFiles, data_config, progress: bool = True):
@@ -166,36 +175,44 @@ def read_documents(source: SourceFiles, data_config, progress: bool = True):
         if text is None:
             continue
         if data_config.source == "jsonl":
-            docs.extend(_jsonl_documents(f, key, text, data_config.text_field, skipped))
+            docs.extend(_jsonl_documents(f, key, text, jsonl_fields(data_config), skipped))
         elif text.strip():
             docs.append((key, text))
         else:
             skipped["empty_files"] += 1
     if not docs:
         detail = ", ".join(f"{k}={v}" for k, v in skipped.items() if v) or "no text in any file"
-        fix = (f"check that the records hold a string field {data_config.text_field!r} "
-               "(--config.data.text_field)" if data_config.source == "jsonl"
+        fix = (f"check that the records hold the string fields {list(jsonl_fields(data_config))} "
+               "(--config.data.text_field, or input_field/target_field for prefix-LM)"
+               if data_config.source == "jsonl"
                else "point --config.data.path at UTF-8 text files")
         raise DataError(f"the corpus (source={data_config.source}, path={data_config.path!r}, "
                         f"{len(source.files)} files) has no documents ({detail}). Fix: {fix}.")
     return docs, skipped
 
 
-def split_documents(docs, validation_fraction: float) -> tuple[list[str], list[str]]:
+def split_documents(docs, validation_fraction: float) -> tuple[list, list]:
     """Documents ordered by hash of key; the first fraction (at least one) is validation.
 
     A corpus of one document (a single text file) is split inside the text instead, at the line
     boundary nearest to the fraction's end, so one book is still a usable corpus.
     """
-    if len(docs) == 1:
+    if len(docs) == 1 and isinstance(docs[0][1], str):
         text = docs[0][1]
         cut = int(len(text) * (1.0 - validation_fraction))
         newline = text.rfind("\n", 0, cut)
         cut = newline + 1 if newline > 0 else cut
         return [text[:cut]], [text[cut:]]
     docs = sorted(docs, key=lambda d: _hash_key(d[0]))
+    if len(docs) == 1:
+        raise DataError("the prefix-LM corpus has a single record: a validation split needs at least two. "
+                        "Fix: add records to the JSONL file.")
     n_val = min(len(docs) - 1, max(1, round(validation_fraction * len(docs))))
     return [t for _, t in docs[n_val:]], [t for _, t in docs[:n_val]]
+
+
+def _chars(docs) -> int:
+    return sum(len(d) if isinstance(d, str) else sum(map(len, d)) for d in docs)
 
 
 def load_corpus(data_config, progress: bool = True, source: SourceFiles | None = None) -> Corpus:
@@ -203,7 +220,7 @@ def load_corpus(data_config, progress: bool = True, source: SourceFiles | None =
     docs, skipped = read_documents(source, data_config, progress)
     train, validation = split_documents(docs, data_config.validation_fraction)
     stats = {"files": len(source.files), "documents": len(docs), "train_documents": len(train),
-             "validation_documents": len(validation), "train_chars": sum(map(len, train)),
-             "validation_chars": sum(map(len, validation)), "skipped": skipped,
+             "validation_documents": len(validation), "train_chars": _chars(train),
+             "validation_chars": _chars(validation), "skipped": skipped,
              "skipped_files": skipped["unreadable_files"] + skipped["non_utf8_files"]}
     return Corpus(train=train, validation=validation, stats=stats)

@@ -35,8 +35,10 @@ def make_batch(windows: np.ndarray, weights: np.ndarray | None = None) -> dict:
 
 
 def eval_batches(stream: np.ndarray, batch_size: int, seq_len: int, max_batches: int, pad_id: int,
-                 split: str = "validation") -> list[dict]:
+                 split: str = "validation", loss_mask: np.ndarray | None = None) -> list[dict]:
     """The first max_batches batches of the stream's windows, in order (deterministic).
+
+    loss_mask (same length as the stream, prefix-LM) zeroes the weight of non-target tokens.
 
     The last window may be partial and the last batch may have fewer real rows: both are padded
     with pad_id and weight 0, so a small validation split still gives at least one batch.
@@ -52,7 +54,7 @@ def eval_batches(stream: np.ndarray, batch_size: int, seq_len: int, max_batches:
     for i in range(n_windows):
         chunk = stream[i * seq_len: i * seq_len + seq_len + 1]
         windows[i, : len(chunk)] = chunk
-        weights[i, : len(chunk) - 1] = 1.0
+        weights[i, : len(chunk) - 1] = 1.0 if loss_mask is None else loss_mask[i * seq_len + 1: i * seq_len + len(chunk)]
     return [make_batch(windows[b * batch_size:(b + 1) * batch_size], weights[b * batch_size:(b + 1) * batch_size])
             for b in range(n_batches)]
 
@@ -60,8 +62,10 @@ def eval_batches(stream: np.ndarray, batch_size: int, seq_len: int, max_batches:
 class PackedIterator:
     """Infinite iterator of shuffled training batches over a token stream held in memory."""
 
-    def __init__(self, stream: np.ndarray, batch_size: int, seq_len: int, seed: int, fingerprint: str = ""):
+    def __init__(self, stream: np.ndarray, batch_size: int, seq_len: int, seed: int, fingerprint: str = "",
+                 loss_mask: np.ndarray | None = None):
         self.stream, self.batch_size, self.seq_len, self.seed = stream, batch_size, seq_len, seed
+        self.loss_mask = loss_mask  # prefix-LM: 1 where the token is a target (weights of the batch)
         self.fingerprint = fingerprint
         self.n_windows = (len(stream) - 1) // seq_len
         if self.n_windows < 1:
@@ -93,7 +97,8 @@ class PackedIterator:
             if self.position == self.n_windows:
                 self.epoch, self.position = self.epoch + 1, 0
         idx = np.asarray(starts)[:, None] + np.arange(self.seq_len + 1)
-        return make_batch(self.stream[idx])
+        weights = None if self.loss_mask is None else self.loss_mask[idx[:, 1:]]
+        return make_batch(self.stream[idx], weights)
 
     def get_state(self) -> dict:
         return {"kind": "packed", "epoch": self.epoch, "position": self.position,

@@ -22,12 +22,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-from scaling_sparse.data import DataError, cache, corpus, packing
+from scaling_sparse.data import DataError, cache, corpus, packing, prefix_lm
 from scaling_sparse.data.tokenizer import Tokenizer, cached_or_trained, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-_CACHE_FORMAT = 1  # bump when the cached arrays' meaning changes
+_CACHE_FORMAT = 2  # bump when the cached arrays' meaning changes (2: prefix-LM loss masks)
 
 
 @dataclasses.dataclass
@@ -55,7 +55,7 @@ def tokenizer_request(config) -> dict:
     """What a trained WORKDIR/tokenizer.model was made from (checked when it is reused)."""
     d = config.data
     return {"source": d.source, "path": d.path if d.source != "tfds" else d.tfds_name,
-            "text_field": d.text_field if d.source == "jsonl" else "", "max_files": d.max_files,
+            "text_field": list(corpus.jsonl_fields(d)) if d.source == "jsonl" else "", "max_files": d.max_files,
             "validation_fraction": d.validation_fraction, "vocab_size": config.model.vocab_size,
             "tokenizer_train_chars": d.tokenizer_train_chars}
 
@@ -95,34 +95,47 @@ def _build_local(config, workdir: pathlib.Path) -> Data:
             loaded["corpus"] = corpus.load_corpus(d, t.progress, source)
         return loaded["corpus"]
 
-    tokenizer = get_tokenizer(config, workdir, lambda: load().train)
+    prefix = d.source == "jsonl" and bool(d.input_field)
+    tokenizer = get_tokenizer(config, workdir,
+                              lambda: prefix_lm.texts_of(load().train) if prefix else load().train)
     corpus_id = {"format": _CACHE_FORMAT, "source": d.source, "root": str(source.root),
-                 "text_field": d.text_field if d.source == "jsonl" else "",
+                 "text_field": list(corpus.jsonl_fields(d)) if d.source == "jsonl" else "",
                  "validation_fraction": d.validation_fraction, "files": source.signature()}
     key = cache.fingerprint({"corpus": corpus_id, "tokenizer": cache.bytes_digest(tokenizer.model_proto)})
     stem = workdir / "data_cache" / f"{d.source}-{key[:16]}"
-    train_path, val_path, meta_path = (stem.parent / (stem.name + s) for s in (".train.npy", ".validation.npy", ".json"))
+    suffixes = [".train.npy", ".validation.npy"] + ([".train_mask.npy", ".validation_mask.npy"] if prefix else [])
+    array_paths = [stem.parent / (stem.name + s) for s in suffixes]
+    meta_path = stem.parent / (stem.name + ".json")
 
-    # The meta file is written last: if it exists, both arrays were completely written before it.
-    if meta_path.is_file() and train_path.is_file() and val_path.is_file():
+    # The meta file is written last: if it exists, all arrays were completely written before it.
+    if meta_path.is_file() and all(p.is_file() for p in array_paths):
         corpus_stats = cache.read_json(meta_path)
-        train_stream, val_stream = cache.load_array(train_path), cache.load_array(val_path)
+        arrays = [cache.load_array(p) for p in array_paths]
         cache_hit = True
     else:
         c = load()
-        train_stream = encode_documents(tokenizer, c.train, "tokenizing train", t.progress)
-        val_stream = encode_documents(tokenizer, c.validation, "tokenizing validation", t.progress)
+        if prefix:
+            (train_stream, train_mask), (val_stream, val_mask) = (
+                prefix_lm.encode_examples(tokenizer, c.train), prefix_lm.encode_examples(tokenizer, c.validation))
+            arrays = [train_stream, val_stream, train_mask, val_mask]
+        else:
+            arrays = [encode_documents(tokenizer, c.train, "tokenizing train", t.progress),
+                      encode_documents(tokenizer, c.validation, "tokenizing validation", t.progress)]
         corpus_stats = c.stats
-        cache.save_array(train_path, train_stream)
-        cache.save_array(val_path, val_stream)
+        for p, a in zip(array_paths, arrays):
+            cache.save_array(p, a)
         cache.write_json(meta_path, corpus_stats)
         cache_hit = False
+    train_stream, val_stream = arrays[:2]
+    train_mask, val_mask = arrays[2:] if prefix else (None, None)
 
-    train = packing.PackedIterator(train_stream, t.batch_size, t.seq_len, d.shuffle_seed, fingerprint=key[:16])
-    evals = packing.eval_batches(val_stream, t.batch_size, t.seq_len, t.eval_batches, tokenizer.pad_id)
+    train = packing.PackedIterator(train_stream, t.batch_size, t.seq_len, d.shuffle_seed, fingerprint=key[:16],
+                                   loss_mask=train_mask)
+    evals = packing.eval_batches(val_stream, t.batch_size, t.seq_len, t.eval_batches, tokenizer.pad_id,
+                                 loss_mask=val_mask)
     stats = dict(corpus_stats, source=d.source, train_tokens=int(len(train_stream)),
                  validation_tokens=int(len(val_stream)), train_windows=train.n_windows,
                  eval_batches=len(evals), tokenizer=tokenizer.path, vocab_size=tokenizer.vocab_size,
-                 cache_hit=cache_hit, seconds=round(time.time() - start, 2))
+                 prefix_lm=prefix, cache_hit=cache_hit, seconds=round(time.time() - start, 2))
     log.info("data: %s", stats)
     return Data(tokenizer=tokenizer, train=train, eval_batches=evals, stats=stats)
