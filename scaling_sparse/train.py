@@ -283,8 +283,9 @@ def train(config, workdir, *, data=None, echo=print) -> dict:
                 # A stop signal skips the evaluation: a preempted job has little time left.
                 is_eval = step % t.eval_every == 0 or final
                 if step % t.log_every == 0 or is_eval or stopping:
-                    now = time.perf_counter()
-                    record = {"train_loss": float(np.mean(jax.device_get(window))),
+                    train_loss = float(np.mean(jax.device_get(window)))  # waits for the window's steps
+                    now = time.perf_counter()  # after the sync: steps are dispatched asynchronously
+                    record = {"train_loss": train_loss,
                               "learning_rate": float(m["learning_rate"]),
                               "grad_norm": float(m["grad_norm"]),
                               "tokens_per_s": (step - window_start) * tokens_per_step / max(now - window_time, 1e-9)}

@@ -143,3 +143,28 @@ def test_module_entry_point_help_and_clean_errors():
     assert done.returncode == 2 and "config.train.seq_len" in done.stderr and "Traceback" not in done.stderr
     done = _module("train", f"--config={TINY}", "--config.model.no_such_field=1")
     assert done.returncode == 2 and "no_such_field" in done.stderr and "Traceback" not in done.stderr
+
+
+# Every sparsity flag and every Terraformer option, through the command line: train, checkpoint,
+# resume with more steps, evaluate, generate (stdlib_sparse / terraformer_medium at tiny sizes).
+SPARSE_FLAGS = ["--config.model.ff_sparsity=8", "--config.model.attn_sparsity=4", "--config.model.loss_sparsity=4"]
+TERRAFORMER_FLAGS = ["--config.model.reversible=True", "--config.model.attention=lsh",
+                     "--config.model.lsh_chunk_len=8", "--config.model.ff_sru_units=8"]
+
+
+@pytest.mark.parametrize("extra", [SPARSE_FLAGS, SPARSE_FLAGS + TERRAFORMER_FLAGS], ids=["sparse", "terraformer"])
+def test_sparse_and_terraformer_train_resume_generate(corpus, tmp_path, capsys, extra):
+    args = [f"--config={TINY}", f"--workdir={tmp_path}", "--config.data.source=files",
+            f"--config.data.path={corpus}", "--config.model.vocab_size=128", *extra,
+            "--config.train.checkpoint_every=2", "--config.train.eval_every=2", "--config.train.log_every=2"]
+    code, _, err = run_cli(capsys, "train", *args, "--config.train.num_steps=2")
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+    code, _, err = run_cli(capsys, "train", *args, "--config.train.num_steps=4")  # resumes at step 2
+    assert code == 0, err
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [2, 4]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+    code, out, err = run_cli(capsys, "eval", *args, "--json")
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["step"] == 4, err
+    code, out, err = run_cli(capsys, "generate", *args, "--prompt=the dog", "--max_new_tokens=6")
+    assert code == 0 and out.startswith("the dog"), err

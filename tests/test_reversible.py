@@ -38,24 +38,23 @@ def test_recomputed_gradients_equal_plain_autodiff(layers, mode):
     model = _model(**(SPARSE if layers == "sparse" else {}))
     assert isinstance(model.stack, ReversibleStack)
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 8), 1, model.vocab_size)
-    if True:
-        v1, g1 = _grads(model, tokens, mode, recompute=True)
-        v2, g2 = _grads(model, tokens, mode, recompute=False)
-        np.testing.assert_allclose(v1, v2, rtol=1e-6)
-        flat1, flat2 = jax.tree.leaves(g1), jax.tree.leaves(g2)
-        assert len(flat1) == len(flat2) > 0
-        for a, b in zip(flat1, flat2):
-            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
-        # The block parameters get real gradients (not zeros from a detached recomputation).
-        assert float(jnp.abs(g1["stack"]["blocks"][0]["ffn_norm"]["scale"][...]).sum()) > 0
+    v1, g1 = _grads(model, tokens, mode, recompute=True)
+    v2, g2 = _grads(model, tokens, mode, recompute=False)
+    np.testing.assert_allclose(v1, v2, rtol=1e-6)
+    flat1, flat2 = jax.tree.leaves(g1), jax.tree.leaves(g2)
+    assert len(flat1) == len(flat2) > 0
+    for a, b in zip(flat1, flat2):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+    # The block parameters get real gradients (not zeros from a detached recomputation).
+    assert float(jnp.abs(g1["stack"]["blocks"][0]["ffn_norm"]["scale"][...]).sum()) > 0
 
 
 def test_sparse_ffn_masks_identical_in_forward_and_recomputation(monkeypatch):
     records = []  # (key bytes, mask) for every SparseFF.mask call, forward and backward
     original = SparseFF.mask
 
-    def recording_mask(self, x, mode="eval", rng=None):
-        mask = original(self, x, mode, rng)
+    def recording_mask(self, x, mode="eval", rng=None, choice=None):
+        mask = original(self, x, mode, rng, choice)
         jax.debug.callback(lambda k, m: records.append((np.asarray(k).tobytes(), np.asarray(m))), rng, mask)
         return mask
 

@@ -9,9 +9,13 @@ backward pass walks the sub-layers in reverse, rebuilding each input from its ou
 (a = y2, b = y1 - F(y2)) and taking `jax.vjp` of F at the rebuilt input, so activation memory does
 not grow with depth (benchmarks/train_memory.py measures it). F is a pure function of
 (block state, input, key) through nnx.split / nnx.merge; every sub-layer's randomness (dropout,
-the sparse FFN's Gumbel noise and hard/soft draw, LSH rotations) comes from a key derived from the
-block's key and the sub-layer index, so the recomputation replays exactly the forward pass's
-randomness: the sparse FFN picks the same units (reference.md §1).
+the sparse FFN's hard/soft draw, LSH rotations) comes from a key derived from the block's key and
+the sub-layer index, so the recomputation replays the forward pass's randomness.
+
+Mask memory: the rebuilt inputs equal the forward pass's only to float rounding, so a controller
+near a tie could pick another unit when recomputed. The forward pass therefore stores each sparse
+FFN's chosen units (uint8 [batch, T, d_ff / N], a few bytes per token and layer next to the two
+d_model streams) and the recomputation reuses them: the masks are identical by construction.
 
 Decoding runs the same half-residuals forwards (no recomputation), with each attention/FFN cache.
 `recompute=False` computes the same network with plain autodiff (stores activations); the tests
@@ -47,14 +51,28 @@ class ReversibleBlock(nnx.Module):
         name = SUBLAYERS[i]
         return getattr(self, f"{name}_norm"), getattr(self, name)
 
-    def residual(self, i: int, a, *, mode: str, rng=None):
-        """F_i(a): sub-layer i on LN(a), then residual dropout (mask shared along the sequence, as
-        in the Terraformer)."""
+    def _sparse_ff(self):
+        """The sparse FFN of the FFN sub-layer (also inside an SRU wrapper), else None."""
+        from scaling_sparse.layers.sparse_ffn import SparseFF
+
+        ffn = getattr(self.ffn, "main", self.ffn)
+        return ffn if isinstance(ffn, SparseFF) else None
+
+    def residual(self, i: int, a, *, mode: str, rng=None, choice=None):
+        """(F_i(a), mask memory): sub-layer i on LN(a), then residual dropout (mask shared along the
+        sequence, as in the Terraformer). For a sparse FFN in training the memory is its chosen units,
+        computed here or reused from `choice`; otherwise None."""
         train = check_mode(mode)
         layer_key, dropout_key = jax.random.split(rng) if train else (None, None)
         norm, layer = self._sublayer(i)
-        h = layer(norm(a), mode=mode, rng=layer_key)
-        return dropout(h, self.dropout_rate, dropout_key, train=train, broadcast_dims=(1,))
+        x = norm(a)
+        sparse_ff = self._sparse_ff() if SUBLAYERS[i] == "ffn" and train else None
+        if sparse_ff is not None:
+            choice = sparse_ff.train_choice(x, layer_key) if choice is None else choice
+            h = layer(x, mode=mode, rng=layer_key, choice=choice)
+        else:
+            choice, h = None, layer(x, mode=mode, rng=layer_key)
+        return dropout(h, self.dropout_rate, dropout_key, train=train, broadcast_dims=(1,)), choice
 
     def init_cache(self, batch: int, cache_len: int, dtype):
         return {name: self._sublayer(i)[1].init_cache(batch, cache_len, dtype) for i, name in enumerate(SUBLAYERS)}
@@ -73,20 +91,26 @@ def _sublayer_key(block_key, i):
 
 
 def _residual_fn(graphdef, i: int, mode: str):
-    """F_i as a pure function of (block state, a, block key)."""
+    """F_i as a pure function of (block state, a, block key, stored choice) -> (F_i(a), choice)."""
 
-    def f(state, a, block_key):
-        return nnx.merge(graphdef, state).residual(i, a, mode=mode, rng=_sublayer_key(block_key, i))
+    def f(state, a, block_key, choice=None):
+        return nnx.merge(graphdef, state).residual(i, a, mode=mode, rng=_sublayer_key(block_key, i), choice=choice)
 
     return f
 
 
 def _forward(graphdefs, mode, x1, x2, states, keys):
+    """-> (x1, x2, mask memory: per block, per sub-layer, the sparse FFN's choice or None)."""
+    memory = []
     for j, (graphdef, state) in enumerate(zip(graphdefs, states)):
         key = None if keys is None else keys[j]
+        block_memory = []
         for i in range(len(SUBLAYERS)):
-            x1, x2 = x2 + _residual_fn(graphdef, i, mode)(state, x1, key), x1
-    return x1, x2
+            h, choice = _residual_fn(graphdef, i, mode)(state, x1, key)
+            x1, x2 = x2 + h, x1
+            block_memory.append(choice)
+        memory.append(tuple(block_memory))
+    return x1, x2, tuple(memory)
 
 
 def _add(a, b):
@@ -98,18 +122,18 @@ def reversible_apply(graphdefs: tuple, mode: str, x1, x2, states: tuple, keys, *
 
     With recompute=True the backward pass rebuilds activations instead of storing them."""
     if not recompute:
-        return _forward(graphdefs, mode, x1, x2, states, keys)
+        return _forward(graphdefs, mode, x1, x2, states, keys)[:2]
 
     @jax.custom_vjp
     def run(x1, x2, states, keys):
-        return _forward(graphdefs, mode, x1, x2, states, keys)
+        return _forward(graphdefs, mode, x1, x2, states, keys)[:2]
 
     def run_fwd(x1, x2, states, keys):
-        y1, y2 = _forward(graphdefs, mode, x1, x2, states, keys)
-        return (y1, y2), (y1, y2, states, keys)  # no activations: only the outputs are kept
+        y1, y2, memory = _forward(graphdefs, mode, x1, x2, states, keys)
+        return (y1, y2), (y1, y2, states, keys, memory)  # no activations: outputs and mask memory only
 
     def run_bwd(residuals, cotangents):
-        y1, y2, states, keys = residuals
+        y1, y2, states, keys, memory = residuals
         dy1, dy2 = cotangents
         dstates = []
         for j in reversed(range(len(graphdefs))):
@@ -118,7 +142,8 @@ def reversible_apply(graphdefs: tuple, mode: str, x1, x2, states: tuple, keys, *
             for i in reversed(range(len(SUBLAYERS))):
                 # Forward was (a, b) -> (y1, y2) = (b + F(a), a): rebuild a and b, then back-propagate.
                 a = y2
-                f_out, f_vjp = jax.vjp(lambda s, a_: _residual_fn(graphdefs[j], i, mode)(s, a_, key), states[j], a)
+                f = _residual_fn(graphdefs[j], i, mode)
+                f_out, f_vjp = jax.vjp(lambda s, a_: f(s, a_, key, memory[j][i])[0], states[j], a)
                 b = y1 - f_out
                 ds, da = f_vjp(dy1)
                 dstate = ds if dstate is None else _add(dstate, ds)

@@ -63,25 +63,39 @@ class SparseFF(nnx.Module):
         """The deterministic choice: unit index per block, [..., B] int32."""
         return jnp.argmax(self.controller_logits(x), axis=-1).astype(jnp.int32)
 
-    def mask(self, x: jax.Array, mode: str = "eval", rng=None) -> jax.Array:
-        """The block mask [..., B, N] in x's dtype; in train mode a pure function of (weights, x, rng)."""
+    def _log_p(self, x):
+        return jax.nn.log_softmax(self.controller_logits(x).astype(jnp.float32), axis=-1)
+
+    def _gumbel_choice(self, log_p, rng):
+        u = jax.random.uniform(jax.random.split(rng, 3)[0], log_p.shape, jnp.float32, 1e-6, 1.0 - 1e-6)
+        choice = jnp.argmax(log_p - self.temperature * jnp.log(-jnp.log(u)), axis=-1)
+        return choice.astype(jnp.uint8 if self.n_elements <= 256 else jnp.int32)  # small for mask memory
+
+    def train_choice(self, x: jax.Array, rng) -> jax.Array:
+        """The training-mode choice [..., B]: argmax of log p plus Gumbel noise scaled by the temperature.
+        The reversible stack stores it (mask memory) and passes it back as `choice`."""
+        return self._gumbel_choice(self._log_p(x), rng)
+
+    def mask(self, x: jax.Array, mode: str = "eval", rng=None, choice=None) -> jax.Array:
+        """The block mask [..., B, N] in x's dtype; in train mode a pure function of (weights, x, rng),
+        with the units given by `choice` when it is passed (train_choice's output)."""
         if not check_mode(mode):
             return jax.nn.one_hot(self.choose(x), self.n_elements, dtype=x.dtype)
         if rng is None:
             raise ValueError("SparseFF in train mode needs an rng key (Gumbel noise and the hard/soft draw)")
-        gumbel_key, select_key, _ = jax.random.split(rng, 3)
-        log_p = jax.nn.log_softmax(self.controller_logits(x).astype(jnp.float32), axis=-1)
+        log_p = self._log_p(x)
         p = jnp.exp(log_p)
-        u = jax.random.uniform(gumbel_key, p.shape, jnp.float32, 1e-6, 1.0 - 1e-6)
-        choice = jnp.argmax(log_p - self.temperature * jnp.log(-jnp.log(u)), axis=-1)
+        if choice is None:
+            choice = self._gumbel_choice(log_p, rng)
         hard = jax.nn.one_hot(choice, self.n_elements, dtype=p.dtype) + p - jax.lax.stop_gradient(p)
-        use_hard = jax.random.uniform(select_key, ()) < self.quant_prob  # one scalar draw per call
+        use_hard = jax.random.uniform(jax.random.split(rng, 3)[1], ()) < self.quant_prob  # one scalar draw
         return jnp.where(use_hard, hard, p).astype(x.dtype)
 
     # -- main path --------------------------------------------------------------------------------
-    def __call__(self, x: jax.Array, *, mode: str = "eval", rng=None) -> jax.Array:
+    def __call__(self, x: jax.Array, *, mode: str = "eval", rng=None, choice=None) -> jax.Array:
+        """`choice` (train mode): units picked in an earlier pass (the reversible stack's mask memory)."""
         train = check_mode(mode)
-        mask = self.mask(x, mode, rng)
+        mask = self.mask(x, mode, rng, choice)
         h = jax.nn.relu(jnp.einsum("...d,bnd->...bn", x, self.w1[...].astype(x.dtype)) * mask)
         if train:
             h = dropout(h, self.dropout_rate, jax.random.split(rng, 3)[2], train=True)

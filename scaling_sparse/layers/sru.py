@@ -75,8 +75,9 @@ class SRUFeedForward(nnx.Module):
     def _branch_input(self, x):
         return self.sru_in(self.sru_norm(x))
 
-    def __call__(self, x: jax.Array, *, mode: str = "eval", rng=None) -> jax.Array:
-        return self.main(x, mode=mode, rng=rng) + self.sru_out(self.sru(self._branch_input(x)))
+    def __call__(self, x: jax.Array, *, mode: str = "eval", rng=None, **main_kwargs) -> jax.Array:
+        """main_kwargs reach the main FFN (the sparse FFN's `choice`, see layers/reversible.py)."""
+        return self.main(x, mode=mode, rng=rng, **main_kwargs) + self.sru_out(self.sru(self._branch_input(x)))
 
     def init_cache(self, batch: int, cache_len: int, dtype):
         return {"main": self.main.init_cache(batch, cache_len, dtype), "sru": self.sru.init_cache(batch)}
