@@ -209,6 +209,12 @@ def time_decoding(graphdef, state, *, vocab_size: int, prompt_len: int, tokens: 
     prompt = jax.random.randint(jax.random.PRNGKey(seed + 1), (1, prompt_len), 0, vocab_size, jnp.int32)
     cache_len = prompt_len + max(tokens, per_call_tokens)
 
+    def prefilled():
+        """A fresh cache holding the prompt. Every timed run starts from one: the convolution and SRU
+        caches are running states (not indexed by position), so a used cache cannot be rewound."""
+        cache = jax.block_until_ready(decoder.init_cache(state, 1, cache_len))
+        return jax.block_until_ready(decoder.prefill(state, prompt, cache, rng))
+
     # Prefill: the first call compiles; each timed call gets a fresh cache (it is donated).
     cache = decoder.init_cache(state, 1, cache_len)
     (first, cache), prefill_compile = _seconds(lambda: decoder.prefill(state, prompt, cache, rng))
@@ -218,22 +224,30 @@ def time_decoding(graphdef, state, *, vocab_size: int, prompt_len: int, tokens: 
         cache = jax.block_until_ready(decoder.init_cache(state, 1, cache_len))
         (first, cache), dt = _seconds(lambda: decoder.prefill(state, prompt, cache, rng))
         prefill.append(dt * 1e3)
+    del cache
 
-    # In-loop: T tokens in one jitted fori_loop. Each repeat restarts at the end of the prompt;
-    # positions past the current one are masked, so rewriting them is the same work as a fresh cache.
+    # In-loop: T tokens in one jitted fori_loop, from a freshly prefilled cache each time.
+    _, cache = prefilled()
     (out, cache), loop_compile = _seconds(lambda: decoder.loop(state, cache, first, prompt_len, rng, tokens))
+    del cache
+    _, cache = prefilled()
     (out, cache), _ = _seconds(lambda: decoder.loop(state, cache, first, prompt_len, rng, tokens))  # warm-up
     loop = []
     for _ in range(repeats):
+        del cache
+        _, cache = prefilled()
         (out, cache), dt = _seconds(lambda: decoder.loop(state, cache, first, prompt_len, rng, tokens))
         loop.append(dt * 1e3 / tokens)
     loop_tokens = np.asarray(out)[0]
+    del cache
 
     # Per call: one Python call per token and the token fetched to the host, as a user's loop does.
-    token, cache = decoder.step(state, cache, first, prompt_len, rng)  # compiles
-    np.asarray(token)
+    _, cache = prefilled()
+    _, cache = decoder.step(state, cache, first, prompt_len, rng)  # compiles (the cache is discarded)
     per_call, per_call_out = [], []
     for _ in range(per_call_repeats):
+        del cache
+        _, cache = prefilled()
         token, per_call_out = first, []
         for i in range(per_call_tokens):
             start = time.perf_counter()
@@ -256,8 +270,8 @@ def time_decoding(graphdef, state, *, vocab_size: int, prompt_len: int, tokens: 
         "per_call_ms_p10": float(np.percentile(per_call, 10)),
         "per_call_ms_p90": float(np.percentile(per_call, 90)),
         "per_call_tokens_per_s": 1e3 / statistics.median(per_call),
-        # Greedy decoding is deterministic, so both modes should produce the same tokens; with random
-        # weights near-tied argmaxes (sparse controllers, logits) may still flip between two compilations.
+        # Greedy decoding is deterministic, so both modes should produce the same tokens (up to a
+        # near-tied argmax flipping between two compilations).
         "per_call_matches_loop": bool(np.array_equal(loop_tokens[:n_check], per_call_out[:n_check])),
         "per_call_agreement": float(np.mean(loop_tokens[:n_check] == np.asarray(per_call_out[:n_check]))),
         "compile_s": {"prefill": prefill_compile, "loop": loop_compile},

@@ -17,17 +17,18 @@ def x_of(seed=0):
     return jnp.asarray(np.random.default_rng(seed).standard_normal((2, 5, D)), jnp.float32)
 
 
-def test_multiplicative_output_is_module_major():
+@pytest.mark.parametrize("shape", [(2, 5), (1, 1)], ids=["sequence", "one_token"])
+def test_multiplicative_output_is_unit_major(shape):
     out = MultiplicativeOutput(D, V, 4, rngs=nnx.Rngs(0))
-    x = x_of()
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((*shape, D)), jnp.float32)
     logits = np.asarray(out(x))
-    assert logits.shape == (2, 5, V)
+    assert logits.shape == (*shape, V)
     gates, kernel, bias = (np.asarray(p[...]) for p in (out.gates, out.kernel, out.bias))
-    assert gates.shape == (4, D) and kernel.shape == (D, V // 4) and bias.shape == (V,)
+    assert gates.shape == (4, D) and kernel.shape == (V // 4, D) and bias.shape == (V,)
     xs = np.asarray(x)
-    for s in range(4):  # logit s * V/S + m belongs to module s
-        want = (xs * gates[s]) @ kernel + bias[s * 16:(s + 1) * 16]
-        np.testing.assert_allclose(logits[..., s * 16:(s + 1) * 16], want, atol=1e-5, rtol=1e-5)
+    for s in range(4):  # logit m * S + s is unit m of module s
+        want = (xs * gates[s]) @ kernel.T + bias[s::4]
+        np.testing.assert_allclose(logits[..., s::4], want, atol=1e-5, rtol=1e-5)
 
 
 def test_multiplicative_output_counts():
