@@ -201,84 +201,90 @@ def _seconds(fn):
     return out, time.perf_counter() - start
 
 
-def time_decoding(graphdef, state, *, vocab_size: int, prompt_len: int, tokens: int, repeats: int,
-                  per_call_tokens: int, per_call_repeats: int, seed: int = 0) -> dict:
-    """Prefill, in-loop and per-call timings of one model. All times in milliseconds."""
-    decoder = Decoder(graphdef)
-    rng = jax.random.PRNGKey(seed)
-    prompt = jax.random.randint(jax.random.PRNGKey(seed + 1), (1, prompt_len), 0, vocab_size, jnp.int32)
-    cache_len = prompt_len + max(tokens, per_call_tokens)
+class DecodeTimer:
+    """Prefill, in-loop and per-call timings of one model (milliseconds). Compiles on construction;
+    each *_once call adds one timed repeat, so main() can interleave the repeats of several presets."""
 
-    def prefilled():
-        """A fresh cache holding the prompt. Every timed run starts from one: the convolution and SRU
-        caches are running states (not indexed by position), so a used cache cannot be rewound."""
-        cache = jax.block_until_ready(decoder.init_cache(state, 1, cache_len))
-        return jax.block_until_ready(decoder.prefill(state, prompt, cache, rng))
-
-    # Prefill: the first call compiles; each timed call gets a fresh cache (it is donated).
-    cache = decoder.init_cache(state, 1, cache_len)
-    (first, cache), prefill_compile = _seconds(lambda: decoder.prefill(state, prompt, cache, rng))
-    prefill = []
-    for _ in range(repeats):
+    def __init__(self, graphdef, state, *, vocab_size: int, prompt_len: int, tokens: int, per_call_tokens: int,
+                 seed: int = 0):
+        self.decoder, self.state = Decoder(graphdef), state
+        self.prompt_len, self.tokens, self.per_call_tokens = prompt_len, tokens, per_call_tokens
+        self.rng = jax.random.PRNGKey(seed)
+        self.prompt = jax.random.randint(jax.random.PRNGKey(seed + 1), (1, prompt_len), 0, vocab_size, jnp.int32)
+        self.cache_len = prompt_len + max(tokens, per_call_tokens)
+        self.prefill, self.loop, self.per_call = [], [], []
+        # Compile everything and warm up once (not timed).
+        _, compile_prefill = self._prefill_timed()
+        first, cache = self._prefilled()
+        (out, cache), compile_loop = _seconds(
+            lambda: self.decoder.loop(state, cache, first, prompt_len, self.rng, tokens))
         del cache
-        cache = jax.block_until_ready(decoder.init_cache(state, 1, cache_len))
-        (first, cache), dt = _seconds(lambda: decoder.prefill(state, prompt, cache, rng))
-        prefill.append(dt * 1e3)
-    del cache
-
-    # In-loop: T tokens in one jitted fori_loop, from a freshly prefilled cache each time.
-    _, cache = prefilled()
-    (out, cache), loop_compile = _seconds(lambda: decoder.loop(state, cache, first, prompt_len, rng, tokens))
-    del cache
-    _, cache = prefilled()
-    (out, cache), _ = _seconds(lambda: decoder.loop(state, cache, first, prompt_len, rng, tokens))  # warm-up
-    loop = []
-    for _ in range(repeats):
+        first, cache = self._prefilled()
+        _, cache = self.decoder.step(state, cache, first, prompt_len, self.rng)
         del cache
-        _, cache = prefilled()
-        (out, cache), dt = _seconds(lambda: decoder.loop(state, cache, first, prompt_len, rng, tokens))
-        loop.append(dt * 1e3 / tokens)
-    loop_tokens = np.asarray(out)[0]
-    del cache
+        self.loop_once(record=False)
+        self.compile_s = {"prefill": compile_prefill, "loop": compile_loop}
 
-    # Per call: one Python call per token and the token fetched to the host, as a user's loop does.
-    _, cache = prefilled()
-    _, cache = decoder.step(state, cache, first, prompt_len, rng)  # compiles (the cache is discarded)
-    per_call, per_call_out = [], []
-    for _ in range(per_call_repeats):
-        del cache
-        _, cache = prefilled()
-        token, per_call_out = first, []
-        for i in range(per_call_tokens):
+    def _prefill_timed(self):
+        cache = jax.block_until_ready(self.decoder.init_cache(self.state, 1, self.cache_len))
+        return _seconds(lambda: self.decoder.prefill(self.state, self.prompt, cache, self.rng))
+
+    def _prefilled(self):
+        """(first token, a fresh cache holding the prompt). Every timed run starts from one: the
+        convolution and SRU caches are running states (not indexed by position), so a used cache
+        cannot be rewound."""
+        return self._prefill_timed()[0]
+
+    def prefill_once(self) -> None:
+        _, dt = self._prefill_timed()
+        self.prefill.append(dt * 1e3)
+
+    def loop_once(self, record: bool = True) -> None:
+        """T tokens in one jitted fori_loop, from a freshly prefilled cache."""
+        first, cache = self._prefilled()
+        (out, cache), dt = _seconds(lambda: self.decoder.loop(self.state, cache, first, self.prompt_len, self.rng,
+                                                               self.tokens))
+        self.loop_tokens = np.asarray(out)[0]
+        if record:
+            self.loop.append(dt * 1e3 / self.tokens)
+
+    def per_call_once(self) -> None:
+        """One Python call per token and the token fetched to the host, as a user's loop does."""
+        token, cache = self._prefilled()
+        self.per_call_out = []
+        for i in range(self.per_call_tokens):
             start = time.perf_counter()
-            token, cache = decoder.step(state, cache, token, prompt_len + i, rng)
-            per_call_out.append(int(np.asarray(token)[0]))
-            per_call.append((time.perf_counter() - start) * 1e3)
-    n_check = min(tokens, per_call_tokens)
-    del cache
+            token, cache = self.decoder.step(self.state, cache, token, self.prompt_len + i, self.rng)
+            self.per_call_out.append(int(np.asarray(token)[0]))
+            self.per_call.append((time.perf_counter() - start) * 1e3)
 
-    return {
-        "ms_per_token": statistics.median(loop),
-        "ms_per_token_min": min(loop),
-        "ms_per_token_max": max(loop),
-        "ms_per_token_stdev": statistics.stdev(loop) if len(loop) > 1 else 0.0,
-        "ms_per_token_repeats": loop,
-        "tokens_per_s": 1e3 / statistics.median(loop),
-        "prefill_ms": statistics.median(prefill),
-        "prefill_ms_min": min(prefill),
-        "per_call_ms_per_token": statistics.median(per_call),
-        "per_call_ms_p10": float(np.percentile(per_call, 10)),
-        "per_call_ms_p90": float(np.percentile(per_call, 90)),
-        "per_call_tokens_per_s": 1e3 / statistics.median(per_call),
-        # Greedy decoding is deterministic, so both modes should produce the same tokens (up to a
-        # near-tied argmax flipping between two compilations).
-        "per_call_matches_loop": bool(np.array_equal(loop_tokens[:n_check], per_call_out[:n_check])),
-        "per_call_agreement": float(np.mean(loop_tokens[:n_check] == np.asarray(per_call_out[:n_check]))),
-        "compile_s": {"prefill": prefill_compile, "loop": loop_compile},
-    }
+    def summary(self) -> dict:
+        loop, prefill, per_call = self.loop, self.prefill, self.per_call
+        n_check = min(self.tokens, self.per_call_tokens)
+        same = np.asarray(self.loop_tokens[:n_check]) == np.asarray(self.per_call_out[:n_check])
+        return {
+            "ms_per_token": statistics.median(loop),
+            "ms_per_token_min": min(loop),
+            "ms_per_token_max": max(loop),
+            "ms_per_token_stdev": statistics.stdev(loop) if len(loop) > 1 else 0.0,
+            "ms_per_token_repeats": loop,
+            "tokens_per_s": 1e3 / statistics.median(loop),
+            "prefill_ms": statistics.median(prefill),
+            "prefill_ms_min": min(prefill),
+            "per_call_ms_per_token": statistics.median(per_call),
+            "per_call_ms_p10": float(np.percentile(per_call, 10)),
+            "per_call_ms_p90": float(np.percentile(per_call, 90)),
+            "per_call_tokens_per_s": 1e3 / statistics.median(per_call),
+            # Greedy decoding is deterministic, so both modes should produce the same tokens (up to a
+            # near-tied argmax flipping between two compilations).
+            "per_call_matches_loop": bool(same.all()),
+            "per_call_agreement": float(same.mean()),
+            "compile_s": self.compile_s,
+        }
 
 
-def bench_preset(name: str, args, *, backend: str, bandwidth_gb_per_s: float, capacity_bytes: int) -> dict:
+def prepare_preset(name: str, args, *, backend: str, capacity_bytes: int) -> tuple[dict, DecodeTimer]:
+    """(what the result reports about the preset, its compiled timer)."""
     config = load_config(name)
     full_layers = config.model.n_layers
     n_layers, layers_note = None, f"all {full_layers} layers"
@@ -290,21 +296,15 @@ def bench_preset(name: str, args, *, backend: str, bandwidth_gb_per_s: float, ca
     config = with_overrides(config, dtype=args.dtype, n_layers=n_layers)
     m = config.model
     counts = param_report(config)
-    nbytes = bytes_per_token(counts["params_per_token"], args.dtype)
     if args.prompt_len + max(args.tokens, args.per_call_tokens) > m.max_len:
         raise SystemExit(f"--prompt_len + --tokens exceed {name}'s model.max_len {m.max_len}: ask for fewer")
-
     start = time.perf_counter()
     graphdef, state = build(m, seed=args.seed, init=args.init)
     init_s = time.perf_counter() - start
-    timing = time_decoding(graphdef, state, vocab_size=m.vocab_size, prompt_len=args.prompt_len,
-                           tokens=args.tokens, repeats=args.repeats, per_call_tokens=args.per_call_tokens,
-                           per_call_repeats=args.per_call_repeats, seed=args.seed)
-    del graphdef, state
-    gc.collect()
-    ms = timing["ms_per_token"]
+    timer = DecodeTimer(graphdef, state, vocab_size=m.vocab_size, prompt_len=args.prompt_len, tokens=args.tokens,
+                        per_call_tokens=args.per_call_tokens, seed=args.seed)
     cache_bytes = 2 * m.n_layers * (args.prompt_len + max(args.tokens, args.per_call_tokens)) * m.d_model
-    return {
+    meta = {
         "preset": name,
         "size_group": size_group(name),
         "dense": is_dense(m),
@@ -316,15 +316,42 @@ def bench_preset(name: str, args, *, backend: str, bandwidth_gb_per_s: float, ca
         "loss_sparsity": m.loss_sparsity, "reversible": bool(m.reversible),
         "params_per_token": counts["params_per_token"],
         "total_params": counts["total_params"],
-        "bytes_per_token": nbytes,
+        "bytes_per_token": bytes_per_token(counts["params_per_token"], args.dtype),
         # The attention also reads its whole (masked) KV cache per token: not weights, listed apart.
         "kv_cache_bytes_per_token": cache_bytes * jnp.dtype(args.dtype).itemsize,
-        "implied_gb_per_s": implied_gb_per_s(nbytes, ms),
-        "bandwidth_fraction": bandwidth_fraction(nbytes, ms, bandwidth_gb_per_s),
-        "floor_ms_per_token": nbytes / (bandwidth_gb_per_s * 1e9) * 1e3,
         "init_s": init_s,
-        **timing,
     }
+    return meta, timer
+
+
+def finish_preset(meta: dict, timer: DecodeTimer, bandwidth_gb_per_s: float) -> dict:
+    timing = timer.summary()
+    ms, nbytes = timing["ms_per_token"], meta["bytes_per_token"]
+    return {**meta,
+            "implied_gb_per_s": implied_gb_per_s(nbytes, ms),
+            "bandwidth_fraction": bandwidth_fraction(nbytes, ms, bandwidth_gb_per_s),
+            "floor_ms_per_token": nbytes / (bandwidth_gb_per_s * 1e9) * 1e3,
+            **timing}
+
+
+def run_timers(timers: list[DecodeTimer], args) -> None:
+    """The timed repeats, round-robin over the timers: a slow spell of a shared machine then slows
+    every preset's repeat alike instead of one preset's whole measurement."""
+    for _ in range(args.repeats):
+        for timer in timers:
+            timer.loop_once()
+            timer.prefill_once()
+    for _ in range(args.per_call_repeats):
+        for timer in timers:
+            timer.per_call_once()
+
+
+def fits_together(presets: list[str], args, capacity_bytes: int) -> bool:
+    """Whether every preset's weights fit memory at once (then their repeats are interleaved)."""
+    total = sum(param_report(with_overrides(load_config(n), dtype=args.dtype,
+                                            n_layers=CPU_LARGE_LAYERS if size_group(n) == "large" else None))
+                ["total_params"] for n in presets) * jnp.dtype(args.dtype).itemsize
+    return size_group(presets[0]) != "large" and total <= 0.6 * capacity_bytes
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,6 +452,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="weights: the layers' own initialisers in one jitted call (model; default on GPU), or "
                         "numpy uniform values (fast; default on CPU, where XLA's random numbers are slow)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sequential", action="store_true",
+                   help="time one preset at a time even when all fit memory (default: interleave the repeats)")
     args = p.parse_args(argv)
     quick = args.quick
     defaults = {"tokens": (16, 64), "repeats": (2, 5), "per_call_tokens": (8, 32)}  # (quick, full)
@@ -469,15 +498,32 @@ def main(argv=None) -> dict:
     print(f"memory bandwidth: {bandwidth['gb_per_s']:.1f} GB/s copy, {bandwidth['read_gb_per_s']:.1f} GB/s read",
           flush=True)
 
-    results = []
-    for name in presets:
-        print(f"timing {name} ...", flush=True)
-        r = bench_preset(name, args, backend=backend, bandwidth_gb_per_s=bandwidth["gb_per_s"],
-                         capacity_bytes=capacity)
-        print(f"  {r['ms_per_token']:.2f} ms/token in loop, {r['per_call_ms_per_token']:.2f} ms/token per call, "
-              f"prefill {r['prefill_ms']:.1f} ms, {100 * r['bandwidth_fraction']:.0f}% of bandwidth "
+    interleave = fits_together(presets, args, capacity) and not args.sequential
+    print(f"schedule: {'repeats interleaved across presets' if interleave else 'one preset at a time'}", flush=True)
+
+    def report(r):
+        print(f"  {r['preset']}: {r['ms_per_token']:.2f} ms/token in loop, {r['per_call_ms_per_token']:.2f} ms/token "
+              f"per call, prefill {r['prefill_ms']:.1f} ms, {100 * r['bandwidth_fraction']:.0f}% of bandwidth "
               f"(init {r['init_s']:.1f} s, compile {r['compile_s']['loop']:.1f} s)", flush=True)
-        results.append(r)
+
+    results, prepared = [], []
+    for name in presets:
+        print(f"preparing {name} ...", flush=True)
+        meta, timer = prepare_preset(name, args, backend=backend, capacity_bytes=capacity)
+        if interleave:
+            prepared.append((meta, timer))
+            continue
+        run_timers([timer], args)
+        results.append(finish_preset(meta, timer, bandwidth["gb_per_s"]))
+        report(results[-1])
+        del timer
+        gc.collect()
+    if interleave:
+        print(f"timing {len(prepared)} presets, {args.repeats} interleaved repeats ...", flush=True)
+        run_timers([timer for _, timer in prepared], args)
+        for meta, timer in prepared:
+            results.append(finish_preset(meta, timer, bandwidth["gb_per_s"]))
+            report(results[-1])
     add_speedups(results)
 
     print(format_table(results, bandwidth))
@@ -490,6 +536,7 @@ def main(argv=None) -> dict:
         "machine": info,
         "bandwidth": bandwidth,
         "settings": {k: v for k, v in vars(args).items() if k != "out_dir"},
+        "schedule": "interleaved" if interleave else "sequential",
         "results": results,
     }
     json_path = out_dir / f"decode_{kind}.json"
