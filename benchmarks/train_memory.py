@@ -119,11 +119,13 @@ def plot(result, path):
     ax1.set_ylabel("peak training-step memory (MiB)")
     ax1.set_title(f"depth, seq {result['depth']['seq_len']}")
     ax1.legend()
-    for name, style in (("full", "o"), ("lsh", "s")):
-        probes = sorted(result["length"][name]["probes"], key=lambda p: p["seq_len"])
-        ax2.plot([p["seq_len"] for p in probes], [p["total"] / 2**20 for p in probes], style + "-",
-                 label=f"{name}: longest {result['length'][name]['longest']}")
-    ax2.axhline(result["length"]["budget_bytes"] / 2**20, color="gray", ls="--", label="budget")
+    for entry, color in zip(result["lengths"], ("C0", "C1", "C2")):
+        for name, style in (("full", "o"), ("lsh", "s")):
+            probes = sorted(entry[name]["probes"], key=lambda p: p["seq_len"])
+            ax2.plot([p["seq_len"] for p in probes], [p["total"] / 2**20 for p in probes], style + "-", color=color,
+                     fillstyle="none" if name == "full" else "full",
+                     label=f"{name}, budget {entry['budget_bytes'] / 2**20:.0f} MiB: longest {entry[name]['longest']}")
+        ax2.axhline(entry["budget_bytes"] / 2**20, color=color, ls="--", lw=0.8)
     ax2.set_xscale("log", base=2)
     ax2.set_yscale("log")
     ax2.set_xlabel("sequence length")
@@ -152,12 +154,23 @@ def main(argv=None):
         return by[b] / by[a] - 1.0
 
     chunk = 32 if args.quick else 64
-    full_len = 256 if args.quick else 1024
-    budget = step_memory(model_config(reversible=True, max_len=full_len), batch, full_len)["total"]
-    log(f"longest sequence in {budget / 2**20:.1f} MiB (full attention's step at {full_len}):")
     cap = 4096 if args.quick else 65536
-    full_longest, full_probes = longest_sequence("full", budget, batch, chunk, full_len, log, cap)
-    lsh_longest, lsh_probes = longest_sequence("lsh", budget, batch, chunk, full_len, log, cap)
+
+    def length_search(full_len):
+        """Longest full and LSH sequences within the memory of full attention's step at full_len."""
+        budget = step_memory(model_config(reversible=True, max_len=full_len), batch, full_len)["total"]
+        log(f"longest sequence in {budget / 2**20:.1f} MiB (full attention's step at {full_len}):")
+        full_longest, full_probes = longest_sequence("full", budget, batch, chunk, full_len, log, cap)
+        lsh_longest, lsh_probes = longest_sequence("lsh", budget, batch, chunk, full_len, log, cap)
+        return {"batch": batch, "budget_bytes": budget, "budget_from_full_seq_len": full_len, "n_layers": 2,
+                "lsh_chunk_len": chunk, "lsh_n_hashes": 1,
+                "full": {"longest": full_longest, "probes": full_probes},
+                "lsh": {"longest": lsh_longest, "probes": lsh_probes},
+                "lsh_over_full": lsh_longest / max(full_longest, 1)}
+
+    # Two budgets: full attention's memory is quadratic in length, LSH's linear, so the ratio grows
+    # with the budget; both are reported.
+    lengths = [length_search(n) for n in ((256,) if args.quick else (1024, 2048))]
     result = {
         "benchmark": "train_memory",
         "machine": machine_info(),
@@ -166,10 +179,8 @@ def main(argv=None):
                   if k in ("vocab_size", "d_model", "d_ff", "n_heads", "dtype")},
         "depth": {"batch": batch, "seq_len": depth_seq, "rows": rows,
                   "growth_12_to_48": {"standard": growth(False), "reversible": growth(True)}},
-        "length": {"batch": batch, "budget_bytes": budget, "n_layers": 2, "lsh_chunk_len": chunk,
-                   "lsh_n_hashes": 1, "full": {"longest": full_longest, "probes": full_probes},
-                   "lsh": {"longest": lsh_longest, "probes": lsh_probes},
-                   "lsh_over_full": lsh_longest / max(full_longest, 1)},
+        "length": lengths[0],
+        "lengths": lengths,
     }
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -178,7 +189,9 @@ def main(argv=None):
     g = result["depth"]["growth_12_to_48"]
     log(f"growth {'first->last' if args.quick else '12->48'} layers: standard {g['standard']:+.1%}, "
         f"reversible {g['reversible']:+.1%}")
-    log(f"longest sequence: full {full_longest}, lsh {lsh_longest} ({result['length']['lsh_over_full']:.1f}x)")
+    for entry in lengths:
+        log(f"longest sequence in {entry['budget_bytes'] / 2**20:.1f} MiB: full {entry['full']['longest']}, "
+            f"lsh {entry['lsh']['longest']} ({entry['lsh_over_full']:.1f}x)")
     log(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
     return result
 

@@ -123,3 +123,31 @@ def test_both_inits_build_the_same_state_in_the_target_dtype():
     assert jax.tree.leaves(model_state)[3].dtype == jnp.bfloat16  # the output kernel
     with pytest.raises(ValueError, match="init"):
         bench.build(m, init="zeros")
+
+
+def test_profile_decode_ranks_the_ops_of_the_decode_loop(tmp_path):
+    from benchmarks import profile_decode
+
+    result = profile_decode.main(["--preset=tiny", "--tokens=4", "--prompt_len=4", "--top=5",
+                                  f"--out={tmp_path / 'profile.json'}"])
+    saved = json.loads((tmp_path / "profile.json").read_text())
+    assert saved["preset"] == "tiny" and saved["ops"]
+    shares = [row["share"] for row in result["ops"]]
+    assert sum(shares) == pytest.approx(1.0) and shares == sorted(shares, reverse=True)
+    assert any("dot" in row["op"] for row in result["ops"])  # the matmuls show up by name
+
+
+def test_train_memory_quick_sweep(tmp_path):
+    from benchmarks import train_memory
+
+    result = train_memory.main(["--quick", f"--out={tmp_path / 'train_memory'}"])
+    saved = json.loads((tmp_path / "train_memory.json").read_text())
+    assert (tmp_path / "train_memory.png").stat().st_size > 0
+    rows = saved["depth"]["rows"]
+    assert {(r["reversible"], r["n_layers"]) for r in rows} == {(False, 2), (False, 4), (True, 2), (True, 4)}
+    assert all(r["total"] == r["temp"] + r["argument"] + r["output"] > 0 for r in rows)
+    # Standard stacks store every layer's activations; the reversible stack's step grows far less.
+    growth = result["depth"]["growth_12_to_48"]
+    assert growth["standard"] > growth["reversible"]
+    entry = saved["lengths"][0]
+    assert entry["full"]["longest"] >= 256 and entry["lsh"]["longest"] >= entry["full"]["longest"]

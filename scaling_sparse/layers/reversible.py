@@ -5,7 +5,8 @@ swap: (a, b) -> (b + F(LN a), a). A block is three of them: attention, attention
 returns the average of the two streams (the model's final LayerNorm follows).
 
 Training memory: a `jax.custom_vjp` over the whole stack keeps only the final two streams. The
-backward pass walks the sub-layers in reverse, rebuilding each input from its output
+blocks' weights are stacked and run in a `lax.scan` (forwards and backwards). The backward pass
+walks the sub-layers in reverse, rebuilding each input from its output
 (a = y2, b = y1 - F(y2)) and taking `jax.vjp` of F at the rebuilt input, so activation memory does
 not grow with depth (benchmarks/train_memory.py measures it). F is a pure function of
 (block state, input, key) through nnx.split / nnx.merge; every sub-layer's randomness (dropout,
@@ -25,6 +26,7 @@ compare the two.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from scaling_sparse.layers.base import check_mode
@@ -99,58 +101,69 @@ def _residual_fn(graphdef, i: int, mode: str):
     return f
 
 
-def _forward(graphdefs, mode, x1, x2, states, keys):
-    """-> (x1, x2, mask memory: per block, per sub-layer, the sparse FFN's choice or None)."""
+def _block_forward(graphdef, mode, carry, block):
+    """One block's three half-residuals -> ((x1, x2), the block's mask memory per sub-layer)."""
+    x1, x2 = carry
+    state, key = block
     memory = []
-    for j, (graphdef, state) in enumerate(zip(graphdefs, states)):
-        key = None if keys is None else keys[j]
-        block_memory = []
-        for i in range(len(SUBLAYERS)):
-            h, choice = _residual_fn(graphdef, i, mode)(state, x1, key)
-            x1, x2 = x2 + h, x1
-            block_memory.append(choice)
-        memory.append(tuple(block_memory))
-    return x1, x2, tuple(memory)
+    for i in range(len(SUBLAYERS)):
+        h, choice = _residual_fn(graphdef, i, mode)(state, x1, key)
+        x1, x2 = x2 + h, x1
+        memory.append(choice)
+    return (x1, x2), tuple(memory)
+
+
+def _forward(graphdef, mode, x1, x2, states, keys):
+    """-> (x1, x2, mask memory: per sub-layer, the sparse FFN's choices stacked over blocks, or None)."""
+    (x1, x2), memory = jax.lax.scan(lambda carry, block: _block_forward(graphdef, mode, carry, block),
+                                    (x1, x2), (states, keys))
+    return x1, x2, memory
 
 
 def _add(a, b):
     return jax.tree.map(lambda u, v: u + v, a, b)
 
 
-def reversible_apply(graphdefs: tuple, mode: str, x1, x2, states: tuple, keys, *, recompute: bool = True):
-    """Runs the blocks (graphdefs[j], states[j]) on the two streams; returns the final (x1, x2).
+def reversible_apply(graphdef, mode: str, x1, x2, states, keys, *, recompute: bool = True):
+    """Runs the blocks on the two streams; returns the final (x1, x2). `states` holds every block's
+    state stacked on a leading axis (blocks share `graphdef`), `keys` one key per block (or None).
 
-    With recompute=True the backward pass rebuilds activations instead of storing them."""
+    The blocks run in a `lax.scan`, forwards and in the backward pass, so one compiled block body
+    serves every layer and the buffers of one step are reused by the next: peak memory does not
+    depend on how XLA would schedule and pack an unrolled program (with 48 unrolled layers its
+    allocation grew with depth). With recompute=True the backward pass rebuilds activations instead
+    of storing them."""
     if not recompute:
-        return _forward(graphdefs, mode, x1, x2, states, keys)[:2]
+        return _forward(graphdef, mode, x1, x2, states, keys)[:2]
 
     @jax.custom_vjp
     def run(x1, x2, states, keys):
-        return _forward(graphdefs, mode, x1, x2, states, keys)[:2]
+        return _forward(graphdef, mode, x1, x2, states, keys)[:2]
 
     def run_fwd(x1, x2, states, keys):
-        y1, y2, memory = _forward(graphdefs, mode, x1, x2, states, keys)
+        y1, y2, memory = _forward(graphdef, mode, x1, x2, states, keys)
         return (y1, y2), (y1, y2, states, keys, memory)  # no activations: outputs and mask memory only
+
+    def block_backward(carry, block):
+        y1, y2, dy1, dy2 = carry
+        state, key, memory = block
+        dstate = None
+        for i in reversed(range(len(SUBLAYERS))):
+            # Forward was (a, b) -> (y1, y2) = (b + F(a), a): rebuild a and b, then back-propagate.
+            a = y2
+            f = _residual_fn(graphdef, i, mode)
+            f_out, f_vjp = jax.vjp(lambda s, a_: f(s, a_, key, memory[i])[0], state, a)
+            b = y1 - f_out
+            ds, da = f_vjp(dy1)
+            dstate = ds if dstate is None else _add(dstate, ds)
+            y1, y2, dy1, dy2 = a, b, dy2 + da, dy1
+        return (y1, y2, dy1, dy2), dstate
 
     def run_bwd(residuals, cotangents):
         y1, y2, states, keys, memory = residuals
-        dy1, dy2 = cotangents
-        dstates = []
-        for j in reversed(range(len(graphdefs))):
-            key = None if keys is None else keys[j]
-            dstate = None
-            for i in reversed(range(len(SUBLAYERS))):
-                # Forward was (a, b) -> (y1, y2) = (b + F(a), a): rebuild a and b, then back-propagate.
-                a = y2
-                f = _residual_fn(graphdefs[j], i, mode)
-                f_out, f_vjp = jax.vjp(lambda s, a_: f(s, a_, key, memory[j][i])[0], states[j], a)
-                b = y1 - f_out
-                ds, da = f_vjp(dy1)
-                dstate = ds if dstate is None else _add(dstate, ds)
-                y1, y2, dy1, dy2 = a, b, dy2 + da, dy1
-            dstates.append(dstate)
-        # Keys are integer data: None = a zero cotangent.
-        return dy1, dy2, tuple(reversed(dstates)), None
+        (_, _, dx1, dx2), dstates = jax.lax.scan(block_backward, (y1, y2, *cotangents), (states, keys, memory),
+                                                 reverse=True)
+        return dx1, dx2, dstates, None  # keys are integer data: None = a zero cotangent
 
     run.defvjp(run_fwd, run_bwd)
     return run(x1, x2, states, keys)
@@ -168,8 +181,12 @@ class ReversibleStack(nnx.Module):
         if train and rng is None:
             raise ValueError("ReversibleStack in train mode needs an rng key")
         graphdefs, states = zip(*(nnx.split(block) for block in self.blocks))
-        keys = tuple(jax.random.fold_in(rng, j) for j in range(len(self.blocks))) if train else None
-        x1, x2 = reversible_apply(tuple(graphdefs), mode, x, x, tuple(states), keys, recompute=self.recompute)
+        if any(g != graphdefs[0] for g in graphdefs[1:]):
+            raise ValueError("ReversibleStack: the blocks differ in structure; the scan needs identical blocks")
+        # Stacking copies the block weights once per call (their size, not the activations').
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+        keys = jax.vmap(lambda j: jax.random.fold_in(rng, j))(jnp.arange(len(self.blocks))) if train else None
+        x1, x2 = reversible_apply(graphdefs[0], mode, x, x, stacked, keys, recompute=self.recompute)
         return (x1 + x2) / 2
 
     def init_cache(self, batch: int, cache_len: int, dtype):
