@@ -77,7 +77,7 @@ def test_state_round_trip_reproduces_batches_across_epochs():
     assert not np.array_equal(next(other_seed)["inputs"], next(packing.PackedIterator(stream, 3, 16, 7))["inputs"])
     with pytest.raises(DataError, match="different corpus"):
         packing.PackedIterator(stream, 3, 16, 7, fingerprint="xyz").set_state(state)
-    with pytest.raises(DataError, match="not a packed-corpus state"):
+    with pytest.raises(DataError, match="not a 'packed' iterator state"):
         fresh.set_state({"kind": "stream", "epoch": 0, "record": 0, "token": 0})
 
 

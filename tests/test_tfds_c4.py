@@ -83,5 +83,5 @@ def test_c4_yields_packed_batches_and_resumes(mock_c4, tmp_path):
         for want in expected:
             np.testing.assert_array_equal(next(resumed.train)["inputs"], want["inputs"])
     assert data.train.get_state()["epoch"] >= 1
-    with pytest.raises(DataError, match="not a TFDS stream state"):
+    with pytest.raises(DataError, match="not a 'stream' iterator state"):
         resumed.train.set_state({"kind": "packed", "epoch": 0, "position": 0})

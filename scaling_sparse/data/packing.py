@@ -59,6 +59,19 @@ def eval_batches(stream: np.ndarray, batch_size: int, seq_len: int, max_batches:
             for b in range(n_batches)]
 
 
+def check_state(state: dict, *, kind: str, fingerprint: str | None) -> None:
+    """A checkpointed iterator state must come from the same kind of iterator over the same corpus and
+    tokenizer, or a resumed run would not see the same batches."""
+    if state.get("kind") != kind:
+        raise DataError(f"iterator state {state!r} is not a {kind!r} iterator state. Fix: resume with the "
+                        "data config (config.data.source) the checkpoint was written with.")
+    if fingerprint and state.get("fingerprint") not in (None, fingerprint):
+        raise DataError("the checkpoint's data iterator was saved over a different corpus or tokenizer "
+                        f"(fingerprint {state.get('fingerprint')!r}, now {fingerprint!r}), so resuming "
+                        "would not see the same batches. Fix: resume with the original data config and "
+                        "tokenizer, or start a fresh --workdir.")
+
+
 class PackedIterator:
     """Infinite iterator of shuffled training batches over a token stream held in memory."""
 
@@ -105,14 +118,7 @@ class PackedIterator:
                 "fingerprint": self.fingerprint}
 
     def set_state(self, state: dict) -> None:
-        if state.get("kind") != "packed":
-            raise DataError(f"iterator state {state!r} is not a packed-corpus state. Fix: resume with the "
-                            "data config (config.data.source) the checkpoint was written with.")
-        if self.fingerprint and state.get("fingerprint") not in (None, self.fingerprint):
-            raise DataError("the checkpoint's data iterator was saved over a different corpus or tokenizer "
-                            f"(fingerprint {state.get('fingerprint')!r}, now {self.fingerprint!r}), so resuming "
-                            "would not see the same batches. Fix: resume with the original data config and "
-                            "tokenizer, or start a fresh --workdir.")
+        check_state(state, kind="packed", fingerprint=self.fingerprint)
         epoch, position = int(state["epoch"]), int(state["position"])
         if epoch < 0 or not 0 <= position < self.n_windows:
             raise DataError(f"iterator state epoch={epoch} position={position} is out of range for "

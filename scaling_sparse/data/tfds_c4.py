@@ -175,13 +175,7 @@ class StreamIterator:
                 "fingerprint": self.fingerprint}
 
     def set_state(self, state: dict) -> None:
-        if state.get("kind") != "stream":
-            raise DataError(f"iterator state {state!r} is not a TFDS stream state. Fix: resume with the data "
-                            "config (config.data.source) the checkpoint was written with.")
-        if self.fingerprint and state.get("fingerprint") not in (None, self.fingerprint):
-            raise DataError("the checkpoint's data iterator was saved over a different dataset or tokenizer "
-                            f"(fingerprint {state.get('fingerprint')!r}, now {self.fingerprint!r}). Fix: resume "
-                            "with the original config.data and tokenizer, or start a fresh --workdir.")
+        packing.check_state(state, kind="stream", fingerprint=self.fingerprint)
         self._seek(int(state["epoch"]), int(state["record"]), int(state["token"]))
 
 
