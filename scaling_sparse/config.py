@@ -8,6 +8,8 @@ fields; absl's `config_flags` lets the command line override any of them
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
 
@@ -15,41 +17,71 @@ class ConfigError(ValueError):
     """An invalid config field or combination; the message names the field and the fix."""
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The model's fields, typed and frozen: built once from the validated `config.model`
+    (`ModelConfig.from_config`), hashable (a jit cache key), and the defaults of `base_config()`."""
+
+    vocab_size: int = 8000
+    d_model: int = 256
+    d_ff: int = 1024
+    n_heads: int = 4
+    n_layers: int = 4
+    max_len: int = 512            # learned positional embeddings cover this many positions
+    dropout: float = 0.0          # residual / FFN dropout
+    attn_dropout: float = 0.0     # attention-probability dropout
+    dtype: str = "float32"        # compute dtype: float32 | bfloat16
+    param_dtype: str = "float32"  # storage dtype of trainable parameters
+    layer_norm_eps: float = 1e-6
+    # Sparse FFN (docs/semantics.md §1). 0 = dense FFN.
+    ff_sparsity: int = 0          # N: units per block; d_ff / N blocks
+    ff_lowrank: int = 0           # controller rank r; 0 = d_ff // N (see `ff_rank`)
+    ff_temperature: float = 0.1
+    ff_quant_prob: float = 0.3
+    # Sparse QKV (docs/semantics.md §2). 0 = dense Q, K, V projections.
+    attn_sparsity: int = 0        # S: modules of the multiplicative layer; M = d_model / S
+    attn_length_kernel: int = 3
+    attn_output: str = "none"     # output projection after sparse QKV: none | dense | mult
+    # Output (loss) layer (docs/semantics.md §3). 0 = dense d_model -> vocab.
+    loss_sparsity: int = 0
+    loss_type: str = "mult"       # mult | lowrank (used when loss_sparsity > 0 or loss_lowrank > 0)
+    loss_lowrank: int = 0
+    # Terraformer (docs/semantics.md §4).
+    reversible: bool = False
+    attention: str = "full"       # full | lsh
+    lsh_n_hashes: int = 1
+    lsh_chunk_len: int = 128
+    lsh_n_buckets: int = 0        # 0 = 2 * seq_len / chunk_len
+    ff_sru_units: int = 0         # 0 = no SRU recurrence
+
+    @property
+    def ff_rank(self) -> int:
+        """The controller rank actually used: ff_lowrank, or d_ff // ff_sparsity when 0."""
+        if not self.ff_sparsity:
+            return 0
+        return self.ff_lowrank or self.d_ff // self.ff_sparsity
+
+    @classmethod
+    def from_config(cls, m) -> "ModelConfig":
+        """From `config.model` (a ConfigDict or dict; a ModelConfig is returned as is). Fields an older
+        saved config lacks keep today's defaults; unknown fields are an error naming them."""
+        if isinstance(m, cls):
+            return m
+        values = dict(m.to_dict() if hasattr(m, "to_dict") else m)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"config.model has unknown fields {unknown}. Fix: remove them; the model's fields "
+                              f"are {sorted(names)}.")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-
-    m = c.model = ml_collections.ConfigDict()
-    m.vocab_size = 8000
-    m.d_model = 256
-    m.d_ff = 1024
-    m.n_heads = 4
-    m.n_layers = 4
-    m.max_len = 512            # learned positional embeddings cover this many positions
-    m.dropout = 0.0            # residual / FFN dropout
-    m.attn_dropout = 0.0       # attention-probability dropout
-    m.dtype = "float32"        # compute dtype: float32 | bfloat16
-    m.param_dtype = "float32"  # storage dtype of trainable parameters
-    m.layer_norm_eps = 1e-6
-    # Sparse FFN (reference.md §1). 0 = dense FFN.
-    m.ff_sparsity = 0          # N: units per block; d_ff / N blocks
-    m.ff_lowrank = 0           # controller rank r; 0 = d_ff // N
-    m.ff_temperature = 0.1
-    m.ff_quant_prob = 0.3
-    # Sparse QKV (reference.md §2). 0 = dense Q, K, V projections.
-    m.attn_sparsity = 0        # S: modules of the multiplicative layer; M = d_model / S
-    m.attn_length_kernel = 3
-    m.attn_output = "none"     # output projection after sparse QKV: none | dense | mult
-    # Output (loss) layer (reference.md §3). 0 = dense d_model -> vocab.
-    m.loss_sparsity = 0
-    m.loss_type = "mult"       # mult | lowrank (used when loss_sparsity > 0 or loss_lowrank > 0)
-    m.loss_lowrank = 0
-    # Terraformer (reference.md §4).
-    m.reversible = False
-    m.attention = "full"       # full | lsh
-    m.lsh_n_hashes = 1
-    m.lsh_chunk_len = 128
-    m.lsh_n_buckets = 0        # 0 = 2 * seq_len / chunk_len
-    m.ff_sru_units = 0         # 0 = no SRU recurrence
+    c.model = ml_collections.ConfigDict(ModelConfig().to_dict())
 
     t = c.train = ml_collections.ConfigDict()
     t.num_steps = 1000
@@ -85,6 +117,23 @@ def base_config() -> ml_collections.ConfigDict:
     d.validation_fraction = 0.02
     d.shuffle_seed = 0
     d.max_files = 0            # 0 = all files of the corpus
+
+    # Device mesh (scaling_sparse/sharding.py, docs/architecture.md "Sharding"): axis sizes, -1 = all
+    # devices left over (at most one axis). Default: every device on `data` (pure data parallelism).
+    ms = c.mesh = ml_collections.ConfigDict()
+    ms.data = -1
+    ms.fsdp = 1
+    ms.tensor = 1
+    # Logical axis name -> mesh axes (a name, a tuple of names, or None = replicated), as flax lm1b
+    # and maxtext map them. A name missing here is replicated.
+    ms.rules = (
+        ("batch", ("data", "fsdp")),
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("vocab", "tensor"),
+        ("blocks", "tensor"),
+    )
 
     g = c.generate = ml_collections.ConfigDict()
     g.temperature = 0.0        # 0 = greedy

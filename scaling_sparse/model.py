@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from scaling_sparse.layers.base import check_mode, param_count
+from scaling_sparse.config import ModelConfig
+from scaling_sparse.layers.base import COMPONENTS, check_mode, param, param_count
 from scaling_sparse.layers.dropout import dropout
 from scaling_sparse.layers.factory import make_output
 from scaling_sparse.layers.norm import LayerNorm
@@ -33,10 +34,11 @@ def make_stack(m, rngs: nnx.Rngs) -> nnx.Module:
 
 class DecoderLM(nnx.Module):
     def __init__(self, m, *, rngs: nnx.Rngs):
+        m = ModelConfig.from_config(m)
         pdt = jnp.dtype(m.param_dtype)
-        self.token_embed = nnx.Param(
-            nnx.initializers.normal(1.0)(rngs.params(), (m.vocab_size, m.d_model), pdt))
-        self.pos_embed = nnx.Param(jnp.asarray(sinusoidal_init(m.max_len, m.d_model), pdt))
+        self.token_embed = param(nnx.initializers.normal(1.0)(rngs.params(), (m.vocab_size, m.d_model), pdt),
+                                 "vocab", "embed")
+        self.pos_embed = param(jnp.asarray(sinusoidal_init(m.max_len, m.d_model), pdt), "length", "embed")
         self.stack = make_stack(m, rngs)
         self.final_norm = LayerNorm(m.d_model, eps=m.layer_norm_eps)
         self.output = make_output(m, rngs)
@@ -74,24 +76,15 @@ class DecoderLM(nnx.Module):
         return self.output(self.final_norm(x)).astype(jnp.float32), cache
 
     def components(self) -> dict[str, dict[str, int]]:
-        """Per component: total parameters and parameters read per decoded token."""
+        """Per component: total parameters and parameters read per decoded token. Each layer says
+        which component it belongs to (its `component`); the blocks' direct children are asked."""
         d = self.token_embed.shape[1]
-        report = {
-            "embedding": {"total": self.token_embed.size + self.pos_embed.size, "per_token": 2 * d},
-            "attention": {"total": 0, "per_token": 0},
-            "ffn": {"total": 0, "per_token": 0},
-            "norms": {"total": param_count(self.final_norm), "per_token": param_count(self.final_norm)},
-            "output": {"total": param_count(self.output), "per_token": self.output.params_per_token()},
-        }
+        report = {kind: {"total": 0, "per_token": 0} for kind in COMPONENTS}
+        report["embedding"] = {"total": self.token_embed.size + self.pos_embed.size, "per_token": 2 * d}
+        layers = [self.final_norm, self.output]
         for block in self.stack.blocks:
-            for name, child in vars(block).items():
-                if not isinstance(child, nnx.Module):
-                    continue
-                if isinstance(child, LayerNorm):
-                    kind = "norms"
-                else:
-                    kind = "attention" if name.startswith("attn") else "ffn" if name.startswith("ffn") else "norms"
-                per_token = child.params_per_token() if hasattr(child, "params_per_token") else param_count(child)
-                report[kind]["total"] += param_count(child)
-                report[kind]["per_token"] += per_token
+            layers += [child for child in vars(block).values() if isinstance(child, nnx.Module)]
+        for layer in layers:
+            report[layer.component]["total"] += param_count(layer)
+            report[layer.component]["per_token"] += layer.params_per_token()
         return report

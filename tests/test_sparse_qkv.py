@@ -96,10 +96,10 @@ def test_qkv_is_causal(qkv):
 def test_token_by_token_decode_equals_full_pass(qkv):
     x = x_of()
     full = qkv(x)
-    cache = qkv.init_cache(2, jnp.float32)
+    cache = qkv.init_cache(2, x.shape[1], jnp.float32)
     steps = []
     for t in range(x.shape[1]):
-        out, cache = qkv.decode(x[:, t:t + 1], cache)
+        out, cache = qkv.decode(x[:, t:t + 1], cache, t)
         steps.append(out)
     for i in range(3):
         np.testing.assert_allclose(jnp.concatenate([s[i] for s in steps], 1), full[i], atol=1e-5, rtol=1e-5)
@@ -109,10 +109,10 @@ def test_chunked_decode_equals_full_pass(qkv):
     """Prefill of 5, then chunks of 1 and 4: the cache carries the last kl-1 rows across calls."""
     x = x_of(seed=4, length=10)
     full = qkv(x)
-    cache = qkv.init_cache(2, jnp.float32)
+    cache = qkv.init_cache(2, x.shape[1], jnp.float32)
     parts = []
     for lo, hi in ((0, 5), (5, 6), (6, 10)):
-        out, cache = qkv.decode(x[:, lo:hi], cache)
+        out, cache = qkv.decode(x[:, lo:hi], cache, lo)
         parts.append(out)
     assert cache["history"].shape == (2, 2, S, M)
     for i in range(3):

@@ -67,14 +67,14 @@ def test_sru_decode_state_matches_the_full_pass():
     sru = SRU(6, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 10, 6))
     full = sru(x)
-    state = sru.init_cache(2)
+    state = sru.init_cache(2, 10, jnp.float32)
     outs = []
     for t in range(10):
-        h, state = sru.decode(x[:, t:t + 1], state)
+        h, state = sru.decode(x[:, t:t + 1], state, t)
         outs.append(h)
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5, rtol=1e-5)
     # The state after the steps is the full pass's last cell state.
-    _, last = sru.decode(x, sru.init_cache(2))
+    _, last = sru.decode(x, sru.init_cache(2, 10, jnp.float32), 0)
     np.testing.assert_allclose(state, last, atol=1e-5, rtol=1e-5)
 
 

@@ -21,6 +21,8 @@ def dot_product_attention(q, k, v, mask, *, dropout_rate=0.0, rng=None, train=Fa
 
 
 class CausalSelfAttention(nnx.Module):
+    component = "attention"
+
     def __init__(self, *, d_model: int, n_heads: int, qkv: nnx.Module, out: nnx.Module | None,
                  attn_dropout: float = 0.0, lsh: nnx.Module | None = None):
         self.d_model = d_model
@@ -52,10 +54,10 @@ class CausalSelfAttention(nnx.Module):
     def init_cache(self, batch: int, cache_len: int, dtype):
         shape = (batch, cache_len, self.n_heads, self.d_model // self.n_heads)
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-                "qkv": self.qkv.init_cache(batch, dtype)}
+                "qkv": self.qkv.init_cache(batch, cache_len, dtype)}
 
     def decode(self, x, cache, index):
-        (q, k, v), qkv_cache = self.qkv.decode(x, cache["qkv"])
+        (q, k, v), qkv_cache = self.qkv.decode(x, cache["qkv"], index)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
         if self.lsh is not None:
             k = self.lsh.key(q)

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from scaling_sparse.layers.base import param
+
 glorot_uniform = nnx.initializers.glorot_uniform()
 
 
@@ -15,10 +17,12 @@ def tiny_normal(key, shape, dtype=jnp.float32):
 
 
 class Dense(nnx.Module):
-    def __init__(self, d_in: int, d_out: int, *, rngs: nnx.Rngs, use_bias: bool = True,
-                 kernel_init=glorot_uniform, param_dtype=jnp.float32):
-        self.kernel = nnx.Param(kernel_init(rngs.params(), (d_in, d_out), param_dtype))
-        self.bias = nnx.Param(jnp.zeros((d_out,), param_dtype)) if use_bias else None
+    """x [..., d_in] @ kernel [d_in, d_out] + bias; `axes` are the kernel's logical axis names."""
+
+    def __init__(self, d_in: int, d_out: int, *, rngs: nnx.Rngs, axes: tuple[str | None, str | None],
+                 use_bias: bool = True, kernel_init=glorot_uniform, param_dtype=jnp.float32):
+        self.kernel = param(kernel_init(rngs.params(), (d_in, d_out), param_dtype), *axes)
+        self.bias = param(jnp.zeros((d_out,), param_dtype), axes[1]) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = x @ self.kernel[...].astype(x.dtype)

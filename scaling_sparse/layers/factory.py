@@ -28,10 +28,10 @@ def make_qkv(m, rngs: nnx.Rngs) -> nnx.Module:
 def make_attn_output(m, rngs: nnx.Rngs) -> nnx.Module | None:
     """Dense attention keeps its output projection; sparse QKV has none unless asked for."""
     if not m.attn_sparsity or m.attn_output == "dense":
-        return Dense(m.d_model, m.d_model, rngs=rngs, param_dtype=param_dtype(m))
+        return Dense(m.d_model, m.d_model, rngs=rngs, axes=("heads", "embed"), param_dtype=param_dtype(m))
     if m.attn_output == "mult":
         from scaling_sparse.layers.multiplicative import MultiplicativeDense
-        return MultiplicativeDense(m.d_model, m.d_model, m.attn_sparsity, rngs=rngs,
+        return MultiplicativeDense(m.d_model, m.d_model, m.attn_sparsity, rngs=rngs, out_axis="embed",
                                    param_dtype=param_dtype(m))
     return None
 
@@ -57,7 +57,7 @@ def make_ffn(m, rngs: nnx.Rngs) -> nnx.Module:
 def _make_main_ffn(m, rngs: nnx.Rngs) -> nnx.Module:
     if m.ff_sparsity:
         from scaling_sparse.layers.sparse_ffn import SparseFF
-        return SparseFF(m.d_model, m.d_ff, m.ff_sparsity, lowrank=m.ff_lowrank or m.d_ff // m.ff_sparsity,
+        return SparseFF(m.d_model, m.d_ff, m.ff_sparsity, lowrank=m.ff_rank,
                         temperature=m.ff_temperature, quant_prob=m.ff_quant_prob,
                         dropout_rate=m.dropout, rngs=rngs, param_dtype=param_dtype(m))
     return DenseFF(m.d_model, m.d_ff, rngs=rngs, dropout_rate=m.dropout, param_dtype=param_dtype(m))

@@ -6,16 +6,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from scaling_sparse.layers.base import check_mode
+from scaling_sparse.layers.base import check_mode, no_cache
 from scaling_sparse.layers.dense import Dense
 from scaling_sparse.layers.dropout import dropout
 
 
 class DenseFF(nnx.Module):
+    component = "ffn"
+
     def __init__(self, d_model: int, d_ff: int, *, rngs: nnx.Rngs, dropout_rate: float = 0.0,
                  param_dtype=jnp.float32):
-        self.w_in = Dense(d_model, d_ff, rngs=rngs, param_dtype=param_dtype)
-        self.w_out = Dense(d_ff, d_model, rngs=rngs, param_dtype=param_dtype)
+        self.w_in = Dense(d_model, d_ff, rngs=rngs, axes=("embed", "mlp"), param_dtype=param_dtype)
+        self.w_out = Dense(d_ff, d_model, rngs=rngs, axes=("mlp", "embed"), param_dtype=param_dtype)
         self.dropout_rate = dropout_rate
 
     def __call__(self, x: jax.Array, *, mode: str = "eval", rng=None) -> jax.Array:
@@ -24,8 +26,7 @@ class DenseFF(nnx.Module):
         h = dropout(h, self.dropout_rate, rng, train=train)
         return self.w_out(h)
 
-    def init_cache(self, batch: int, cache_len: int, dtype):
-        return {}
+    init_cache = staticmethod(no_cache)
 
     def decode(self, x, cache, index):
         return self(x), cache

@@ -15,14 +15,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from scaling_sparse.layers.base import param
 from scaling_sparse.layers.dense import tiny_normal
 
 glorot_uniform = nnx.initializers.glorot_uniform()
 
 
 class MultiplicativeDense(nnx.Module):
-    def __init__(self, d_in: int, d_out: int, n_modules: int, *, rngs: nnx.Rngs, use_bias: bool = True,
-                 param_dtype=jnp.float32):
+    def __init__(self, d_in: int, d_out: int, n_modules: int, *, rngs: nnx.Rngs, out_axis: str = "heads",
+                 use_bias: bool = True, param_dtype=jnp.float32):
         if n_modules < 1 or d_out % n_modules:
             raise ValueError(f"MultiplicativeDense: d_out {d_out} is not divisible by n_modules {n_modules}; "
                              "choose a number of modules dividing the output width")
@@ -31,9 +32,9 @@ class MultiplicativeDense(nnx.Module):
         # D ~ N(0, 0.5^2) (the reference's gating vectors), E Glorot-uniform, bias N(0, 1e-6^2).
         # One draw from the Rngs stream per layer (each draw is costly under nnx.eval_shape), split here.
         keys = jax.random.split(rngs.params(), 3)
-        self.gates = nnx.Param(nnx.initializers.normal(0.5)(keys[0], (n_modules, d_in), param_dtype))
-        self.kernel = nnx.Param(glorot_uniform(keys[1], (d_in, self.d_module), param_dtype))
-        self.bias = nnx.Param(tiny_normal(keys[2], (d_out,), param_dtype)) if use_bias else None
+        self.gates = param(nnx.initializers.normal(0.5)(keys[0], (n_modules, d_in), param_dtype), "modules", "embed")
+        self.kernel = param(glorot_uniform(keys[1], (d_in, self.d_module), param_dtype), "embed", "module_units")
+        self.bias = param(tiny_normal(keys[2], (d_out,), param_dtype), out_axis) if use_bias else None
 
     def modules(self, x: jax.Array) -> jax.Array:
         """x [..., d_in] -> [..., S, M] (before the bias)."""
@@ -64,8 +65,8 @@ class ModuleConv(nnx.Module):
         self.length_kernel, self.module_kernel = length_kernel, module_kernel
         shape = (length_kernel, module_kernel, d_module, d_module)  # HWIO
         kernel_key, bias_key = jax.random.split(rngs.params())
-        self.kernel = nnx.Param(glorot_uniform(kernel_key, shape, param_dtype))
-        self.bias = nnx.Param(tiny_normal(bias_key, (d_module,), param_dtype))
+        self.kernel = param(glorot_uniform(kernel_key, shape, param_dtype), None, None, "conv", "conv")
+        self.bias = param(tiny_normal(bias_key, (d_module,), param_dtype), "conv")
 
     @property
     def history(self) -> int:

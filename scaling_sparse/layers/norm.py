@@ -6,11 +6,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from scaling_sparse.layers.base import param
+
 
 class LayerNorm(nnx.Module):
+    component = "norms"
+
     def __init__(self, d: int, *, eps: float = 1e-6, param_dtype=jnp.float32):
-        self.scale = nnx.Param(jnp.ones((d,), param_dtype))
-        self.bias = nnx.Param(jnp.zeros((d,), param_dtype))
+        self.scale = param(jnp.ones((d,), param_dtype), "norm")
+        self.bias = param(jnp.zeros((d,), param_dtype), "norm")
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:

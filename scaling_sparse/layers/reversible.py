@@ -38,7 +38,7 @@ SUBLAYERS = ("attn1", "attn2", "ffn")
 
 
 class ReversibleBlock(nnx.Module):
-    """Three half-residual sub-layers; children named attn*/ffn* so model.components() counts them."""
+    """Three half-residual sub-layers: attention, attention, FFN (each with its own LayerNorm)."""
 
     def __init__(self, m, *, rngs: nnx.Rngs):
         self.attn1_norm = LayerNorm(m.d_model, eps=m.layer_norm_eps)

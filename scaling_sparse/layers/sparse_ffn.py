@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from scaling_sparse.layers.base import check_mode
+from scaling_sparse.layers.base import check_mode, no_cache, param
 from scaling_sparse.layers.dense import tiny_normal
 from scaling_sparse.layers.dropout import dropout
 
@@ -30,6 +30,8 @@ def _glorot(in_axis, out_axis):
 
 
 class SparseFF(nnx.Module):
+    component = "ffn"
+
     def __init__(self, d_model: int, d_ff: int, n_elements: int, *, lowrank: int = 0, temperature: float = 0.1,
                  quant_prob: float = 0.3, dropout_rate: float = 0.0, rngs: nnx.Rngs, param_dtype=jnp.float32):
         if n_elements < 2 or d_ff % n_elements:
@@ -46,12 +48,12 @@ class SparseFF(nnx.Module):
         # Glorot-uniform over the logical [d, f] / [f, d] / [d, r] / [r, f] matrices; biases N(0, 1e-6^2).
         # One draw from the Rngs stream per layer (each draw is costly under nnx.eval_shape), split here.
         keys = jax.random.split(rngs.params(), 6)
-        self.w1 = nnx.Param(_glorot(-1, (0, 1))(keys[0], (b, n, d), param_dtype))
-        self.w2 = nnx.Param(_glorot((0, 1), -1)(keys[1], (b, n, d), param_dtype))
-        self.b2 = nnx.Param(tiny_normal(keys[2], (d,), param_dtype))
-        self.c1 = nnx.Param(_glorot(0, 1)(keys[3], (d, r), param_dtype))
-        self.c2 = nnx.Param(_glorot(0, (1, 2))(keys[4], (r, b, n), param_dtype))
-        self.cb = nnx.Param(tiny_normal(keys[5], (b, n), param_dtype))
+        self.w1 = param(_glorot(-1, (0, 1))(keys[0], (b, n, d), param_dtype), "blocks", "units", "embed")
+        self.w2 = param(_glorot((0, 1), -1)(keys[1], (b, n, d), param_dtype), "blocks", "units", "embed")
+        self.b2 = param(tiny_normal(keys[2], (d,), param_dtype), "embed")
+        self.c1 = param(_glorot(0, 1)(keys[3], (d, r), param_dtype), "embed", "lowrank")
+        self.c2 = param(_glorot(0, (1, 2))(keys[4], (r, b, n), param_dtype), "lowrank", "blocks", "units")
+        self.cb = param(tiny_normal(keys[5], (b, n), param_dtype), "blocks", "units")
 
     # -- controller -------------------------------------------------------------------------------
     def controller_logits(self, x: jax.Array) -> jax.Array:
@@ -101,8 +103,7 @@ class SparseFF(nnx.Module):
             h = dropout(h, self.dropout_rate, jax.random.split(rng, 3)[2], train=True)
         return jnp.einsum("...bn,bnd->...d", h, self.w2[...].astype(x.dtype)) + self.b2[...].astype(x.dtype)
 
-    def init_cache(self, batch: int, cache_len: int, dtype):
-        return {}
+    init_cache = staticmethod(no_cache)
 
     def decode(self, x: jax.Array, cache, index):
         """Reads only the chosen row of each block: 2 B d main weights per token."""

@@ -16,19 +16,21 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from scaling_sparse.layers.base import param
 from scaling_sparse.layers.dense import Dense
 from scaling_sparse.layers.multiplicative import MultiplicativeDense
+from scaling_sparse.layers.output import OutputLayer
 
 
-class MultiplicativeOutput(MultiplicativeDense):
+class MultiplicativeOutput(OutputLayer, MultiplicativeDense):
     def __init__(self, d_model: int, vocab_size: int, n_modules: int, *, rngs: nnx.Rngs,
                  param_dtype=jnp.float32):
         if n_modules < 1 or vocab_size % n_modules:
             raise ValueError(f"MultiplicativeOutput: vocab_size {vocab_size} is not divisible by loss_sparsity "
                              f"{n_modules}; choose a vocabulary divisible by it (32000 works with 2, 4, 8)")
-        super().__init__(d_model, vocab_size, n_modules, rngs=rngs, param_dtype=param_dtype)
+        super().__init__(d_model, vocab_size, n_modules, rngs=rngs, out_axis="vocab", param_dtype=param_dtype)
         # Glorot-uniform is symmetric in fan-in and fan-out: the transpose has the same distribution.
-        self.kernel = nnx.Param(self.kernel[...].T)  # [vocab/S, d]
+        self.kernel = param(self.kernel[...].T, "vocab", "embed")  # [vocab/S, d]
 
     def modules(self, x: jax.Array) -> jax.Array:
         """x [..., d] -> [..., vocab/S, S] (before the bias): unit-major, see the module docstring."""
@@ -36,13 +38,13 @@ class MultiplicativeOutput(MultiplicativeDense):
         return jnp.einsum("...sd,md->...ms", gated, self.kernel[...].astype(x.dtype))
 
 
-class LowRankOutput(nnx.Module):
+class LowRankOutput(OutputLayer, nnx.Module):
     def __init__(self, d_model: int, vocab_size: int, rank: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
         if not 0 < rank <= min(d_model, vocab_size):
             raise ValueError(f"LowRankOutput: rank {rank} must be in 1..min(d_model, vocab_size)="
                              f"{min(d_model, vocab_size)}; set model.loss_lowrank accordingly")
-        self.down = Dense(d_model, rank, rngs=rngs, param_dtype=param_dtype)
-        self.up = Dense(rank, vocab_size, rngs=rngs, param_dtype=param_dtype)
+        self.down = Dense(d_model, rank, rngs=rngs, axes=("embed", "lowrank"), param_dtype=param_dtype)
+        self.up = Dense(rank, vocab_size, rngs=rngs, axes=("lowrank", "vocab"), param_dtype=param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.up(self.down(x))

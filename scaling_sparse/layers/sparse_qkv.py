@@ -1,7 +1,7 @@
 """Sparse Q, K, V (reference.md §2): one multiplicative layer shared by Q, K and V, then a causal
 convolution over (length, modules) per Q/K/V: kernel (kl, 3) for Q and K, (kl, 1) for V.
 
-Follows the QKV protocol of qkv.py. The decode cache holds the last kl-1 multiplicative outputs
+Follows the decode protocol of layers/base.py (the index is unused: the cache is a rolling history). The decode cache holds the last kl-1 multiplicative outputs
 (before the convolutions, which all read the same input), so decoding T >= 1 new positions equals the
 full causal pass.
 """
@@ -16,6 +16,8 @@ from scaling_sparse.layers.multiplicative import ModuleConv, MultiplicativeDense
 
 
 class SparseQKV(nnx.Module):
+    component = "attention"
+
     def __init__(self, d_model: int, n_modules: int, *, length_kernel: int = 3, rngs: nnx.Rngs,
                  param_dtype=jnp.float32):
         if n_modules < 1 or d_model % n_modules:
@@ -44,11 +46,11 @@ class SparseQKV(nnx.Module):
         h = jnp.pad(h, ((0, 0), (history, 0), (0, 0), (0, 0)))  # causal zero padding
         return self._convs(h)
 
-    def init_cache(self, batch: int, dtype):
+    def init_cache(self, batch: int, cache_len: int, dtype):
         # Zeros equal the causal padding of the full pass, so a prefill at index 0 needs no special case.
         return {"history": jnp.zeros((batch, self.length_kernel - 1, self.n_modules, self.d_module), dtype)}
 
-    def decode(self, x: jax.Array, cache):
+    def decode(self, x: jax.Array, cache, index):
         h = jnp.concatenate([cache["history"], self._shared(x).astype(cache["history"].dtype)], axis=1)
         h = h.astype(x.dtype)
         history = self.length_kernel - 1

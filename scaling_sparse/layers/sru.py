@@ -33,9 +33,11 @@ def linear_recurrence(a: jax.Array, b: jax.Array, c0: jax.Array) -> jax.Array:
 class SRU(nnx.Module):
     """Simple recurrent unit on `units` features; state = the cell c [batch, units]."""
 
+    component = "ffn"
+
     def __init__(self, units: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
         self.units = units
-        self.proj = Dense(units, 3 * units, rngs=rngs, param_dtype=param_dtype)
+        self.proj = Dense(units, 3 * units, rngs=rngs, axes=("sru", "sru"), param_dtype=param_dtype)
 
     def _scan(self, x, c0):
         r, f, y = jnp.split(self.proj(x), 3, axis=-1)
@@ -48,10 +50,10 @@ class SRU(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         return self._scan(x, jnp.zeros((x.shape[0], self.units), jnp.float32))[0]
 
-    def init_cache(self, batch: int, dtype=None):
+    def init_cache(self, batch: int, cache_len: int = 0, dtype=None):
         return jnp.zeros((batch, self.units), jnp.float32)
 
-    def decode(self, x: jax.Array, c: jax.Array):
+    def decode(self, x: jax.Array, c: jax.Array, index=None):
         """x [batch, T, units] continuing from state c -> (h, new state)."""
         return self._scan(x, c)
 
@@ -62,15 +64,17 @@ class SRU(nnx.Module):
 class SRUFeedForward(nnx.Module):
     """The main FFN plus a parallel low-width recurrent branch; both read the same input."""
 
+    component = "ffn"
+
     def __init__(self, main: nnx.Module, d_model: int, units: int, *, rngs: nnx.Rngs, eps: float = 1e-6,
                  param_dtype=jnp.float32):
         if units <= 0:
             raise ValueError(f"SRU units must be > 0, got {units}: set model.ff_sru_units (0 disables the SRU)")
         self.main = main
         self.sru_norm = LayerNorm(d_model, eps=eps, param_dtype=param_dtype)
-        self.sru_in = Dense(d_model, units, rngs=rngs, param_dtype=param_dtype)
+        self.sru_in = Dense(d_model, units, rngs=rngs, axes=("embed", "sru"), param_dtype=param_dtype)
         self.sru = SRU(units, rngs=rngs, param_dtype=param_dtype)
-        self.sru_out = Dense(units, d_model, rngs=rngs, param_dtype=param_dtype)
+        self.sru_out = Dense(units, d_model, rngs=rngs, axes=("sru", "embed"), param_dtype=param_dtype)
 
     def _branch_input(self, x):
         return self.sru_in(self.sru_norm(x))
@@ -80,11 +84,11 @@ class SRUFeedForward(nnx.Module):
         return self.main(x, mode=mode, rng=rng, **main_kwargs) + self.sru_out(self.sru(self._branch_input(x)))
 
     def init_cache(self, batch: int, cache_len: int, dtype):
-        return {"main": self.main.init_cache(batch, cache_len, dtype), "sru": self.sru.init_cache(batch)}
+        return {"main": self.main.init_cache(batch, cache_len, dtype), "sru": self.sru.init_cache(batch, cache_len, dtype)}
 
     def decode(self, x, cache, index):
         y, main_cache = self.main.decode(x, cache["main"], index)
-        h, c = self.sru.decode(self._branch_input(x), cache["sru"])
+        h, c = self.sru.decode(self._branch_input(x), cache["sru"], index)
         return y + self.sru_out(h), {"main": main_cache, "sru": c}
 
     def params_per_token(self) -> int:
