@@ -23,7 +23,7 @@ import numpy as np
 import ml_collections
 import orbax.checkpoint as ocp
 
-from scaling_sparse.config import ConfigError
+from scaling_sparse.config import ConfigError, ModelConfig
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
@@ -64,15 +64,20 @@ class Checkpointer:
         self.manager.save(int(step), args=args, force=True)
         self.manager.wait_until_finished()
 
-    def restore(self, target: dict, step: int | None = None) -> tuple[dict, dict]:
-        """Restores `state` shaped like `target` (arrays or ShapeDtypeStructs) -> (state, data_state)."""
+    def restore(self, target: dict, step: int | None = None, *, partial: bool = False) -> tuple[dict, dict]:
+        """Restores `state` shaped like `target` (arrays or ShapeDtypeStructs; a ShapeDtypeStruct's
+        sharding is where its array lands, whatever mesh wrote it) -> (state, data_state).
+        partial=True reads only the entries `target` names (e.g. the parameters without the optimizer)."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory}: train first")
         abstract = jax.tree.map(_abstract, target)
-        restored = self.manager.restore(
-            int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                               data=ocp.args.JsonRestore()))
+        if partial:
+            item = ocp.args.PyTreeRestore(item=abstract, partial_restore=True,
+                                          restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
+        else:
+            item = ocp.args.StandardRestore(abstract)
+        restored = self.manager.restore(int(step), args=ocp.args.Composite(state=item, data=ocp.args.JsonRestore()))
         return restored.state, dict(restored.data or {})
 
     def close(self) -> None:
@@ -110,13 +115,9 @@ def load_saved_config(workdir) -> ml_collections.ConfigDict | None:
 
 
 def _param_shapes(model_config) -> dict:
-    from flax import nnx
+    from scaling_sparse.state import model_spec
 
-    from scaling_sparse.model import DecoderLM
-
-    abstract = nnx.eval_shape(lambda: DecoderLM(model_config, rngs=nnx.Rngs(0)))
-    state = nnx.state(abstract, nnx.Param).to_pure_dict()
-    return jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), state)
+    return jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), model_spec(model_config).params)
 
 
 def check_compatible(config: ml_collections.ConfigDict, workdir) -> None:
@@ -129,9 +130,9 @@ def check_compatible(config: ml_collections.ConfigDict, workdir) -> None:
     differing = sorted(k for k in set(current) | set(before) if current.get(k) != before.get(k))
     if not differing:
         return
-    merged = ml_collections.ConfigDict(current)  # fields missing from an older config.json keep today's defaults
-    merged.update({k: v for k, v in before.items() if k in current})
-    if _param_shapes(config.model) == _param_shapes(merged):
+    # Fields missing from an older config.json keep today's defaults.
+    merged = ModelConfig.from_config({**current, **{k: v for k, v in before.items() if k in current}})
+    if _param_shapes(ModelConfig.from_config(current)) == _param_shapes(merged):
         return  # e.g. dropout or dtype changed: same parameters, allowed
     changes = ", ".join(f"model.{k}: checkpoint {before.get(k)!r}, config {current.get(k)!r}" for k in differing)
     raise ConfigError(

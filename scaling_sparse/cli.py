@@ -6,6 +6,8 @@ Usage:
   python -m scaling_sparse generate --config=CONFIG.py --workdir=DIR --prompt="TEXT"
                                     [--max_new_tokens=N] [--temperature=T] [--top_k=K] [--seed=S]
   python -m scaling_sparse params   --config=CONFIG.py [--json]
+  Several processes (one per host): add --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+  (none of them under SLURM or on a multi-host TPU VM: JAX detects the cluster).
 
 Commands:
   train     Train from scratch, or resume from the latest checkpoint in DIR. Writes DIR/config.json,
@@ -18,6 +20,9 @@ Commands:
             or sampled with a temperature and optionally top-k. The whole loop runs jitted with a
             KV cache.
   params    Parameter counts: total and read per decoded token, per component (no weights built).
+
+Devices: --config.mesh.data=N --config.mesh.fsdp=N --config.mesh.tensor=N shape the device mesh
+(-1 = all devices left; default: every device on data).
 
 Every config field can be overridden on the command line, e.g.
   --config.train.num_steps=500 --config.model.ff_sparsity=64 --config.model.attn_sparsity=16
@@ -49,6 +54,12 @@ _TOP_K = flags.DEFINE_integer("top_k", None, "generate: sample among the k most 
                               "Default: config.generate.top_k.")
 _SEED = flags.DEFINE_integer("seed", None, "generate: sampling seed. Default: config.generate.seed.")
 _JSON = flags.DEFINE_bool("json", False, "eval, params: print JSON instead of text.")
+_STEP = flags.DEFINE_integer("step", None, "eval, generate: the checkpoint step to load (default: the latest).")
+# Multi-process runs (scaling_sparse/distributed.py): all three, or none under SLURM / on a TPU VM slice.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "HOST:PORT of process 0's coordinator, for a run of several processes.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run (0..N-1).")
 
 EXIT_USAGE = 2  # bad config, flags or prompt
 EXIT_FAILURE = 1  # e.g. no checkpoint to load
@@ -93,7 +104,7 @@ def cmd_train(config, workdir) -> int:
 def cmd_eval(config, workdir) -> int:
     from scaling_sparse.train import evaluate
 
-    metrics = evaluate(config, workdir)
+    metrics = evaluate(config, workdir, step=_STEP.value)
     if _JSON.value:
         print(json.dumps(metrics))
     else:
@@ -104,8 +115,10 @@ def cmd_eval(config, workdir) -> int:
 
 
 def cmd_generate(config, workdir) -> int:
-    from scaling_sparse.checkpoint import check_compatible
-    from scaling_sparse.train import load_model, load_tokenizer, sample
+    from scaling_sparse.data.tokenizer import get_tokenizer
+    from scaling_sparse.decode import Decoder, check_request
+    from scaling_sparse.sharding import make_mesh
+    from scaling_sparse.train import load_params
 
     g = config.generate
     temperature = g.temperature if _TEMPERATURE.value is None else _TEMPERATURE.value
@@ -116,21 +129,20 @@ def cmd_generate(config, workdir) -> int:
         raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
     if not 0 <= top_k <= config.model.vocab_size:
         raise UsageError(f"--top_k must be in 0..vocab_size={config.model.vocab_size} (0 = off), got {top_k}")
-    if max_new < 1:
-        raise UsageError(f"--max_new_tokens must be >= 1, got {max_new}")
     if not prompt:
         raise UsageError('the prompt is empty: give the text to continue with --prompt="..."')
-    check_compatible(config, workdir)
-    tokenizer = load_tokenizer(config, workdir)
+    tokenizer = get_tokenizer(config, workdir)
     # Documents are packed after an eos in training, so eos + prompt reads as a document start.
     ids = [tokenizer.eos_id] + tokenizer.encode(prompt)
-    if len(ids) + max_new > config.model.max_len:
-        raise UsageError(
-            f"the prompt is {len(ids)} tokens (with the leading eos) and --max_new_tokens={max_new}: "
-            f"{len(ids) + max_new} exceeds model.max_len={config.model.max_len}. Fix: shorten the prompt "
-            f"or lower --max_new_tokens to {max(config.model.max_len - len(ids), 0)}.")
-    model, _ = load_model(config, workdir)
-    out = sample(model, ids, max_new, temperature=temperature, top_k=top_k, seed=seed, eos_id=tokenizer.eos_id)
+    try:
+        check_request(len(ids), max_new, config.model.max_len)
+    except ValueError as e:
+        raise UsageError(f"{e} (the prompt counts the leading eos; --max_new_tokens={max_new})") from None
+    mesh = make_mesh(config.mesh)
+    graphdef, params, _ = load_params(config, workdir, step=_STEP.value, mesh=mesh)
+    decoder = Decoder(graphdef, params, max_len=config.model.max_len, temperature=temperature, top_k=top_k,
+                      mesh=mesh)
+    out = decoder.sample(ids, max_new, seed=seed, eos_id=tokenizer.eos_id)
     print(prompt + tokenizer.decode(out))
     return 0
 
@@ -157,6 +169,10 @@ def main(argv) -> int:
                              "see --help")
         command = commands[0]
         config = _config()
+        if command != "params":
+            from scaling_sparse import distributed
+
+            distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         if command == "params":
             return cmd_params(config)
         workdir = _workdir()

@@ -241,6 +241,16 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                  "set --config.data.source=jsonl --config.data.path=FILE.jsonl, or leave input_field empty")
     _require(0.0 < d.validation_fraction < 1.0, "data.validation_fraction", "must be in (0, 1)",
              "use 0.02")
+
+    # Mesh (its fit to the devices is checked when the mesh is made: sharding.make_mesh).
+    if "mesh" in config:
+        sizes = {a: config.mesh[a] for a in ("data", "fsdp", "tensor")}
+        for axis, size in sizes.items():
+            _require(isinstance(size, int) and (size >= 1 or size == -1), f"mesh.{axis}",
+                     f"must be a positive integer or -1 (all devices left), got {size!r}",
+                     f"e.g. --config.mesh.{axis}=2")
+        _require(list(sizes.values()).count(-1) <= 1, "mesh", f"at most one axis may be -1, got {sizes}",
+                 "give the other axes explicit sizes")
     return config
 
 

@@ -1,8 +1,13 @@
 """Decoding: prefill, one-token step, the jitted generate loop and sampling.
 
-Hot paths are pure functions of (params state, cache) under jax.jit: the NNX model is split once
-into (graphdef, state) and merged inside the traced function, so no Python runs per token in the
-loop. Caches are donated so XLA updates them in place.
+One path from a checkpoint to tokens: the loaders (train.load_params, state.init_params) return
+the split model (graphdef, params); `Decoder` holds it and runs pure functions of
+(params, cache) under jax.jit, merging the model inside the traced function, so no Python runs per
+token in the loop. Caches are donated so XLA updates them in place. Parameters may be sharded
+(tensor-parallel for models too big for one device): the jitted functions take them as they are
+and return replicated tokens, so a sharded model decodes the same tokens as an unsharded one.
+
+`check_request` is the one place the prompt / length checks live.
 """
 
 from __future__ import annotations
@@ -11,13 +16,23 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from scaling_sparse.state import cast_floating
 
-def cast_params(state, dtype):
-    """Cast floating parameters once to the decode dtype (not per token)."""
-    dtype = jnp.dtype(dtype)
-    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
+
+def check_request(prompt_len: int, max_new_tokens: int, max_len: int) -> None:
+    """Raises ValueError naming the problem and the fix for a prompt the model cannot continue."""
+    if prompt_len < 1:
+        raise ValueError("the prompt is empty: give at least one token of text")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if prompt_len + max_new_tokens > max_len:
+        raise ValueError(
+            f"the prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = {prompt_len + max_new_tokens} "
+            f"exceeds model.max_len {max_len}: shorten the prompt or lower max_new_tokens to "
+            f"{max(max_len - prompt_len, 0)}")
 
 
 def sample_logits(logits: jax.Array, rng, *, temperature: float = 0.0, top_k: int = 0) -> jax.Array:
@@ -32,69 +47,93 @@ def sample_logits(logits: jax.Array, rng, *, temperature: float = 0.0, top_k: in
 
 
 class Decoder:
-    """Jitted prefill / step / loop for one model graph. Build once, call many times."""
+    """Jitted prefill / step / loop for one split model. Build once, call many times.
 
-    def __init__(self, graphdef, *, temperature: float = 0.0, top_k: int = 0):
+    The jitted functions (`init_cache`, `prefill`, `step`, `loop`) take the parameters explicitly
+    (benchmarks time them); `generate` and `sample` use the parameters the Decoder holds."""
+
+    def __init__(self, graphdef, params, *, max_len: int, temperature: float = 0.0, top_k: int = 0,
+                 dtype=None, mesh=None):
         self.graphdef = graphdef
-        self.sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k)
+        self.params = params if dtype is None else cast_floating(params, dtype)
+        self.max_len = max_len
+        self.mesh = mesh
+        self.sample_fn = functools.partial(sample_logits, temperature=temperature, top_k=top_k)
+        tokens_out = {} if mesh is None else {"out_shardings": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())}
         self.init_cache = jax.jit(self._init_cache, static_argnums=(1, 2))
         self.prefill = jax.jit(self._prefill, donate_argnums=(2,))
         self.step = jax.jit(self._step, donate_argnums=(1,))
         self.loop = jax.jit(self._loop, static_argnums=(5,), donate_argnums=(1,))
+        self._generate = jax.jit(self._generate_tokens, static_argnums=(2, 3), **tokens_out)
 
-    def _model(self, state):
-        return nnx.merge(self.graphdef, state)
+    def _model(self, params):
+        return nnx.merge(self.graphdef, params)
 
-    def _init_cache(self, state, batch, cache_len):
-        return self._model(state).init_cache(batch, cache_len)
+    def _init_cache(self, params, batch, cache_len):
+        return self._model(params).init_cache(batch, cache_len)
 
-    def _prefill(self, state, prompt, cache, rng):
+    def _prefill(self, params, prompt, cache, rng):
         """prompt [batch, P] -> (first sampled token [batch], cache)."""
-        logits, cache = self._model(state).decode(prompt, cache, 0)
-        return self.sample(logits[:, -1], rng), cache
+        logits, cache = self._model(params).decode(prompt, cache, 0)
+        return self.sample_fn(logits[:, -1], rng), cache
 
-    def _step(self, state, cache, token, index, rng):
+    def _step(self, params, cache, token, index, rng):
         """One token at absolute position `index` -> (next token, cache)."""
-        logits, cache = self._model(state).decode(token[:, None], cache, index)
-        return self.sample(logits[:, -1], rng), cache
+        logits, cache = self._model(params).decode(token[:, None], cache, index)
+        return self.sample_fn(logits[:, -1], rng), cache
 
-    def _loop(self, state, cache, token, index, rng, num_tokens: int):
+    def _loop(self, params, cache, token, index, rng, num_tokens: int):
         """Feeds `token` at `index`, then its successors: returns ([batch, num_tokens], cache)."""
-        model = self._model(state)
+        model = self._model(params)
         batch = token.shape[0]
 
         def body(i, carry):
             token, cache, out = carry
             logits, cache = model.decode(token[:, None], cache, index + i)
-            token = self.sample(logits[:, -1], jax.random.fold_in(rng, i))
+            token = self.sample_fn(logits[:, -1], jax.random.fold_in(rng, i))
             return token, cache, out.at[:, i].set(token)
 
         out = jnp.zeros((batch, num_tokens), jnp.int32)
         _, cache, out = jax.lax.fori_loop(0, num_tokens, body, (token, cache, out))
         return out, cache
 
+    def _generate_tokens(self, params, prompt, max_new_tokens: int, cache_len: int, rng):
+        """Prefill then the loop, as one program -> [batch, max_new_tokens]."""
+        cache = self._init_cache(params, prompt.shape[0], cache_len)
+        prefill_rng, rng = jax.random.split(rng)
+        first, cache = self._prefill(params, prompt, cache, prefill_rng)
+        if max_new_tokens == 1:
+            return first[:, None]
+        rest, _ = self._loop(params, cache, first, prompt.shape[1], rng, max_new_tokens - 1)
+        return jnp.concatenate([first[:, None], rest], axis=1)
+
+    def generate(self, prompt, max_new_tokens: int, *, seed: int = 0) -> np.ndarray:
+        """prompt [batch, P] int -> [batch, max_new_tokens] generated ids (one jitted program)."""
+        prompt = np.asarray(prompt, np.int32)
+        if prompt.ndim != 2:
+            raise ValueError(f"the prompt must be [batch, length] token ids, got shape {prompt.shape}")
+        check_request(prompt.shape[1], max_new_tokens, self.max_len)
+        if self.mesh is not None:  # every process holds the same prompt: one replicated global array
+            replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+            prompt = jax.make_array_from_process_local_data(replicated, prompt, prompt.shape)
+        total = prompt.shape[1] + max_new_tokens
+        out = self._generate(self.params, prompt, max_new_tokens, total, jax.random.PRNGKey(seed))
+        return np.asarray(out)
+
+    def sample(self, prompt_ids, max_new_tokens: int, *, seed: int = 0, eos_id: int | None = None) -> list[int]:
+        """Continues one prompt (a list of ids) -> generated ids, cut before the first EOS if given."""
+        out = self.generate(np.asarray([[int(i) for i in prompt_ids]], np.int32).reshape(1, -1), max_new_tokens,
+                            seed=seed)[0].tolist()
+        if eos_id is not None and eos_id in out:
+            out = out[:out.index(eos_id)]
+        return out
+
 
 def generate(model: nnx.Module, prompt, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
-             seed: int = 0, dtype=None):
-    """prompt [batch, P] int -> [batch, max_new_tokens] generated ids (the whole loop jitted)."""
-    prompt = jnp.asarray(prompt, jnp.int32)
-    if prompt.ndim != 2 or prompt.shape[1] == 0:
-        raise ValueError("the prompt is empty: give at least one token")
-    total = prompt.shape[1] + max_new_tokens
-    if total > model.max_len:
-        raise ValueError(f"prompt ({prompt.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
-                         f"exceeds model.max_len {model.max_len}: shorten the prompt or ask for fewer tokens")
-    if max_new_tokens < 1:
-        raise ValueError("max_new_tokens must be >= 1")
-    graphdef, state = nnx.split(model)
-    if dtype is not None:
-        state = cast_params(state, dtype)
-    decoder = Decoder(graphdef, temperature=temperature, top_k=top_k)
-    rng = jax.random.PRNGKey(seed)
-    cache = decoder.init_cache(state, prompt.shape[0], total)
-    prefill_rng, rng = jax.random.split(rng)
-    first, cache = decoder.prefill(state, prompt, cache, prefill_rng)
-    if max_new_tokens == 1:
-        return first[:, None]
-    rest, _ = decoder.loop(state, cache, first, prompt.shape[1], rng, max_new_tokens - 1)
-    return jnp.concatenate([first[:, None], rest], axis=1)
+             seed: int = 0, dtype=None) -> np.ndarray:
+    """A module and a prompt [batch, P] -> [batch, max_new_tokens] (tests and notebooks; the command
+    line and the training loop hold the split model in a Decoder)."""
+    graphdef, params = nnx.split(model, nnx.Param)
+    decoder = Decoder(graphdef, params.to_pure_dict(), max_len=model.max_len, temperature=temperature, top_k=top_k,
+                      dtype=dtype)
+    return decoder.generate(prompt, max_new_tokens, seed=seed)

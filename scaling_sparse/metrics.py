@@ -43,23 +43,30 @@ def _format(value) -> str:
 
 
 class MetricsWriter:
-    """`write(step, metrics)` sends one record to every sink. Use as a context manager."""
+    """`write(step, metrics)` sends one record to every sink. Use as a context manager.
+    enabled=False (every process but the primary one of a multi-process run) writes nothing."""
 
-    def __init__(self, workdir, *, tensorboard: bool = True, echo: Callable[[str], None] | None = print):
+    def __init__(self, workdir, *, tensorboard: bool = True, echo: Callable[[str], None] | None = print,
+                 enabled: bool = True):
         self.workdir = pathlib.Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.path = self.workdir / METRICS_FILE
-        self.echo = echo
-        self._tb = _open_tensorboard(self.workdir / TENSORBOARD_DIR) if tensorboard else None
+        self.enabled = enabled
+        self.echo = echo if enabled else None
+        self._tb = _open_tensorboard(self.workdir / TENSORBOARD_DIR) if tensorboard and enabled else None
 
     def truncate_after(self, step: int) -> None:
         """Drops records past `step`: a run resumed from a checkpoint at `step` logs them again."""
+        if not self.enabled:
+            return
         kept = [r for r in read_metrics(self.workdir) if r.get("step", 0) <= step]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         tmp.replace(self.path)  # atomic: a crash here leaves the old file or the new one
 
     def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
         record = {"step": int(step)}
         record.update({k: (float(v) if not isinstance(v, (str, bool, int)) else v) for k, v in metrics.items()})
         with self.path.open("a") as f:

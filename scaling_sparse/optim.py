@@ -1,6 +1,6 @@
 """Optimizers and learning-rate schedules (optax), built from `config.train`.
 
-The reference (reference.md §5) trains with Adafactor: no momentum (beta1 0), second-moment decay
+The reference (docs/semantics.md §5) trains with Adafactor: no momentum (beta1 0), second-moment decay
 exponent 0.8, update clipping 1.0, factored second moments, parameter scaling, decoupled weight
 decay 1e-5, and learning rate `1 / sqrt(max(step, warmup))`. AdamW and warmup + cosine are options.
 """
@@ -8,11 +8,26 @@ decay 1e-5, and learning rate `1 / sqrt(max(step, warmup))`. AdamW and warmup + 
 from __future__ import annotations
 
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 
+def optimizer_settings(t) -> tuple:
+    """The config.train fields the optimizer and schedule depend on, as a hashable tuple of pairs
+    (a jit-cache key: runs with the same settings share compiled programs)."""
+    fields = ["optimizer", "learning_rate", "schedule", "warmup_steps", "weight_decay", "grad_clip",
+              "adam_b1", "adam_b2"] + (["num_steps"] if t["schedule"] == "cosine" else [])
+    return tuple((f, t[f]) for f in fields)
+
+
+def _fields(t):
+    """config.train (a ConfigDict) or a dict of optimizer_settings -> attribute access."""
+    return ml_collections.ConfigDict(dict(t)) if isinstance(t, dict) else t
+
+
 def make_schedule(t) -> optax.Schedule:
-    """config.train -> step -> learning rate."""
+    """config.train (or a dict of its optimizer settings) -> step -> learning rate."""
+    t = _fields(t)
     if t.schedule == "rsqrt":
         peak, warmup = float(t.learning_rate), float(t.warmup_steps)
 
@@ -31,7 +46,9 @@ def make_schedule(t) -> optax.Schedule:
 
 
 def make_optimizer(t) -> optax.GradientTransformation:
-    """config.train -> an optax transformation (learning rate schedule included)."""
+    """config.train (or a dict of its optimizer settings) -> an optax transformation (learning rate
+    schedule included)."""
+    t = _fields(t)
     schedule = make_schedule(t)
     if t.optimizer == "adafactor":
         # optax.adafactor applies the weight decay after the learning-rate scaling, so it is

@@ -1,17 +1,17 @@
 """Parameter report: total parameters and parameters read per decoded token, per component.
 
-Computed from the model's abstract shapes (`nnx.eval_shape`), so the 800M and 17B presets are
+Computed from the model's abstract shapes (state.model_spec), so the 800M and 17B presets are
 reported without allocating a single weight. Parameters read per token are what bounds unbatched
-decoding (reference.md §6): bytes_per_token = params_per_token x bytes of the compute dtype
+decoding (docs/semantics.md §6): bytes_per_token = params_per_token x bytes of the compute dtype
 (decoding casts the weights once to model.dtype).
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
+from scaling_sparse.config import ModelConfig
 from scaling_sparse.layers.base import param_count
 
 _SIZE_FIELDS = ("vocab_size", "d_model", "d_ff", "n_heads", "n_layers", "ff_sparsity", "ff_lowrank",
@@ -21,9 +21,11 @@ _SIZE_FIELDS = ("vocab_size", "d_model", "d_ff", "n_heads", "n_layers", "ff_spar
 
 def abstract_model(model_config):
     """The DecoderLM with ShapeDtypeStructs instead of arrays (no memory allocated)."""
-    from scaling_sparse.model import DecoderLM
+    from scaling_sparse.config import ModelConfig
+    from scaling_sparse.state import model_spec
 
-    return nnx.eval_shape(lambda: DecoderLM(model_config, rngs=nnx.Rngs(0)))
+    spec = model_spec(ModelConfig.from_config(model_config))
+    return nnx.merge(spec.graphdef, spec.params)
 
 
 def report_params(config, name: str | None = None) -> dict:
@@ -32,7 +34,7 @@ def report_params(config, name: str | None = None) -> dict:
         from scaling_sparse.config import load_config
 
         name, config = name or config, load_config(config)
-    m = config.model if "model" in config else config
+    m = ModelConfig.from_config(config.model if "model" in config else config)
     model = abstract_model(m)
     components = model.components()
     total = sum(c["total"] for c in components.values())
@@ -42,9 +44,9 @@ def report_params(config, name: str | None = None) -> dict:
     per_layer = {
         key: (sum(components[k][key] for k in ("attention", "ffn", "norms")) - final_norm) // m.n_layers
         for key in ("total", "per_token")}
-    sizes = {k: (m[k].item() if hasattr(m[k], "item") else m[k]) for k in _SIZE_FIELDS if k in m}
+    sizes = {k: getattr(m, k) for k in _SIZE_FIELDS}
     if m.ff_sparsity:
-        sizes["ff_lowrank"] = m.ff_lowrank or m.d_ff // m.ff_sparsity  # the effective controller rank
+        sizes["ff_lowrank"] = m.ff_rank  # the effective controller rank
     bytes_per_param = jnp.dtype(m.dtype).itemsize
     return {
         "config": name or "",

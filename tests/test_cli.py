@@ -103,7 +103,7 @@ def test_generate_rejects_empty_and_too_long_prompts(trained, run_args, capsys):
     code, _, err = run_cli(capsys, "generate", *run_args, "--prompt=")
     assert code == 2 and "prompt is empty" in err
     code, _, err = run_cli(capsys, "generate", *run_args, "--prompt=" + "the cat sat on the mat " * 20)
-    assert code == 2 and "exceeds model.max_len=64" in err and "Traceback" not in err
+    assert code == 2 and "exceeds model.max_len 64" in err and "Traceback" not in err
 
 
 def test_a_config_that_does_not_match_the_checkpoint_is_a_clear_error(trained, run_args, capsys):

@@ -18,7 +18,7 @@ from scaling_sparse.checkpoint import Checkpointer
 from scaling_sparse.config import load_config
 from scaling_sparse.metrics import read_metrics
 from scaling_sparse.optim import make_optimizer, make_schedule
-from scaling_sparse.train import evaluate, load_model, train
+from scaling_sparse.train import evaluate, load_params, train
 
 VOCAB = 64
 
@@ -147,13 +147,14 @@ def test_a_finished_run_continues_when_num_steps_is_raised(tmp_path, reference_r
     np.testing.assert_allclose([got[s] for s in range(6, 13)], [want[s] for s in range(6, 13)], rtol=1e-6)
 
 
-def test_evaluate_and_load_model_read_the_latest_checkpoint(reference_run):
+def test_evaluate_and_load_params_read_the_latest_checkpoint(reference_run):
     config, workdir, summary = reference_run
     metrics = evaluate(config, workdir, data=SyntheticData(config, 8))
     assert metrics["step"] == 12
     np.testing.assert_allclose(metrics["eval_loss"], summary["eval_loss"], rtol=1e-6)
-    model, step = load_model(config, workdir)
-    assert step == 12 and model.token_embed[...].shape == (VOCAB, config.model.d_model)
+    _, params, step = load_params(config, workdir)
+    assert step == 12 and params["token_embed"].shape == (VOCAB, config.model.d_model)
+    assert evaluate(config, workdir, data=SyntheticData(config, 8), step=10)["step"] == 10
 
 
 def test_rsqrt_schedule_is_the_references():

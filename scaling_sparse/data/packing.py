@@ -26,6 +26,16 @@ def join_documents(token_lists, eos_id: int, vocab_size: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros([0], dtype)
 
 
+def process_rows(batch_size: int, process_index: int, process_count: int) -> slice:
+    """The rows of a global batch that one process feeds: a contiguous block, in process order (the
+    order in which jax.make_array_from_process_local_data assembles the global batch)."""
+    if batch_size % process_count:
+        raise DataError(f"config.train.batch_size {batch_size} is not divisible by the {process_count} processes. "
+                        f"Fix: use a multiple of {process_count}")
+    per = batch_size // process_count
+    return slice(process_index * per, (process_index + 1) * per)
+
+
 def make_batch(windows: np.ndarray, weights: np.ndarray | None = None) -> dict:
     """windows int [B, L+1] -> {"inputs", "targets": int32 [B, L], "weights": float32 [B, L]}."""
     windows = windows.astype(np.int32)
@@ -35,7 +45,8 @@ def make_batch(windows: np.ndarray, weights: np.ndarray | None = None) -> dict:
 
 
 def eval_batches(stream: np.ndarray, batch_size: int, seq_len: int, max_batches: int, pad_id: int,
-                 split: str = "validation", loss_mask: np.ndarray | None = None) -> list[dict]:
+                 split: str = "validation", loss_mask: np.ndarray | None = None, process_index: int = 0,
+                 process_count: int = 1) -> list[dict]:
     """The first max_batches batches of the stream's windows, in order (deterministic).
 
     loss_mask (same length as the stream, prefix-LM) zeroes the weight of non-target tokens.
@@ -55,7 +66,8 @@ def eval_batches(stream: np.ndarray, batch_size: int, seq_len: int, max_batches:
         chunk = stream[i * seq_len: i * seq_len + seq_len + 1]
         windows[i, : len(chunk)] = chunk
         weights[i, : len(chunk) - 1] = 1.0 if loss_mask is None else loss_mask[i * seq_len + 1: i * seq_len + len(chunk)]
-    return [make_batch(windows[b * batch_size:(b + 1) * batch_size], weights[b * batch_size:(b + 1) * batch_size])
+    rows = process_rows(batch_size, process_index, process_count)
+    return [make_batch(windows[b * batch_size:(b + 1) * batch_size][rows], weights[b * batch_size:(b + 1) * batch_size][rows])
             for b in range(n_batches)]
 
 
@@ -73,11 +85,14 @@ def check_state(state: dict, *, kind: str, fingerprint: str | None) -> None:
 
 
 class PackedIterator:
-    """Infinite iterator of shuffled training batches over a token stream held in memory."""
+    """Infinite iterator of shuffled training batches over a token stream held in memory. With
+    several processes each gathers only its rows of every global batch (process_rows); the plan and
+    the state are the global batch's, the same in every process."""
 
     def __init__(self, stream: np.ndarray, batch_size: int, seq_len: int, seed: int, fingerprint: str = "",
-                 loss_mask: np.ndarray | None = None):
+                 loss_mask: np.ndarray | None = None, process_index: int = 0, process_count: int = 1):
         self.stream, self.batch_size, self.seq_len, self.seed = stream, batch_size, seq_len, seed
+        self.rows = process_rows(batch_size, process_index, process_count)
         self.loss_mask = loss_mask  # prefix-LM: 1 where the token is a target (weights of the batch)
         self.fingerprint = fingerprint
         self.n_windows = (len(stream) - 1) // seq_len
@@ -109,7 +124,7 @@ class PackedIterator:
             self.position += len(take)
             if self.position == self.n_windows:
                 self.epoch, self.position = self.epoch + 1, 0
-        idx = np.asarray(starts)[:, None] + np.arange(self.seq_len + 1)
+        idx = np.asarray(starts)[self.rows, None] + np.arange(self.seq_len + 1)
         weights = None if self.loss_mask is None else self.loss_mask[idx[:, 1:]]
         return make_batch(self.stream[idx], weights)
 

@@ -24,7 +24,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from scaling_sparse.data import DataError, cache, packing
+from scaling_sparse.data import Data, DataError, cache, packing
+from scaling_sparse.data.tokenizer import get_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +104,9 @@ class StreamIterator:
     """Infinite iterator of packed batches over a record stream; resumable from {"epoch","record","token"}."""
 
     def __init__(self, open_records: Callable[[int], Iterator[str]], tokenizer, batch_size: int, seq_len: int,
-                 fingerprint: str = "", split: str = "train"):
+                 fingerprint: str = "", split: str = "train", process_index: int = 0, process_count: int = 1):
         self.open_records, self.tokenizer = open_records, tokenizer
+        self.rows = packing.process_rows(batch_size, process_index, process_count)
         self.batch_size, self.seq_len, self.fingerprint, self.split = batch_size, seq_len, fingerprint, split
         self._seek(0, 0, 0)
 
@@ -167,7 +169,8 @@ class StreamIterator:
         return self
 
     def __next__(self) -> dict:
-        return packing.make_batch(np.stack([self._window() for _ in range(self.batch_size)]))
+        windows = [self._window() for _ in range(self.batch_size)]  # the global batch: the state advances by all of it
+        return packing.make_batch(np.stack(windows[self.rows]))
 
     def get_state(self) -> dict:
         epoch, record = (self._pending[0][0], self._pending[0][1]) if self._pending else self._next
@@ -202,9 +205,9 @@ def _split_name(builder, *candidates: str) -> str:
                     "Fix: use a dataset with train and validation splits.")
 
 
-def build_data(config, workdir):
-    from scaling_sparse.data.pipeline import Data, get_tokenizer
-
+def build_data(config, workdir, process_index: int = 0, process_count: int = 1) -> Data:
+    """Every process reads the same record stream and keeps its rows of each global batch, so the
+    global batch and the iterator state do not depend on the process count."""
     d, t = config.data, config.train
     builder = open_builder(d)
     train_split = _split_name(builder, "train")
@@ -212,9 +215,11 @@ def build_data(config, workdir):
     open_train, open_val = record_reader(builder, train_split), record_reader(builder, val_split)
     tokenizer = get_tokenizer(config, workdir, lambda: open_train(0))
     key = cache.fingerprint({"dataset": d.tfds_name, "tokenizer": cache.bytes_digest(tokenizer.model_proto)})
-    train = StreamIterator(open_train, tokenizer, t.batch_size, t.seq_len, fingerprint=key[:16], split=train_split)
+    train = StreamIterator(open_train, tokenizer, t.batch_size, t.seq_len, fingerprint=key[:16], split=train_split,
+                           process_index=process_index, process_count=process_count)
     val = validation_stream(open_val, tokenizer, t.eval_batches * t.batch_size * t.seq_len + 1)
-    evals = packing.eval_batches(val, t.batch_size, t.seq_len, t.eval_batches, tokenizer.pad_id)
+    evals = packing.eval_batches(val, t.batch_size, t.seq_len, t.eval_batches, tokenizer.pad_id,
+                                 process_index=process_index, process_count=process_count)
     splits = builder.info.splits
     stats = {"source": "tfds", "dataset": d.tfds_name, "data_dir": str(builder.data_dir),
              "train_records": int(splits[train_split].num_examples) if train_split in splits else None,

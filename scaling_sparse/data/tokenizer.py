@@ -18,7 +18,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import sentencepiece as spm
 
-from scaling_sparse.data import DataError, cache
+from scaling_sparse.data import DataError, cache, corpus
 
 log = logging.getLogger(__name__)
 
@@ -192,3 +192,26 @@ def cached_or_trained(workdir, request: dict, vocab_size: int, max_chars: int, t
     cache.write_json(meta_path, request)
     tok.path = str(model_path)
     return tok
+
+
+def tokenizer_request(config) -> dict:
+    """What a trained WORKDIR/tokenizer.model was made from (checked when it is reused)."""
+    d = config.data
+    return {"source": d.source, "path": d.path if d.source != "tfds" else d.tfds_name,
+            "text_field": list(corpus.jsonl_fields(d)) if d.source == "jsonl" else "", "max_files": d.max_files,
+            "validation_fraction": d.validation_fraction, "vocab_size": config.model.vocab_size,
+            "tokenizer_train_chars": d.tokenizer_train_chars}
+
+
+def get_tokenizer(config, workdir, train_texts=None) -> Tokenizer:
+    """The run's tokenizer: config.data.tokenizer_path, else WORKDIR/tokenizer.model, trained on
+    train_texts() if absent (without train_texts, e.g. for generate, a missing one is an error)."""
+    d = config.data
+    if d.tokenizer_path:
+        return load_tokenizer(d.tokenizer_path, config.model.vocab_size)
+    if train_texts is None:
+        def train_texts():
+            raise FileNotFoundError(f"no tokenizer in {workdir}: train there first, or set "
+                                    "--config.data.tokenizer_path=MODEL")
+    return cached_or_trained(workdir, tokenizer_request(config), config.model.vocab_size,
+                             d.tokenizer_train_chars, train_texts)

@@ -1,0 +1,93 @@
+"""The local corpora (stdlib, files, jsonl): read once, tokenized, cached, packed.
+
+Token streams are cached under WORKDIR/data_cache, keyed by a fingerprint of the source, its file
+list (sizes, mtimes) and the tokenizer, so a stale cache is never reused. Each process keeps the
+whole (small) token stream and gathers only its rows of every global batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import time
+
+from tqdm import tqdm
+
+from scaling_sparse.data import Data, cache, corpus, packing, prefix_lm
+from scaling_sparse.data.tokenizer import Tokenizer, get_tokenizer
+
+log = logging.getLogger(__name__)
+
+_CACHE_FORMAT = 2  # bump when the cached arrays' meaning changes (2: prefix-LM loss masks)
+
+
+def encode_documents(tokenizer: Tokenizer, texts: list[str], desc: str, progress: bool):
+    """Documents -> one eos-joined token stream, encoded in multithreaded chunks of ~1 MB."""
+    token_lists, chunk, chunk_chars = [], [], 0
+    with tqdm(total=sum(map(len, texts)), desc=desc, unit="char", unit_scale=True, disable=not progress,
+              leave=False) as bar:
+        for i, text in enumerate(texts):
+            chunk.append(text)
+            chunk_chars += len(text)
+            if chunk_chars >= 1 << 20 or i == len(texts) - 1:
+                token_lists.extend(tokenizer.encode_batch(chunk))
+                bar.update(chunk_chars)
+                chunk, chunk_chars = [], 0
+    return packing.join_documents(token_lists, tokenizer.eos_id, tokenizer.vocab_size)
+
+
+def build_data(config, workdir: pathlib.Path, process_index: int = 0, process_count: int = 1) -> Data:
+    d, t = config.data, config.train
+    start = time.time()
+    source = corpus.list_files(d, exclude=workdir)
+    loaded = {}
+
+    def load():  # read the corpus at most once, and only if the tokenizer or the cache needs it
+        if "corpus" not in loaded:
+            loaded["corpus"] = corpus.load_corpus(d, t.progress, source)
+        return loaded["corpus"]
+
+    prefix = d.source == "jsonl" and bool(d.input_field)
+    tokenizer = get_tokenizer(config, workdir,
+                              lambda: prefix_lm.texts_of(load().train) if prefix else load().train)
+    corpus_id = {"format": _CACHE_FORMAT, "source": d.source, "root": str(source.root),
+                 "text_field": list(corpus.jsonl_fields(d)) if d.source == "jsonl" else "",
+                 "validation_fraction": d.validation_fraction, "files": source.signature()}
+    key = cache.fingerprint({"corpus": corpus_id, "tokenizer": cache.bytes_digest(tokenizer.model_proto)})
+    stem = workdir / "data_cache" / f"{d.source}-{key[:16]}"
+    suffixes = [".train.npy", ".validation.npy"] + ([".train_mask.npy", ".validation_mask.npy"] if prefix else [])
+    array_paths = [stem.parent / (stem.name + s) for s in suffixes]
+    meta_path = stem.parent / (stem.name + ".json")
+
+    # The meta file is written last: if it exists, all arrays were completely written before it.
+    if meta_path.is_file() and all(p.is_file() for p in array_paths):
+        corpus_stats = cache.read_json(meta_path)
+        arrays = [cache.load_array(p) for p in array_paths]
+        cache_hit = True
+    else:
+        c = load()
+        if prefix:
+            (train_stream, train_mask), (val_stream, val_mask) = (
+                prefix_lm.encode_examples(tokenizer, c.train), prefix_lm.encode_examples(tokenizer, c.validation))
+            arrays = [train_stream, val_stream, train_mask, val_mask]
+        else:
+            arrays = [encode_documents(tokenizer, c.train, "tokenizing train", t.progress),
+                      encode_documents(tokenizer, c.validation, "tokenizing validation", t.progress)]
+        corpus_stats = c.stats
+        for p, a in zip(array_paths, arrays):
+            cache.save_array(p, a)
+        cache.write_json(meta_path, corpus_stats)
+        cache_hit = False
+    train_stream, val_stream = arrays[:2]
+    train_mask, val_mask = arrays[2:] if prefix else (None, None)
+
+    train = packing.PackedIterator(train_stream, t.batch_size, t.seq_len, d.shuffle_seed, fingerprint=key[:16],
+                                   loss_mask=train_mask, process_index=process_index, process_count=process_count)
+    evals = packing.eval_batches(val_stream, t.batch_size, t.seq_len, t.eval_batches, tokenizer.pad_id,
+                                 loss_mask=val_mask, process_index=process_index, process_count=process_count)
+    stats = dict(corpus_stats, source=d.source, train_tokens=int(len(train_stream)),
+                 validation_tokens=int(len(val_stream)), train_windows=train.n_windows,
+                 eval_batches=len(evals), tokenizer=tokenizer.path, vocab_size=tokenizer.vocab_size,
+                 prefix_lm=prefix, cache_hit=cache_hit, seconds=round(time.time() - start, 2))
+    log.info("data: %s", stats)
+    return Data(tokenizer=tokenizer, train=train, eval_batches=evals, stats=stats)
