@@ -48,7 +48,11 @@ class Checkpointer:
             enable_async_checkpointing=False,
         )
         self.read_only = read_only
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+        # One handler per item, fixed: a restore of only some entries (partial) and a full one use the
+        # same PyTree handler (StandardSave wrote the same format, so older checkpoints restore too).
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -60,7 +64,7 @@ class Checkpointer:
         if self.read_only:
             raise RuntimeError("this Checkpointer was opened read_only")
         state = jax.tree.map(lambda x: np.asarray(x) if isinstance(x, np.generic) else x, state)
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {}))
+        args = ocp.args.Composite(state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state or {}))
         self.manager.save(int(step), args=args, force=True)
         self.manager.wait_until_finished()
 
@@ -72,11 +76,9 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory}: train first")
         abstract = jax.tree.map(_abstract, target)
-        if partial:
-            item = ocp.args.PyTreeRestore(item=abstract, partial_restore=True,
-                                          restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
-        else:
-            item = ocp.args.StandardRestore(abstract)
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+        item = (ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True) if partial
+                else ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args))
         restored = self.manager.restore(int(step), args=ocp.args.Composite(state=item, data=ocp.args.JsonRestore()))
         return restored.state, dict(restored.data or {})
 

@@ -3,3 +3,66 @@ import os
 # Tests run on the CPU, offline, on 2 cores.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# Shared test helpers (test modules import them: `from conftest import make_model`): tiny configs and
+# models, random inputs, and `VARIANTS`, one tiny model per layer / model variant, which tests
+# parametrise over (decode == forward, logical axes, ...).
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from scaling_sparse.config import load_config, validate  # noqa: E402
+from scaling_sparse.model import DecoderLM  # noqa: E402
+
+# The "tiny" preset: vocab 64, d_model 32, d_ff 64, 4 heads, 2 layers, max_len 64.
+SPARSE_ALL = dict(ff_sparsity=8, attn_sparsity=4, loss_sparsity=4)
+# LSH decodes with full attention over the cache (layers/lsh.py), which equals the forward pass when
+# the sequence fits one LSH chunk: chunk 64 = max_len. Several chunks are covered in test_lsh.py.
+LSH_ONE_CHUNK = dict(attention="lsh", lsh_chunk_len=64, lsh_n_hashes=2)
+
+# Name -> model-field overrides of the tiny preset, one per layer / model variant.
+VARIANTS = {
+    "dense": {},
+    "sparse_ff": dict(ff_sparsity=8),
+    "sparse_qkv": dict(attn_sparsity=4, attn_output="none"),
+    "sparse_qkv_out_dense": dict(attn_sparsity=4, attn_output="dense"),
+    "sparse_qkv_out_mult": dict(attn_sparsity=4, attn_output="mult"),
+    "loss_mult": dict(loss_sparsity=4, loss_type="mult"),
+    "loss_lowrank": dict(loss_type="lowrank", loss_lowrank=8),
+    "sparse_all": SPARSE_ALL,
+    "sru": dict(ff_sru_units=8),
+    "reversible": dict(reversible=True),
+    "reversible_sparse_all": dict(reversible=True, **SPARSE_ALL),
+    "lsh_one_chunk": LSH_ONE_CHUNK,
+    "terraformer_one_chunk": dict(reversible=True, ff_sru_units=8, **LSH_ONE_CHUNK, **SPARSE_ALL),
+}
+
+
+def tiny_config(**model_fields):
+    """The tiny preset with `model_fields` overridden, validated (raises ConfigError naming a field)."""
+    c = load_config("tiny")
+    c.model.update(**model_fields)
+    return validate(c)
+
+
+def make_model(*, seed=0, **model_fields):
+    """A DecoderLM of the tiny preset with `model_fields` overridden."""
+    return DecoderLM(tiny_config(**model_fields).model, rngs=nnx.Rngs(seed))
+
+
+def random_tokens(seed, shape, vocab=64):
+    """int32 token ids from NumPy (a new shape of jax.random costs a compile, seconds on 2 cores)."""
+    return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, shape), jnp.int32)
+
+
+def random_normal(seed, shape, dtype=jnp.float32):
+    """Standard-normal activations from NumPy (for the same reason as `random_tokens`)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def variant(request):
+    """(name, model) for each of VARIANTS, built once per test module."""
+    return request.param, make_model(**VARIANTS[request.param])

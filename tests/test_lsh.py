@@ -1,5 +1,6 @@
-"""LSH attention: equals full shared-QK causal attention when all tokens share a chunk; causal;
-decodes (full attention over the cache) equal to eval when the sequence fits one chunk."""
+"""LSH attention: equals full shared-QK causal attention when all tokens share a chunk; causal; decode
+attention over the cache equals one-chunk LSH; a model trains over several chunks. (The whole model's
+decode equals eval when the sequence fits one chunk: test_decode_equals_forward.py.)"""
 
 import jax
 import jax.numpy as jnp
@@ -7,10 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from scaling_sparse.config import load_config
+from conftest import make_model, random_tokens
 from scaling_sparse.layers import lsh
 from scaling_sparse.layers.lsh import LSHAttention, length_normalized
-from scaling_sparse.model import DecoderLM
 
 # Jitted once per static setting: eager op-by-op dispatch would dominate these tests' runtime.
 lsh_attention = jax.jit(lsh.lsh_attention, static_argnames=("chunk_len", "n_buckets", "n_hashes", "train",
@@ -90,28 +90,9 @@ def test_bad_settings_name_the_field():
         LSHAttention(chunk_len=0)
 
 
-def _lsh_model(**overrides):
-    c = load_config("tiny")
-    c.model.update(**{"attention": "lsh", "lsh_chunk_len": 16, **overrides})
-    return DecoderLM(c.model, rngs=nnx.Rngs(0))
-
-
-def test_model_decode_equals_eval_when_one_chunk():
-    model = _lsh_model(lsh_n_hashes=2)
-    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, model.vocab_size)
-    full = nnx.jit(lambda m, t: m(t))(model, tokens)
-    step = nnx.jit(lambda m, t, c, i: m.decode(t, c, i))
-    cache = model.init_cache(2, 16)
-    steps = []
-    for i in range(12):
-        logits, cache = step(model, tokens[:, i:i + 1], cache, jnp.int32(i))
-        steps.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=1e-4, rtol=1e-4)
-
-
 def test_model_trains_with_lsh_over_several_chunks():
-    model = _lsh_model(lsh_chunk_len=4, lsh_n_buckets=4, attn_dropout=0.1)
-    tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 32), 0, model.vocab_size)
+    model = make_model(attention="lsh", lsh_chunk_len=4, lsh_n_buckets=4, attn_dropout=0.1)
+    tokens = random_tokens(2, (2, 32))
 
     def loss(m):
         logits = m(tokens, mode="train", rng=jax.random.PRNGKey(3))

@@ -7,18 +7,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from scaling_sparse.config import load_config
+from conftest import SPARSE_ALL as SPARSE
+from conftest import make_model
 from scaling_sparse.layers.reversible import ReversibleStack
 from scaling_sparse.layers.sparse_ffn import SparseFF
-from scaling_sparse.model import DecoderLM
-
-SPARSE = dict(ff_sparsity=8, attn_sparsity=4, loss_sparsity=4)
 
 
 def _model(**overrides):
-    c = load_config("tiny")
-    c.model.update(**{"reversible": True, "dropout": 0.1, "attn_dropout": 0.1, **overrides})
-    return DecoderLM(c.model, rngs=nnx.Rngs(0))
+    return make_model(**{"reversible": True, "dropout": 0.1, "attn_dropout": 0.1, **overrides})
 
 
 def _grads(model, tokens, mode, recompute):

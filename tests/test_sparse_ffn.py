@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import random_normal
 from scaling_sparse.layers.sparse_ffn import SparseFF
 
 D, F, N = 32, 128, 8  # B = 16 blocks, default rank 16
@@ -16,8 +17,7 @@ def make(**kw):
 
 
 def x_of(seed=1, shape=(3, 40)):
-    # NumPy draws: each new shape of jax.random costs a compile of its hash, seconds on a busy CPU.
-    return jnp.asarray(np.random.default_rng(seed).standard_normal((*shape, D)), jnp.float32)
+    return random_normal(seed, (*shape, D))
 
 
 def test_decode_gather_equals_dense_eval_on_many_tokens():

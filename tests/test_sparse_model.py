@@ -1,5 +1,6 @@
-"""The whole decoder with every sparsity flag on (tiny sizes): decoding equals the forward pass,
-training reaches the controller, invalid combinations fail at start-up naming the field."""
+"""The whole decoder with every sparsity flag on (tiny sizes): every sparse layer is used, the jitted
+forward pass equals the eager one, training reaches the controller, invalid combinations fail at
+start-up naming the field. (Decoding equals the forward pass: test_decode_equals_forward.py.)"""
 
 import jax
 import jax.numpy as jnp
@@ -8,24 +9,17 @@ import optax
 import pytest
 from flax import nnx
 
-from scaling_sparse.config import ConfigError, load_config, validate
-from scaling_sparse.decode import generate
-from scaling_sparse.model import DecoderLM
+from conftest import SPARSE_ALL, make_model, random_tokens, tiny_config
+from scaling_sparse.config import ConfigError
 
 
 def sparse_config(**fields):
-    c = load_config("tiny")
-    c.model.update(**{"ff_sparsity": 8, "attn_sparsity": 4, "loss_sparsity": 4, **fields})
-    return validate(c)
+    return tiny_config(**{**SPARSE_ALL, **fields})
 
 
 @pytest.fixture(scope="module")
 def model():
-    return DecoderLM(sparse_config().model, rngs=nnx.Rngs(0))
-
-
-def tokens_of(seed, shape, vocab=64):
-    return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, shape), jnp.int32)
+    return make_model(**SPARSE_ALL)
 
 
 def test_every_sparse_layer_is_used(model):
@@ -38,47 +32,11 @@ def test_every_sparse_layer_is_used(model):
     assert block.attn.out is None and isinstance(model.output, MultiplicativeOutput)
 
 
-@pytest.fixture(scope="module")
-def jitted(model):
-    """Jitted forward and decode: one compile per shape instead of op-by-op dispatch (slow on 2 cores)."""
+def test_jitted_forward_equals_eager(model):
+    tokens = random_tokens(1, (2, 12))
     graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))
-    decode = jax.jit(lambda s, t, c, i: nnx.merge(graphdef, s).decode(t, c, i))
-    return (lambda t: forward(state, t)), (lambda t, c, i: decode(state, t, c, i))
-
-
-TOKENS = tokens_of(1, (2, 12))
-
-
-def test_token_by_token_decode_equals_full_forward(model, jitted):
-    forward, decode = jitted
-    full = forward(TOKENS)
-    cache = model.init_cache(2, 16)
-    steps = []
-    for i in range(TOKENS.shape[1]):
-        logits, cache = decode(TOKENS[:, i:i + 1], cache, i)
-        steps.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=1e-4, rtol=1e-4)
-    # ... and equals the eager forward pass too.
-    np.testing.assert_allclose(model(TOKENS), full, atol=1e-5, rtol=1e-5)
-
-
-def test_prefill_then_steps_equals_full_forward(model, jitted):
-    # (The optional attention output projections are covered in test_sparse_qkv.py.)
-    forward, decode = jitted
-    cache = model.init_cache(2, 16)
-    head, cache = decode(TOKENS[:, :7], cache, 0)
-    tail, _ = decode(TOKENS[:, 7:], cache, 7)
-    np.testing.assert_allclose(jnp.concatenate([head, tail], 1), forward(TOKENS), atol=1e-4, rtol=1e-4)
-
-
-def test_jitted_greedy_generate_matches_argmax_of_forward(model, jitted):
-    forward, _ = jitted
-    prompt = TOKENS[:, :7]
-    out = generate(model, prompt, 5)
-    # Causal model: one forward pass over prompt + output gives every greedy choice at once.
-    logits = forward(jnp.concatenate([prompt, out], axis=1))
-    np.testing.assert_array_equal(jnp.argmax(logits[:, 6:-1], -1), out)
+    jitted = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens)
+    np.testing.assert_allclose(model(tokens), jitted, atol=1e-5, rtol=1e-5)
 
 
 def test_training_gradients_reach_every_controller(model):
@@ -89,7 +47,7 @@ def test_training_gradients_reach_every_controller(model):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     for block in model.stack.blocks:
         block.ffn.quant_prob = 0.3
-    tokens = tokens_of(4, (2, 9))
+    tokens = random_tokens(4, (2, 9))
 
     def loss(p):
         logits = nnx.merge(graphdef, p, rest)(tokens[:, :-1], mode="train", rng=jax.random.PRNGKey(0))

@@ -1,11 +1,10 @@
 """Sparse output (loss) layers (reference.md §3): multiplicative with S modules, and low rank."""
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from scaling_sparse.config import load_config
+from conftest import random_normal, tiny_config
 from scaling_sparse.layers.factory import make_output
 from scaling_sparse.layers.output import DenseOutput
 from scaling_sparse.layers.sparse_output import LowRankOutput, MultiplicativeOutput
@@ -14,13 +13,13 @@ D, V = 32, 64
 
 
 def x_of(seed=0):
-    return jnp.asarray(np.random.default_rng(seed).standard_normal((2, 5, D)), jnp.float32)
+    return random_normal(seed, (2, 5, D))
 
 
 @pytest.mark.parametrize("shape", [(2, 5), (1, 1)], ids=["sequence", "one_token"])
 def test_multiplicative_output_is_unit_major(shape):
     out = MultiplicativeOutput(D, V, 4, rngs=nnx.Rngs(0))
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((*shape, D)), jnp.float32)
+    x = random_normal(0, (*shape, D))
     logits = np.asarray(out(x))
     assert logits.shape == (*shape, V)
     gates, kernel, bias = (np.asarray(p[...]) for p in (out.gates, out.kernel, out.bias))
@@ -60,6 +59,4 @@ def test_bad_sizes_fail_clearly():
     ({"loss_type": "lowrank", "loss_lowrank": 8, "loss_sparsity": 4}, LowRankOutput),
 ])
 def test_the_factory_follows_the_config(fields, kind):
-    m = load_config("tiny").model
-    m.update(**fields)
-    assert type(make_output(m, nnx.Rngs(0))) is kind
+    assert type(make_output(tiny_config(**fields).model, nnx.Rngs(0))) is kind

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import random_normal
 from scaling_sparse.layers.attention import CausalSelfAttention
 from scaling_sparse.layers.multiplicative import ModuleConv, MultiplicativeDense
 from scaling_sparse.layers.sparse_qkv import SparseQKV
@@ -20,8 +21,7 @@ def qkv():
 
 
 def x_of(seed=1, batch=2, length=12):
-    # NumPy draws: each new shape of jax.random costs a compile of its hash, seconds on a busy CPU.
-    return jnp.asarray(np.random.default_rng(seed).standard_normal((batch, length, D)), jnp.float32)
+    return random_normal(seed, (batch, length, D))
 
 
 def naive_conv(h, kernel, bias):
