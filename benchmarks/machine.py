@@ -42,6 +42,12 @@ def machine_info() -> dict:
     return info
 
 
+def machine_kind(backend: str | None = None) -> str:
+    """"cpu" or "gpu" (any GPU backend), naming the result files; other backends as they are."""
+    backend = backend or jax.default_backend()
+    return "cpu" if backend == "cpu" else "gpu" if backend in ("gpu", "cuda", "rocm") else backend
+
+
 def _jaxlib_version() -> str:
     try:
         import jaxlib

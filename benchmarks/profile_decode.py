@@ -1,8 +1,8 @@
 """Where a decoded token's time goes: XLA ops of the jitted decode loop, by time per token.
 
-Runs one preset's decode loop (batch 1, as decode_latency.py) under the JAX profiler, reads the
-Perfetto trace, sums each XLA op's time and names it by the JAX operation it came from (the HLO's
-op_name metadata). The profiler adds a few microseconds per op, so totals exceed the untraced
+Runs one preset's decode loop (batch 1, decode_latency.py's set-up: benchmarks/models.py) under the
+JAX profiler, reads the Perfetto trace, sums each XLA op's time and names it by the JAX operation it
+came from (the HLO's op_name metadata). The profiler adds a few microseconds per op, so totals exceed the untraced
 latency; the ranking is what to read.
 
     python benchmarks/profile_decode.py --preset=medium_sparse_all          # JSON under benchmarks/results/
@@ -28,10 +28,8 @@ if str(ROOT) not in sys.path:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks.decode_latency import build, machine_kind, with_overrides  # noqa: E402
-from benchmarks.machine import machine_info  # noqa: E402
+from benchmarks import machine, models, reporting  # noqa: E402
 from scaling_sparse.config import load_config  # noqa: E402
-from scaling_sparse.decode import Decoder  # noqa: E402
 
 # Runtime events that wrap the ops rather than being ops.
 _WRAPPERS = ("ThunkExecutor", "PjitFunction", "CommonPjRt", "ParseArguments", "SlinkyThreadPool", "end: ", "$")
@@ -51,24 +49,24 @@ def op_origins(hlo_text: str) -> dict[str, str]:
     return origins
 
 
-def profile(preset: str, *, n_layers: int | None, tokens: int, prompt_len: int, dtype: str, init: str) -> dict:
-    config = with_overrides(load_config(preset), dtype=dtype, n_layers=n_layers)
-    graphdef, state = build(config.model, init=init)
-    decoder = Decoder(graphdef)
+def profile(preset: str, *, n_layers: int | None, tokens: int, prompt_len: int, dtype: str) -> dict:
+    config = models.with_overrides(load_config(preset), dtype=dtype, n_layers=n_layers)
+    decoder, _ = models.build_decoder(config)
+    params = decoder.params
     prompt = jnp.zeros((1, prompt_len), jnp.int32)
     rng = jax.random.PRNGKey(0)
 
     def run():
-        cache = decoder.init_cache(state, 1, prompt_len + tokens)
-        first, cache = decoder.prefill(state, prompt, cache, rng)
-        out, _ = decoder.loop(state, cache, first, prompt_len, rng, tokens)
+        cache = decoder.init_cache(params, 1, prompt_len + tokens)
+        first, cache = decoder.prefill(params, prompt, cache, rng)
+        out, _ = decoder.loop(params, cache, first, prompt_len, rng, tokens)
         jax.block_until_ready(out)
 
     run()
     run()  # compiled and warm
-    cache = decoder.init_cache(state, 1, prompt_len + tokens)
-    first, cache = decoder.prefill(state, prompt, cache, rng)
-    origins = op_origins(decoder.loop.lower(state, cache, first, prompt_len, rng, tokens).compile().as_text())
+    cache = decoder.init_cache(params, 1, prompt_len + tokens)
+    first, cache = decoder.prefill(params, prompt, cache, rng)
+    origins = op_origins(decoder.loop.lower(params, cache, first, prompt_len, rng, tokens).compile().as_text())
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
         run()
@@ -110,17 +108,11 @@ def main(argv=None):
     backend = jax.default_backend()
     dtype = args.dtype or ("float32" if backend == "cpu" else "bfloat16")
     result = profile(args.preset, n_layers=args.n_layers, tokens=args.tokens, prompt_len=args.prompt_len,
-                     dtype=dtype, init="fast" if backend == "cpu" else "model")
-    result["machine"] = machine_info()
-    print(f"{args.preset} ({result['n_layers']} layers, {dtype}): {result['traced_ms_per_token']:.2f} ms per token "
-          "under the profiler")
-    print(f"{'us/token':>9} {'share':>6} {'calls':>6}  op (JAX operation it comes from)")
-    for row in result["ops"][: args.top]:
-        print(f"{row['us_per_token']:9.1f} {100 * row['share']:5.1f}% {row['calls_per_token']:6.1f}  {row['op'][:90]}")
-    out = pathlib.Path(args.out or ROOT / "benchmarks" / "results" / f"decode_profile_{machine_kind(backend)}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+                     dtype=dtype)
+    result["machine"] = machine.machine_info()
+    print(reporting.format_profile(result, args.top))
+    out = args.out or ROOT / "benchmarks" / "results" / f"decode_profile_{machine.machine_kind(backend)}.json"
+    reporting.write_json(out, result)
     return result
 
 

@@ -13,6 +13,7 @@ fix, raised before anything is built or written.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import flax.linen as nn
@@ -120,3 +121,33 @@ def check_batch(batch_size: int, mesh: Mesh, rules, process_count: int = 1) -> N
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+# ----------------------------------------------------------------------------- activations
+
+_activation_context: tuple | None = None  # (mesh, rules) while a sharded step is being traced
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, rules):
+    """Within this context (entered inside a jitted function, so it holds while tracing), `constrain`
+    pins activations to their logical layout; outside it `constrain` does nothing (e.g. decoding)."""
+    global _activation_context
+    previous, _activation_context = _activation_context, (mesh, tuple(rules))
+    try:
+        yield
+    finally:
+        _activation_context = previous
+
+
+def constrain(x: jax.Array, *axes: str | None) -> jax.Array:
+    """x with one logical axis name per dimension -> x laid out as the rules say (dimensions the
+    mesh axes do not divide are left replicated). Without this GSPMD chooses the layout from the
+    weights, e.g. splits sparse QKV's module axis, whose convolution gradient it then gets wrong on
+    CPU (tests/test_sharding.py)."""
+    if _activation_context is None:
+        return x
+    mesh, rules = _activation_context
+    spec = tuple(entry if x.shape[i] % _axis_size(mesh, entry) == 0 else None
+                 for i, entry in enumerate(tuple(spec_of(axes, rules)) + (None,) * (x.ndim - len(axes))))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))

@@ -190,11 +190,17 @@ def _init_train_program(layout: TrainStateLayout, m: ModelConfig, settings: tupl
     return jax.jit(init, out_shardings=layout.shardings)
 
 
+def train_state_program(config, mesh: Mesh):
+    """-> (layout, the jitted program creating a fresh sharded train state): lower it for XLA's
+    compiled memory analysis (benchmarks/sharded_memory.py), or call it (init_train_state)."""
+    layout = train_state_layout(config, mesh)
+    return layout, _init_train_program(layout, ModelConfig.from_config(config.model),
+                                       optimizer_settings(config.train), int(config.train.seed))
+
+
 def init_train_state(config, mesh: Mesh) -> tuple[TrainStateLayout, dict]:
     """A fresh train state, created sharded on `mesh`."""
-    layout = train_state_layout(config, mesh)
-    program = _init_train_program(layout, ModelConfig.from_config(config.model),
-                                  optimizer_settings(config.train), int(config.train.seed))
+    layout, program = train_state_program(config, mesh)
     return layout, program()
 
 

@@ -61,6 +61,10 @@ def _train_step(layout: TrainStateLayout, settings: tuple):
     graphdef = layout.graphdef
 
     def train_step(state, batch):
+        with sharding.activation_rules(layout.mesh, layout.rules):
+            return _step(state, batch)
+
+    def _step(state, batch):
         step = state["step"]
         rng = jax.random.fold_in(state["rng"], step)
 
@@ -89,12 +93,13 @@ def make_train_step(layout: TrainStateLayout, train_config):
 
 
 @functools.lru_cache(maxsize=8)
-def make_eval_step(graphdef, mesh):
+def make_eval_step(graphdef, mesh, rules: tuple):
     """-> jitted (params, batch) -> (loss_sum, weight_sum, correct_sum), eval mode (argmax masks).
     Inputs keep the shardings they arrive with (state.py's, global_batch's)."""
 
     def eval_step(params, batch):
-        logits = nnx.merge(graphdef, params)(batch["inputs"], mode="eval")
+        with sharding.activation_rules(mesh, rules):
+            logits = nnx.merge(graphdef, params)(batch["inputs"], mode="eval")
         return weighted_cross_entropy(logits, batch["targets"], batch["weights"])
 
     return jax.jit(eval_step, out_shardings=sharding.replicated(mesh))
@@ -236,7 +241,7 @@ def train(config, workdir, *, data=None, echo=print, mesh=None) -> dict:
             bar.n = bar.last_print_n = start
             bar.refresh()
         train_step = make_train_step(layout, t)
-        eval_step = make_eval_step(layout.graphdef, mesh)
+        eval_step = make_eval_step(layout.graphdef, mesh, rules)
         tokens_per_step = t.batch_size * t.seq_len
 
         summary = {"step": start, "interrupted": False}
@@ -310,5 +315,5 @@ def evaluate(config, workdir, *, data=None, step: int | None = None, mesh=None) 
     rules = sharding.logical_rules(config.mesh)
     graphdef, params, step = load_params(config, workdir, step=step, mesh=mesh)  # first: no data work without one
     data = load_data(config, workdir, data)
-    metrics = evaluate_batches(make_eval_step(graphdef, mesh), params, data.eval_batches, mesh, rules)
+    metrics = evaluate_batches(make_eval_step(graphdef, mesh, rules), params, data.eval_batches, mesh, rules)
     return {"step": step, **metrics}

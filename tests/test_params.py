@@ -51,7 +51,7 @@ def test_medium_sparse_all_is_the_closed_form(reports):
     assert r["total_params"] == layers * layer_total + v * d + 1024 * d + 2 * d + output
     assert r["params_per_token"] == layers * layer_token + 2 * d + 2 * d + output
     assert r["components"]["output"] == {"total": output, "per_token": output}
-    # reference.md §6: about 10x fewer bytes per token than dense.
+    # docs/semantics.md §6: about 10x fewer bytes per token than dense.
     assert 9 < reports["medium_dense"]["params_per_token"] / r["params_per_token"] < 11
 
 

@@ -1,4 +1,4 @@
-"""SparseFF (reference.md §1): decode == eval, training masks, straight-through gradients, counts."""
+"""SparseFF (docs/semantics.md §1): decode == eval, training masks, straight-through gradients, counts."""
 
 import jax
 import jax.numpy as jnp

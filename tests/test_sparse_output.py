@@ -1,4 +1,4 @@
-"""Sparse output (loss) layers (reference.md §3): multiplicative with S modules, and low rank."""
+"""Sparse output (loss) layers (docs/semantics.md §3): multiplicative with S modules, and low rank."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Sparse QKV (reference.md §2): the multiplicative layer, the module convolution and its decode cache."""
+"""Sparse QKV (docs/semantics.md §2): the multiplicative layer, the module convolution and its decode cache."""
 
 import jax
 import jax.numpy as jnp

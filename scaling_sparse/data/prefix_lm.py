@@ -1,6 +1,6 @@
 """Prefix-LM examples: an input segment before the target, loss on the target only.
 
-This is the Terraformer's encoder-decoder without cross-attention (reference.md §4): one decoder
+This is the Terraformer's encoder-decoder without cross-attention (docs/semantics.md §4): one decoder
 reads `input eos target eos`, and only the target tokens (and the closing eos) carry loss weight.
 Examples come from JSONL records with `config.data.input_field` and `config.data.target_field`.
 They are packed like plain documents; a parallel loss-mask stream marks which tokens are targets,

@@ -1,4 +1,4 @@
-"""LSH (Reformer) causal self-attention, as the Terraformer uses it (reference.md §4).
+"""LSH (Reformer) causal self-attention, as the Terraformer uses it (docs/semantics.md §4).
 
 Full pass (train and eval):
   - shared QK: the keys are the queries, length-normalised (k = q / |q|); V as usual;

@@ -1,4 +1,4 @@
-"""The multiplicative (factored) dense layer and the module convolution of sparse QKV (reference.md §2).
+"""The multiplicative (factored) dense layer and the module convolution of sparse QKV (docs/semantics.md §2).
 
 MultiplicativeDense: `y[s, m] = sum_i x_i D[s, i] E[i, m] + bias[s*M + m]`, output module-major
 (S modules of M = d_out / S units). d_in*S + d_in*M weights instead of d_in*d_out.
@@ -17,6 +17,7 @@ from flax import nnx
 
 from scaling_sparse.layers.base import param
 from scaling_sparse.layers.dense import tiny_normal
+from scaling_sparse.sharding import constrain
 
 glorot_uniform = nnx.initializers.glorot_uniform()
 
@@ -75,12 +76,22 @@ class ModuleConv(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [b, history + T, S, M] (the first `history` rows are past context) -> [b, T, S, M]."""
+        # Each module's ks neighbours (zeros past the edges) become its input channels, so the
+        # convolution runs over the length axis only: one [kl, 1, ks*M, M] kernel (the same weights,
+        # reshaped). XLA's SPMD partitioner doubled the kernel gradient of the (kl, ks) convolution
+        # with module-axis padding inside the reversible stack's scan on a sharded mesh; this form is
+        # partitioned correctly (tests/test_sharding.py compares every mesh with one device).
+        x = constrain(x, "batch", None, None, None)
         half = (self.module_kernel - 1) // 2
+        padded = jnp.pad(x, ((0, 0), (0, 0), (half, half), (0, 0)))
+        neighbours = jnp.concatenate([padded[:, :, j:j + self.n_modules] for j in range(self.module_kernel)], axis=-1)
+        kernel = self.kernel[...].astype(x.dtype).reshape(self.length_kernel, 1, self.module_kernel * self.d_module,
+                                                          self.d_module)
         y = jax.lax.conv_general_dilated(
-            x, self.kernel[...].astype(x.dtype), window_strides=(1, 1),
-            padding=((0, 0), (half, half)),  # length: the caller's history is the causal padding
+            neighbours, kernel, window_strides=(1, 1),
+            padding=((0, 0), (0, 0)),  # length: the caller's history is the causal padding
             dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return y + self.bias[...].astype(x.dtype)
+        return constrain(y + self.bias[...].astype(x.dtype), "batch", None, None, None)
 
     def params_per_token(self) -> int:
         return self.kernel.size + self.bias.size

@@ -1,4 +1,4 @@
-"""Reversible residual stack (RevNet style), the Terraformer's decoder body (reference.md §4).
+"""Reversible residual stack (RevNet style), the Terraformer's decoder body (docs/semantics.md §4).
 
 Two streams start as copies of the embeddings. Every sub-layer is a half-residual followed by a
 swap: (a, b) -> (b + F(LN a), a). A block is three of them: attention, attention, FFN. The stack

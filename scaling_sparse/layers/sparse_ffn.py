@@ -1,4 +1,4 @@
-"""Sparse feed-forward layer (reference.md §1): a low-rank controller picks one unit per block of N.
+"""Sparse feed-forward layer (docs/semantics.md §1): a low-rank controller picks one unit per block of N.
 
 Shapes: d = d_model, f = d_ff, N units per block, B = f / N blocks, r = controller rank.
   controller: logits[..., b, n] = ((x @ C1) @ C2)[..., b, n] + cb[b, n]; C1 [d, r], C2 [r, B, N], cb [B, N]

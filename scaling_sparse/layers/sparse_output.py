@@ -1,4 +1,4 @@
-"""Sparse output (loss) layers (reference.md §3), following the output protocol of output.py.
+"""Sparse output (loss) layers (docs/semantics.md §3), following the output protocol of output.py.
 
 MultiplicativeOutput: a multiplicative layer with S = loss_sparsity modules: D [S, d], E stored
 [vocab/S, d] (row m = the weights of unit m), bias [vocab]; logits unit-major: logit m*S + s is

@@ -1,4 +1,4 @@
-"""Sparse Q, K, V (reference.md §2): one multiplicative layer shared by Q, K and V, then a causal
+"""Sparse Q, K, V (docs/semantics.md §2): one multiplicative layer shared by Q, K and V, then a causal
 convolution over (length, modules) per Q/K/V: kernel (kl, 3) for Q and K, (kl, 1) for V.
 
 Follows the decode protocol of layers/base.py (the index is unused: the cache is a rolling history). The decode cache holds the last kl-1 multiplicative outputs

@@ -1,4 +1,4 @@
-"""SRU recurrence in the feed-forward sub-layer (Terraformer, reference.md §4).
+"""SRU recurrence in the feed-forward sub-layer (Terraformer, docs/semantics.md §4).
 
 FFN(x) = FFN_main(x) + Dense_d(SRU(Dense_units(LN'(x)))), with the SRU of Lei et al. as Trax writes
 it (`tl.SRU`): [r, f, y] = x W + b; r, f = sigmoid; c_t = f_t c_{t-1} + (1 - f_t) y_t;

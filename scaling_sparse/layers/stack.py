@@ -1,5 +1,6 @@
-"""The standard residual stack: blocks applied in order (Python-unrolled, so each layer's weights
-are read in place when decoding; see design.md's measured facts)."""
+"""The standard residual stack: blocks applied in order, Python-unrolled, so each layer's weights
+are read in place when decoding (measured on an H100 at the 17B width: a `lax.scan` over stacked
+weights decoded at a third of the unrolled loop's bandwidth, each step copying its weight slice)."""
 
 from __future__ import annotations
 

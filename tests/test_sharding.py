@@ -1,0 +1,96 @@
+"""Sharded paths equal the unsharded ones (8 virtual CPU devices, in a subprocess: XLA_FLAGS must be
+set before JAX starts), and invalid meshes are clear start-up errors."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from conftest import tiny_config
+from scaling_sparse import sharding
+from scaling_sparse.config import ConfigError
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def run_on_8_devices(script: str, *args) -> dict:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / script), *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    return run_on_8_devices("sharded_equivalence.py", tmp_path_factory.mktemp("sharded"))
+
+
+MESHES = ("data=8", "fsdp=8", "tensor=2,fsdp=4", "data=2,fsdp=2,tensor=2")
+
+
+@pytest.mark.parametrize("model", ["dense", "sparse_all", "terraformer"])
+@pytest.mark.parametrize("mesh", MESHES)
+def test_sharded_train_step_equals_unsharded(report, model, mesh):
+    r = report["steps"][f"{model}/{mesh}"]
+    assert r["loss"] == pytest.approx(r["ref_loss"], rel=1e-5)
+    assert r["max_grad_diff"] < 1e-5
+    assert r["max_param_diff"] < 1e-5
+
+
+@pytest.mark.parametrize("model", ["dense", "sparse_all", "terraformer"])
+def test_parameters_and_optimizer_state_really_are_sharded(report, model):
+    steps = report["steps"]
+    for part in ("params", "opt_state"):
+        fraction = {m: steps[f"{model}/{m}"]["per_device_bytes"][part] / steps[f"{model}/{m}"]["total_bytes"][part]
+                    for m in MESHES}
+        assert fraction["data=8"] == 1.0  # pure data parallelism replicates the state
+        # Everything with an embed axis is split 8 (or 4 x 2) ways; norms, conv kernels and the SRU stay whole.
+        assert fraction["fsdp=8"] < 0.4 and fraction["tensor=2,fsdp=4"] < 0.4
+        assert fraction["data=2,fsdp=2,tensor=2"] < 0.55
+
+
+def test_checkpoint_saved_on_one_mesh_restores_on_another(report):
+    for target, shards in (("data=2,fsdp=2,tensor=2", 4), ("single", 1)):
+        r = report["checkpoint"][target]
+        assert r["max_diff"] == 0.0 and r["params_only_diff"] == 0.0 and r["step"] == 1
+        assert r["sharding_matches"] and r["embed_shards"] == shards
+
+
+@pytest.mark.parametrize("model", ["dense", "sparse_all", "terraformer"])
+def test_tensor_parallel_decoding_gives_the_unsharded_tokens(report, model):
+    tokens = report["decode"][model]
+    assert tokens["sharded"] == tokens["single"]
+
+
+def test_mesh_sizes_are_checked_with_the_field_and_the_fix():
+    mesh = tiny_config().mesh
+    assert sharding.mesh_shape(mesh, 8) == (8, 1, 1)  # default: every device on data
+    mesh.update(data=-1, fsdp=2, tensor=2)
+    assert sharding.mesh_shape(mesh, 8) == (2, 2, 2)
+    mesh.update(data=2, fsdp=2, tensor=1)
+    with pytest.raises(ConfigError, match=r"config.mesh: data x fsdp x tensor = 2 x 2 x 1 = 4, but there are 8"):
+        sharding.mesh_shape(mesh, 8)
+    mesh.update(data=-1, fsdp=3)
+    with pytest.raises(ConfigError, match="do not divide the 8 devices"):
+        sharding.mesh_shape(mesh, 8)
+
+
+def test_an_axis_that_does_not_divide_a_dimension_names_the_parameter():
+    from scaling_sparse.state import model_spec
+    from scaling_sparse.config import ModelConfig
+
+    config = tiny_config(d_model=36, n_heads=4)  # 36 is not divisible by fsdp=8
+    mesh = type("FakeMesh", (), {"shape": {"data": 1, "fsdp": 8, "tensor": 1}})()
+    with pytest.raises(ConfigError, match=r"dimension \d \('embed', size 36\).*fsdp"):
+        model_spec(ModelConfig.from_config(config.model)).shardings(mesh, sharding.logical_rules(config.mesh))
+
+
+def test_batch_must_divide_over_the_batch_axes():
+    config = tiny_config()
+    mesh = type("FakeMesh", (), {"shape": {"data": 8, "fsdp": 1, "tensor": 1}})()
+    with pytest.raises(ConfigError, match="config.train.batch_size: 4 is not divisible by the 8 devices"):
+        sharding.check_batch(config.train.batch_size, mesh, sharding.logical_rules(config.mesh))
