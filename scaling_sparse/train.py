@@ -32,10 +32,11 @@ from jax.sharding import NamedSharding
 
 from scaling_sparse import distributed, sharding
 from scaling_sparse.checkpoint import Checkpointer, check_compatible, save_config
-from scaling_sparse.config import ConfigError, validate
+from scaling_sparse.config import ConfigError, ModelConfig, validate
 from scaling_sparse.metrics import MetricsWriter
 from scaling_sparse.optim import make_optimizer, make_schedule, optimizer_settings
-from scaling_sparse.state import TrainStateLayout, init_train_state, restore_params, restore_train_state
+from scaling_sparse.state import (TrainStateLayout, init_train_state, model_spec, restore_params,
+                                  restore_train_state)
 
 SAMPLE_PROMPT_TOKENS = 16
 SAMPLE_NEW_TOKENS = 48
@@ -141,9 +142,12 @@ def load_data(config, workdir, data=None):
 
 
 def run_mesh(config, mesh=None):
-    """The mesh of config.mesh over every device (or `mesh` as given), with the batch checked."""
+    """The mesh of config.mesh over every device (or `mesh` as given), checked before anything is
+    read or written: the batch divides over its axes, every parameter over its mesh axes."""
     mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
-    sharding.check_batch(config.train.batch_size, mesh, sharding.logical_rules(config.mesh), jax.process_count())
+    rules = sharding.logical_rules(config.mesh)
+    sharding.check_batch(config.train.batch_size, mesh, rules, jax.process_count())
+    model_spec(ModelConfig.from_config(config.model)).shardings(mesh, rules)
     return mesh
 
 

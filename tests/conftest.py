@@ -8,6 +8,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # models, random inputs, and `VARIANTS`, one tiny model per layer / model variant, which tests
 # parametrise over (decode == forward, logical axes, ...).
 
+import random  # noqa: E402
+
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -66,3 +68,15 @@ def random_normal(seed, shape, dtype=jnp.float32):
 def variant(request):
     """(name, model) for each of VARIANTS, built once per test module."""
     return request.param, make_model(**VARIANTS[request.param])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small text corpus of 10 files (for runs through the real data pipeline)."""
+    words = "the cat sat on a mat and the dog ran to the park while birds sang in tall green trees".split()
+    rng = random.Random(0)
+    root = tmp_path_factory.mktemp("corpus")
+    for i in range(10):
+        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 12))) + "." for _ in range(50)]
+        (root / f"doc{i}.txt").write_text("\n".join(lines) + "\n")
+    return root

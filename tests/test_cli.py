@@ -7,7 +7,6 @@ subprocess for --help and for a bad config (no model is built there, so it is qu
 
 import json
 import os
-import random
 import subprocess
 import sys
 
@@ -41,17 +40,6 @@ def run_cli(capsys, *argv):
     code = _main(*argv)
     out = capsys.readouterr()
     return code, out.out, out.err
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    words = "the cat sat on a mat and the dog ran to the park while birds sang in tall green trees".split()
-    rng = random.Random(0)
-    root = tmp_path_factory.mktemp("corpus")
-    for i in range(10):
-        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 12))) + "." for _ in range(50)]
-        (root / f"doc{i}.txt").write_text("\n".join(lines) + "\n")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +108,24 @@ def test_bad_config_and_missing_arguments(run_args, capsys, tmp_path):
     assert code == 2 and "--workdir is required" in err
     code, _, err = run_cli(capsys, "fly", f"--config={TINY}")
     assert code == 2 and "train, eval, generate, params" in err
+
+
+def test_a_wrong_mesh_is_a_start_up_error_that_writes_nothing(run_args, capsys, tmp_path):
+    args = [f"--config={TINY}", f"--workdir={tmp_path / 'w'}"]
+    code, _, err = run_cli(capsys, "train", *args, "--config.mesh.data=2")  # 1 CPU device here
+    assert code == 2 and "config.mesh: data x fsdp x tensor = 2 x 1 x 1 = 2, but there are 1 devices" in err
+    assert "Traceback" not in err and not (tmp_path / "w").exists()
+    code, _, err = run_cli(capsys, "train", *args, "--config.mesh.fsdp=0")
+    assert code == 2 and "config.mesh.fsdp" in err and "Fix:" in err
+    code, _, err = run_cli(capsys, "generate", *run_args, "--prompt=the", "--coordinator_address=127.0.0.1:1")
+    assert code == 2 and "need all three of --coordinator_address" in err
+
+
+def test_eval_and_generate_pick_a_step(trained, run_args, capsys):
+    code, out, _ = run_cli(capsys, "eval", *run_args, "--step=3", "--json")
+    assert code == 0 and json.loads(out)["step"] == 3
+    code, out, _ = run_cli(capsys, "generate", *run_args, "--prompt=the cat", "--step=3", "--max_new_tokens=4")
+    assert code == 0 and out.startswith("the cat")
 
 
 def test_params_command(capsys):

@@ -81,6 +81,25 @@ def test_state_round_trip_reproduces_batches_across_epochs():
         fresh.set_state({"kind": "stream", "epoch": 0, "record": 0, "token": 0})
 
 
+def test_processes_read_their_rows_of_the_same_global_batches():
+    stream = np.random.default_rng(1).integers(3, 60, size=3000).astype(np.uint16)
+    mask = (np.arange(3000) % 3 == 0).astype(np.float32)
+    whole = packing.PackedIterator(stream, batch_size=8, seq_len=16, seed=3, loss_mask=mask)
+    parts = [packing.PackedIterator(stream, 8, 16, 3, loss_mask=mask, process_index=i, process_count=4) for i in range(4)]
+    for _ in range(30):  # across an epoch boundary (186 windows / 8 per batch)
+        want = next(whole)
+        got = [next(p) for p in parts]
+        for k in want:
+            assert got[0][k].shape[0] == 2
+            np.testing.assert_array_equal(np.concatenate([g[k] for g in got]), want[k])
+    assert all(p.get_state() == whole.get_state() for p in parts)  # the global position, one for all
+    evals = packing.eval_batches(stream, 8, 16, 2, pad_id=0)
+    local = [packing.eval_batches(stream, 8, 16, 2, pad_id=0, process_index=i, process_count=2) for i in range(2)]
+    np.testing.assert_array_equal(np.concatenate([local[0][1]["inputs"], local[1][1]["inputs"]]), evals[1]["inputs"])
+    with pytest.raises(DataError, match="not divisible by the 3 processes"):
+        packing.PackedIterator(stream, 8, 16, 3, process_index=0, process_count=3)
+
+
 def test_too_short_training_split_is_a_clear_error():
     with pytest.raises(DataError, match="seq_len"):
         packing.PackedIterator(np.arange(10, dtype=np.uint16), batch_size=2, seq_len=16, seed=0)

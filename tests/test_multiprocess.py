@@ -4,7 +4,6 @@ collectives over a localhost coordinator) train, checkpoint, stop, resume, and s
 
 import os
 import pathlib
-import random
 import socket
 import subprocess
 import sys
@@ -38,17 +37,6 @@ def wait(procs) -> None:
     for p in procs:
         out, err = p.communicate(timeout=600)
         assert p.returncode == 0, f"exit {p.returncode}\n{out[-2000:]}\n{err[-4000:]}"
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    words = "the cat sat on a mat and the dog ran to the park while birds sang in tall green trees".split()
-    rng = random.Random(0)
-    root = tmp_path_factory.mktemp("corpus")
-    for i in range(10):
-        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 12))) + "." for _ in range(50)]
-        (root / f"doc{i}.txt").write_text("\n".join(lines) + "\n")
-    return root
 
 
 def args(workdir, corpus, num_steps, tokenizer=None):

@@ -94,3 +94,19 @@ def test_batch_must_divide_over_the_batch_axes():
     mesh = type("FakeMesh", (), {"shape": {"data": 8, "fsdp": 1, "tensor": 1}})()
     with pytest.raises(ConfigError, match="config.train.batch_size: 4 is not divisible by the 8 devices"):
         sharding.check_batch(config.train.batch_size, mesh, sharding.logical_rules(config.mesh))
+
+
+def test_sharded_memory_benchmark_reports_less_per_device_with_more_fsdp(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)  # the script sets the virtual device count itself
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sharded_memory.py"), "--preset=tiny",
+                           "--fsdp=1,8", f"--out={tmp_path}", "--no_plot"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "sharded_memory_cpu.json").read_text())["rows"]
+    one, eight = rows
+    assert one["devices"] == eight["devices"] == 8 and (one["fsdp"], eight["fsdp"]) == (1, 8)
+    for r in rows:  # XLA's compiled output is the state the shardings imply
+        assert r["compiled_output_bytes_per_device"] >= r["param_bytes_per_device"] + r["opt_state_bytes_per_device"]
+    assert eight["param_bytes_per_device"] < 0.4 * one["param_bytes_per_device"]
+    assert one["param_bytes_per_device"] == one["param_bytes_total"]
