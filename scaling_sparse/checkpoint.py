@@ -8,6 +8,13 @@ orbax writes each step into a temporary directory and renames it when complete, 
 a save leaves the previous checkpoints restorable; leftover temporary directories are ignored and
 removed by the next writer.
 
+A checkpoint that cannot be read (corrupted files, garbled metadata, an empty step directory) is
+never mistaken for a good one and never deleted: `restore_readable` says which step failed and why
+and falls back to the newest readable one; a training run then moves the unreadable steps into
+WORKDIR/checkpoints_set_aside/ (so new saves cannot collide with them), where they stay for a person
+to inspect. The training loop saves only finite states (train.py), so every checkpoint kept is a
+good one and `keep_checkpoints` never rotates the last good state out.
+
 WORKDIR/config.json records the config the run was trained with: eval, generate and a resumed
 run compare their model against it and fail with a ConfigError naming the differing fields
 instead of a pytree mismatch deep inside orbax.
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import sys
 
 import jax
 import numpy as np
@@ -26,11 +34,20 @@ import orbax.checkpoint as ocp
 from scaling_sparse.config import ConfigError, ModelConfig
 
 CHECKPOINT_DIR = "checkpoints"
+SET_ASIDE_DIR = "checkpoints_set_aside"
 CONFIG_FILE = "config.json"
 
 
+class CheckpointError(RuntimeError):
+    """No usable checkpoint (or not the one asked for); the message says which and why."""
+
+    exit_code = 1
+
+
 class Checkpointer:
-    """An orbax CheckpointManager keeping the last `keep` steps of one workdir."""
+    """An orbax CheckpointManager keeping the last `keep` steps of one workdir, plus any `protected`
+    step (the checkpoint a run resumed from stays until that run ends normally: if it diverges, the
+    state it started from is still there)."""
 
     def __init__(self, workdir, *, keep: int = 3, read_only: bool = False):
         self.directory = (pathlib.Path(workdir) / CHECKPOINT_DIR).absolute()
@@ -38,8 +55,10 @@ class Checkpointer:
             raise FileNotFoundError(
                 f"no checkpoints in {self.directory}: train first "
                 f"(python -m scaling_sparse train --config=... --workdir={workdir})")
+        self.keep = keep
+        self.protected: set[int] = set()
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
+            max_to_keep=None,  # rotation is ours (rotate): it must spare the protected steps
             create=not read_only,
             # The writer removes tmp directories a crashed save left behind; readers touch nothing.
             cleanup_tmp_directories=not read_only,
@@ -67,6 +86,14 @@ class Checkpointer:
         args = ocp.args.Composite(state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state or {}))
         self.manager.save(int(step), args=args, force=True)
         self.manager.wait_until_finished()
+        self.rotate()
+
+    def rotate(self) -> None:
+        """Deletes all but the newest `keep` steps and the protected ones."""
+        steps = self.all_steps()
+        for old in steps[:max(len(steps) - self.keep, 0)]:
+            if old not in self.protected:
+                self.manager.delete(old)
 
     def restore(self, target: dict, step: int | None = None, *, partial: bool = False) -> tuple[dict, dict]:
         """Restores `state` shaped like `target` (arrays or ShapeDtypeStructs; a ShapeDtypeStruct's
@@ -81,6 +108,49 @@ class Checkpointer:
                 else ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args))
         restored = self.manager.restore(int(step), args=ocp.args.Composite(state=item, data=ocp.args.JsonRestore()))
         return restored.state, dict(restored.data or {})
+
+    def restore_readable(self, target: dict, step: int | None = None, *, partial: bool = False,
+                         echo=None) -> tuple[dict, dict, int, list]:
+        """The newest checkpoint that can be read (or exactly `step`) -> (state, data_state, step,
+        [(unreadable newer step, reason), ...]). Raises CheckpointError when none can be read."""
+        echo = echo or (lambda s: print(s, file=sys.stderr))  # stdout is generate's text
+        steps = self.all_steps()
+        if step is not None and step not in steps:
+            raise CheckpointError(f"no checkpoint at step {step} in {self.directory}; the steps there are "
+                                  f"{steps or 'none'}. Fix: pick one of them with --step, or leave --step out")
+        failures = []
+        for candidate in ([step] if step is not None else sorted(steps, reverse=True)):
+            try:
+                state, data_state = self.restore(target, candidate, partial=partial)
+            except Exception as e:  # orbax, tensorstore and JSON raise many types for a damaged step
+                reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+                failures.append((candidate, reason))
+                echo(f"warning: the checkpoint at step {candidate} in {self.directory} cannot be read ({reason})"
+                     + ("; trying an older one" if step is None else ""))
+                continue
+            return state, data_state, candidate, failures
+        listing = "; ".join(f"step {s}: {r}" for s, r in failures) or "there are none"
+        raise CheckpointError(
+            f"no readable checkpoint in {self.directory} ({listing}). Nothing was changed there. Fix: if the "
+            f"model config changed, pass the config the checkpoints were trained with (saved in {CONFIG_FILE}); "
+            "otherwise train in a new --workdir")
+
+    def set_aside(self, steps, why: str, echo=print) -> None:
+        """Moves step directories out of the way (never deletes them): WORKDIR/checkpoints_set_aside/."""
+        import time
+
+        if not steps:
+            return
+        target = self.directory.parent / SET_ASIDE_DIR
+        target.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for step in steps:
+            source = self.directory / str(step)
+            if source.exists():
+                dest = target / f"{step}-{why}-{stamp}"
+                source.rename(dest)
+                echo(f"moved the {why} checkpoint at step {step} to {dest} (kept for inspection)")
+        self.manager.reload()
 
     def close(self) -> None:
         self.manager.close()

@@ -1,25 +1,30 @@
 """scaling-sparse: train, evaluate and sample sparse (or dense) decoder LMs.
 
 Usage:
-  python -m scaling_sparse train    --config=CONFIG.py --workdir=DIR [--config.FIELD=VALUE ...]
-  python -m scaling_sparse eval     --config=CONFIG.py --workdir=DIR [--json]
+  python -m scaling_sparse train    --config=CONFIG.py --workdir=DIR [--config.FIELD=VALUE ...] [--step=N]
+  python -m scaling_sparse eval     --config=CONFIG.py --workdir=DIR [--json] [--step=N]
   python -m scaling_sparse generate --config=CONFIG.py --workdir=DIR --prompt="TEXT"
-                                    [--max_new_tokens=N] [--temperature=T] [--top_k=K] [--seed=S]
+                                    [--max_new_tokens=N] [--temperature=T] [--top_k=K] [--seed=S] [--step=N]
   python -m scaling_sparse params   --config=CONFIG.py [--json]
+  python -m scaling_sparse config   --config=CONFIG.py [--config.FIELD=VALUE ...] [--json]
   Several processes (one per host): add --coordinator_address=HOST:PORT --num_processes=N --process_id=I
   (none of them under SLURM or on a multi-host TPU VM: JAX detects the cluster).
 
 Commands:
-  train     Train from scratch, or resume from the latest checkpoint in DIR. Writes DIR/config.json,
-            DIR/metrics.jsonl (one JSON object per logged step), TensorBoard events in
-            DIR/tensorboard and orbax checkpoints in DIR/checkpoints. SIGTERM or Ctrl-C saves a
-            checkpoint before exiting; running the same command again resumes with the same batches.
+  train     Train from scratch, or resume from the latest checkpoint in DIR (--step=N: from checkpoint
+            N). Writes DIR/config.json, DIR/metrics.jsonl (one JSON object per logged step),
+            TensorBoard events in DIR/tensorboard and orbax checkpoints in DIR/checkpoints. SIGTERM or
+            Ctrl-C saves a checkpoint before exiting; running the same command again resumes with the
+            same batches.
   eval      Validation loss (= log-perplexity, nats per token), perplexity and token accuracy of the
-            latest checkpoint in DIR.
+            latest checkpoint in DIR (--step=N: of checkpoint N).
   generate  Continue --prompt with the latest checkpoint: greedy (--temperature=0, the default),
             or sampled with a temperature and optionally top-k. The whole loop runs jitted with a
-            KV cache.
+            KV cache. --max_new_tokens defaults to as many as fit in model.max_len, at most 64.
   params    Parameter counts: total and read per decoded token, per component (no weights built).
+  config    Every config field with its value (after the --config.FIELD overrides), by section, with
+            its meaning and the base default where the preset changes it: the list of what
+            --config.SECTION.FIELD=VALUE can set.
 
 Devices: --config.mesh.data=N --config.mesh.fsdp=N --config.mesh.tensor=N shape the device mesh
 (-1 = all devices left; default: every device on data).
@@ -27,6 +32,7 @@ Devices: --config.mesh.data=N --config.mesh.fsdp=N --config.mesh.tensor=N shape 
 Every config field can be overridden on the command line, e.g.
   --config.train.num_steps=500 --config.model.ff_sparsity=64 --config.model.attn_sparsity=16
   --config.model.loss_sparsity=4 --config.data.source=files --config.data.path=DIR
+List them all, with their values: python -m scaling_sparse config --config=experiments/configs/stdlib.py
 Configs live in experiments/configs/ (tiny.py, stdlib.py, medium_dense.py, ...).
 Invalid settings stop at start-up with a message naming the field and the fix (exit status 2).
 """
@@ -41,20 +47,25 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-COMMANDS = ("train", "eval", "generate", "params")
+COMMANDS = ("train", "eval", "generate", "params", "config")
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. experiments/configs/stdlib.py; override fields with --config.a.b=v.")
+    "config", None, "Config file, e.g. experiments/configs/stdlib.py; override fields with --config.a.b=v "
+    "(`python -m scaling_sparse config --config=FILE` lists every field).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, tokenizer, data cache.")
 _PROMPT = flags.DEFINE_string("prompt", None, "generate: the text to continue.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "generate: number of tokens to generate.")
+DEFAULT_MAX_NEW_TOKENS = 64
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", None,
+                                "generate: number of tokens to generate. Default: as many as fit in "
+                                f"model.max_len after the prompt, at most {DEFAULT_MAX_NEW_TOKENS}.")
 _TEMPERATURE = flags.DEFINE_float(
     "temperature", None, "generate: sampling temperature; 0 = greedy. Default: config.generate.temperature.")
 _TOP_K = flags.DEFINE_integer("top_k", None, "generate: sample among the k most likely tokens; 0 = all. "
                               "Default: config.generate.top_k.")
 _SEED = flags.DEFINE_integer("seed", None, "generate: sampling seed. Default: config.generate.seed.")
-_JSON = flags.DEFINE_bool("json", False, "eval, params: print JSON instead of text.")
-_STEP = flags.DEFINE_integer("step", None, "eval, generate: the checkpoint step to load (default: the latest).")
+_JSON = flags.DEFINE_bool("json", False, "eval, params, config: print JSON instead of text.")
+_STEP = flags.DEFINE_integer("step", None, "train: the checkpoint step to resume from; eval, generate: the "
+                             "checkpoint step to load (default: the latest).")
 # Multi-process runs (scaling_sparse/distributed.py): all three, or none under SLURM / on a TPU VM slice.
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "HOST:PORT of process 0's coordinator, for a run of several processes.")
@@ -93,7 +104,7 @@ def _workdir() -> str:
 def cmd_train(config, workdir) -> int:
     from scaling_sparse.train import train
 
-    summary = train(config, workdir)
+    summary = train(config, workdir, step=_STEP.value)
     if summary.get("interrupted"):
         print(f"stopped at step {summary['step']} (checkpoint saved); run the same command again to resume",
               file=sys.stderr)
@@ -124,7 +135,7 @@ def cmd_generate(config, workdir) -> int:
     temperature = g.temperature if _TEMPERATURE.value is None else _TEMPERATURE.value
     top_k = g.top_k if _TOP_K.value is None else _TOP_K.value
     seed = g.seed if _SEED.value is None else _SEED.value
-    prompt, max_new = _PROMPT.value, _MAX_NEW.value
+    prompt = _PROMPT.value
     if temperature < 0:
         raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
     if not 0 <= top_k <= config.model.vocab_size:
@@ -134,10 +145,16 @@ def cmd_generate(config, workdir) -> int:
     tokenizer = get_tokenizer(config, workdir)
     # Documents are packed after an eos in training, so eos + prompt reads as a document start.
     ids = [tokenizer.eos_id] + tokenizer.encode(prompt)
+    max_new = _MAX_NEW.value
+    if max_new is None:  # as many as fit, at most the default (at least 1: a full prompt is an error below)
+        max_new = max(1, min(DEFAULT_MAX_NEW_TOKENS, config.model.max_len - len(ids)))
+        given = f"--max_new_tokens defaulted to {max_new}"
+    else:
+        given = f"--max_new_tokens={max_new}"
     try:
         check_request(len(ids), max_new, config.model.max_len)
     except ValueError as e:
-        raise UsageError(f"{e} (the prompt counts the leading eos; --max_new_tokens={max_new})") from None
+        raise UsageError(f"{e} (the prompt counts the leading eos; {given})") from None
     mesh = make_mesh(config.mesh)
     graphdef, params, _ = load_params(config, workdir, step=_STEP.value, mesh=mesh)
     decoder = Decoder(graphdef, params, max_len=config.model.max_len, temperature=temperature, top_k=top_k,
@@ -156,6 +173,69 @@ def cmd_params(config) -> int:
     return 0
 
 
+def _field_notes() -> dict:
+    """{"section.field": its comment in config.py, or ""}, in config.py's order (base_config() and the
+    ModelConfig dataclass): the meaning of each field, where config.py gives one."""
+    import inspect
+    import re
+
+    from scaling_sparse import config as config_module
+
+    notes, sections, in_model = {}, {}, False
+    for line in inspect.getsource(config_module).splitlines():
+        if line and not line[0].isspace():
+            in_model = line.startswith("class ModelConfig")
+        alias = re.match(r"\s+(\w+) = c\.(\w+) = ", line)
+        if alias:
+            sections[alias.group(1)] = alias.group(2)
+        field = re.match(r"    (\w+): [^=]+=[^#]*(#\s*(.+))?$", line) if in_model else None
+        if field:
+            notes[f"model.{field.group(1)}"] = (field.group(3) or "").strip()
+        setting = re.match(r"\s+(\w+)\.(\w+) = [^#]*(#\s*(.+))?$", line)
+        if setting and setting.group(1) in sections:
+            notes[f"{sections[setting.group(1)]}.{setting.group(2)}"] = (setting.group(4) or "").strip()
+    return notes
+
+
+def cmd_config(config) -> int:
+    """Every field by section: its value, the base default where it differs, and its meaning."""
+    from scaling_sparse.config import base_config
+
+    values = config.to_dict()
+    if _JSON.value:
+        print(json.dumps(values, indent=2, default=str))
+        return 0
+    defaults, notes = base_config().to_dict(), _field_notes()
+    order = {key: i for i, key in enumerate(notes)}  # config.py's order; fields it lacks go last
+
+    def rank(key):
+        return order.get(key, len(order)), key
+
+    name = config_flags.get_config_filename(flags.FLAGS["config"])
+    print(f"# {name}, after the command-line overrides. Set any field with --config.SECTION.FIELD=VALUE.")
+    def section_rank(section):
+        fields = values[section] if isinstance(values[section], dict) else {}
+        return min([rank(f"{section}.{f}") for f in fields] or [rank(section)])
+
+    for section in sorted(values, key=section_rank):
+        fields = values[section]
+        if not isinstance(fields, dict):
+            print(f"{section} = {fields!r}")
+            continue
+        print(f"\n[{section}]")
+        width = max(map(len, fields), default=0)
+        for field in sorted(fields, key=lambda f: rank(f"{section}.{f}")):
+            value, extra = fields[field], []
+            base = defaults.get(section, {}).get(field, value)
+            if base != value:
+                extra.append(f"base default {base!r}")
+            if notes.get(f"{section}.{field}"):
+                extra.append(notes[f"{section}.{field}"])
+            line = f"  {field:<{width}} = {value!r}"
+            print(f"{line:<{width + 20}}  # {'; '.join(extra)}" if extra else line)
+    return 0
+
+
 def main(argv) -> int:
     from scaling_sparse.config import ConfigError
 
@@ -169,6 +249,8 @@ def main(argv) -> int:
                              "see --help")
         command = commands[0]
         config = _config()
+        if command == "config":
+            return cmd_config(config)
         if command != "params":
             from scaling_sparse import distributed
 
@@ -183,6 +265,14 @@ def main(argv) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILURE
+    except RuntimeError as e:
+        # Errors that carry their own exit status (e.g. train.NonFiniteError, checkpoint.CheckpointError,
+        # train.WorkdirBusyError): a message naming the cause and the fix, not a traceback.
+        code = getattr(e, "exit_code", None)
+        if not isinstance(code, int) or isinstance(code, bool):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return code
 
 
 def _parse_flags(argv):

@@ -166,6 +166,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for name in ("dtype", "param_dtype"):
         _require(m[name] in _DTYPES, f"model.{name}", f"unknown dtype {m[name]!r}",
                  f"use one of {_DTYPES}")
+    # Sizes the layers build arrays from (a config file may compute them, e.g. d_ff / 64 is a float).
+    for name in ("ff_sparsity", "ff_lowrank", "attn_sparsity", "attn_length_kernel", "loss_sparsity",
+                 "loss_lowrank", "lsh_n_hashes", "lsh_chunk_len", "lsh_n_buckets", "ff_sru_units"):
+        value = m[name]
+        _require(isinstance(value, int) and not isinstance(value, bool), f"model.{name}",
+                 f"must be an integer, got {value!r}", f"set --config.model.{name}=<int>")
 
     # Sparse FFN.
     _require(m.ff_sparsity >= 0, "model.ff_sparsity", "must be >= 0", "0 = dense, N > 0 = sparse")
@@ -189,7 +195,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _require(m.d_model % m.attn_sparsity == 0, "model.attn_sparsity",
                  f"d_model {m.d_model} is not divisible by attn_sparsity {m.attn_sparsity}",
                  "choose S dividing d_model (e.g. n_heads)")
-        _require(m.attn_length_kernel >= 1, "model.attn_length_kernel", "must be >= 1", "use 3")
+        _require(m.attn_length_kernel >= 1, "model.attn_length_kernel", f"must be >= 1, got {m.attn_length_kernel}",
+                 "use 3 (the paper's)")
     _require(m.attn_output in ("none", "dense", "mult"), "model.attn_output",
              f"unknown value {m.attn_output!r}", "use none | dense | mult")
 
@@ -212,7 +219,19 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     # Terraformer.
     _require(m.attention in ("full", "lsh"), "model.attention", f"unknown value {m.attention!r}",
              "use full | lsh")
-    _require(m.ff_sru_units >= 0, "model.ff_sru_units", "must be >= 0", "0 = off, 32 in the paper")
+    if m.attention == "lsh":  # the rules of layers/lsh.py LSHAttention
+        _require(m.lsh_chunk_len >= 1, "model.lsh_chunk_len", f"must be >= 1, got {m.lsh_chunk_len}",
+                 "set --config.model.lsh_chunk_len=128 (or another positive chunk length)")
+        _require(m.lsh_n_hashes >= 1, "model.lsh_n_hashes", f"must be >= 1, got {m.lsh_n_hashes}",
+                 "set --config.model.lsh_n_hashes=1 (the Terraformer's) up to 8")
+        _require(m.lsh_n_buckets in (0, 1) or (m.lsh_n_buckets > 1 and m.lsh_n_buckets % 2 == 0),
+                 "model.lsh_n_buckets",
+                 f"must be 0 (= 2 * seq_len / chunk_len), 1 or even, got {m.lsh_n_buckets}: random rotations "
+                 "hash into an even number of buckets",
+                 "set --config.model.lsh_n_buckets=0 (the default), or an even number such as "
+                 f"{m.lsh_n_buckets + 1 if m.lsh_n_buckets > 1 else 2}")
+    _require(m.ff_sru_units >= 0, "model.ff_sru_units", f"must be >= 0, got {m.ff_sru_units}",
+             "set --config.model.ff_sru_units=0 (no SRU) or 32 (the paper's)")
 
     # Training.
     for name in ("num_steps", "batch_size", "seq_len", "log_every", "eval_every", "checkpoint_every",

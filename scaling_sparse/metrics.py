@@ -29,11 +29,20 @@ def _open_tensorboard(logdir: pathlib.Path):
 
 
 def read_metrics(workdir) -> list[dict]:
-    """All records of WORKDIR/metrics.jsonl, in order."""
+    """All records of WORKDIR/metrics.jsonl, in order. A torn last line (the process was killed while
+    appending it) is dropped: the resumed run logs that step again."""
     path = pathlib.Path(workdir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise
+    return records
 
 
 def _format(value) -> str:

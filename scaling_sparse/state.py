@@ -204,18 +204,20 @@ def init_train_state(config, mesh: Mesh) -> tuple[TrainStateLayout, dict]:
     return layout, program()
 
 
-def restore_train_state(config, mesh: Mesh, checkpointer, step: int | None = None) -> tuple[TrainStateLayout, dict, dict]:
-    """The checkpointed train state, restored sharded onto `mesh` -> (layout, state, data_state)."""
+def restore_train_state(config, mesh: Mesh, checkpointer, step: int | None = None, echo=None):
+    """The newest readable (or the given) checkpointed train state, restored sharded onto `mesh`
+    -> (layout, state, data_state, [(unreadable newer step, reason)])."""
     layout = train_state_layout(config, mesh)
-    state, data_state = checkpointer.restore(layout.abstract, step)
-    return layout, state, data_state
+    state, data_state, _, failures = checkpointer.restore_readable(layout.abstract, step, echo=echo)
+    return layout, state, data_state, failures
 
 
-def restore_params(config, mesh: Mesh, checkpointer, step: int | None = None, dtype: str | None = None):
-    """-> (graphdef, params, step): a checkpoint's weights only, restored sharded onto `mesh` (for
-    eval and generate: the optimizer state is not read)."""
+def restore_params(config, mesh: Mesh, checkpointer, step: int | None = None, dtype: str | None = None,
+                   echo=None):
+    """-> (graphdef, params, step): the newest readable (or the given) checkpoint's weights only,
+    restored sharded onto `mesh` (for eval and generate: the optimizer state is not read)."""
     layout = train_state_layout(config, mesh)
     target = {"params": layout.abstract["params"], "step": layout.abstract["step"]}
-    state, _ = checkpointer.restore(target, step, partial=True)
+    state, _, _, _ = checkpointer.restore_readable(target, step, partial=True, echo=echo)
     params = state["params"] if dtype is None else cast_floating(state["params"], dtype)
     return layout.graphdef, params, int(state["step"])

@@ -31,15 +31,39 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from scaling_sparse import distributed, sharding
-from scaling_sparse.checkpoint import Checkpointer, check_compatible, save_config
+from scaling_sparse.checkpoint import CheckpointError, Checkpointer, check_compatible, save_config
 from scaling_sparse.config import ConfigError, ModelConfig, validate
 from scaling_sparse.metrics import MetricsWriter
 from scaling_sparse.optim import make_optimizer, make_schedule, optimizer_settings
+from scaling_sparse.workdir_lock import workdir_lock
 from scaling_sparse.state import (TrainStateLayout, init_train_state, model_spec, restore_params,
                                   restore_train_state)
 
 SAMPLE_PROMPT_TOKENS = 16
 SAMPLE_NEW_TOKENS = 48
+
+
+class NonFiniteError(RuntimeError):
+    """Training diverged: a loss or a parameter is not finite. Nothing after the last good
+    checkpoint was saved; the message names it and the fix."""
+
+    exit_code = 1
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """One reduction over every array of a pytree: True when no value is NaN or infinite."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _diverged(step: int, what: str, last_good, ckpt_dir, t) -> NonFiniteError:
+    kept = (f"The last good checkpoint is step {last_good} in {ckpt_dir}; it and every earlier one are kept and "
+            f"nothing after it was saved, so running the command again resumes from step {last_good}"
+            if last_good is not None else "No checkpoint was saved in this run")
+    return NonFiniteError(
+        f"training diverged at step {step}: {what} is not finite. {kept}. Fix: lower "
+        f"--config.train.learning_rate (now {t.learning_rate}), raise --config.train.warmup_steps (now "
+        f"{t.warmup_steps}) or clip harder (--config.train.grad_clip, now {t.grad_clip}), then run again")
 
 
 # ----------------------------------------------------------------------------- steps
@@ -214,31 +238,58 @@ def _progress(config, start: int):
     return tqdm(total=config.train.num_steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
 
 
-def train(config, workdir, *, data=None, echo=print, mesh=None) -> dict:
+def train(config, workdir, *, data=None, echo=print, mesh=None, step: int | None = None) -> dict:
     """Trains (or resumes) in `workdir` on `mesh` (default: config.mesh over every device of every
-    process). Returns {"step", "train_loss", "eval_loss", ..., "interrupted"}."""
+    process), from the newest readable checkpoint or from checkpoint `step`.
+    Returns {"step", "train_loss", "eval_loss", ..., "interrupted"}."""
     validate(config)
-    t = config.train
     mesh = run_mesh(config, mesh)
-    rules = sharding.logical_rules(config.mesh)
-    primary = distributed.is_primary()
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     check_compatible(config, workdir)
+    primary = distributed.is_primary()
+    with workdir_lock(workdir, enabled=primary):  # one run per workdir; the run's primary holds it
+        return _train_locked(config, workdir, data, echo, mesh, step, primary)
+
+
+def _restore_or_init(config, mesh, ckpt, step, data, writer, say, primary):
+    """-> (layout, state, last good step or None). Unreadable newer checkpoints, and with --step
+    the newer ones, are moved aside (kept), so the run's new saves cannot collide with them."""
+    if not ckpt.all_steps():
+        if step is not None:
+            raise CheckpointError(f"--step={step}: there are no checkpoints in {ckpt.directory} yet")
+        layout, state = init_train_state(config, mesh)
+        return layout, state, None
+    layout, state, data_state, failures = restore_train_state(config, mesh, ckpt, step, echo=say)
+    restored = int(state["step"])
+    unreadable = [s for s, _ in failures]
+    superseded = [s for s in ckpt.all_steps() if s > restored and s not in unreadable]
+    if primary:
+        ckpt.set_aside(unreadable, "unreadable", echo=say)
+        ckpt.set_aside(superseded, "superseded", echo=say)
+    if jax.process_count() > 1 and (unreadable or superseded):
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("checkpoints set aside")
+        ckpt.manager.reload()
+    ckpt.protected = {restored}  # until this run ends normally (it may diverge)
+    data.train.set_state(data_state)
+    writer.truncate_after(restored)
+    say(f"resumed from the checkpoint at step {restored} in {ckpt.directory}")
+    return layout, state, restored
+
+
+def _train_locked(config, workdir, data, echo, mesh, step, primary) -> dict:
+    t = config.train
+    rules = sharding.logical_rules(config.mesh)
     data = load_data(config, workdir, data)
 
     bar = _progress(config, 0)
     say = (lambda s: bar.write(s)) if bar is not None else (echo if primary else (lambda s: None))
     ckpt = Checkpointer(workdir, keep=t.keep_checkpoints)
     with ckpt, MetricsWriter(workdir, echo=say, enabled=primary) as writer, GracefulStop(echo=say) as stop:
-        if ckpt.latest_step() is not None:
-            layout, state, data_state = restore_train_state(config, mesh, ckpt)
-            data.train.set_state(data_state)
-            writer.truncate_after(int(state["step"]))
-            say(f"resumed from the checkpoint at step {int(state['step'])} in {ckpt.directory}")
-        else:
-            layout, state = init_train_state(config, mesh)
-        if primary:
+        layout, state, last_good = _restore_or_init(config, mesh, ckpt, step, data, writer, say, primary)
+        if primary:  # only once the run has started: a refused or failed start writes nothing
             save_config(config, workdir)
         start = int(state["step"])
         if bar is not None:
@@ -252,12 +303,14 @@ def train(config, workdir, *, data=None, echo=print, mesh=None) -> dict:
         if start >= t.num_steps:
             say(f"nothing to train: the checkpoint is at step {start} and train.num_steps is {t.num_steps}")
         window, window_start, window_time = [], start, time.perf_counter()
+        since_save = []  # every loss since the last checkpoint (on device): checked before a save
         step = start
         try:
             while step < t.num_steps and not stop.requested:
                 state, m = train_step(state, global_batch(next(data.train), mesh, rules))
                 step += 1
                 window.append(m["loss"])  # stays on device: no host sync per step
+                since_save.append(m["loss"])
                 if bar is not None:
                     bar.update(1)
                 stop.agree()  # every process stops at the same step
@@ -271,9 +324,8 @@ def train(config, workdir, *, data=None, echo=print, mesh=None) -> dict:
                               "learning_rate": float(m["learning_rate"]),
                               "grad_norm": float(m["grad_norm"]),
                               "tokens_per_s": (step - window_start) * tokens_per_step / max(now - window_time, 1e-9)}
-                    if not np.isfinite(record["train_loss"]):
-                        raise FloatingPointError(f"the training loss is {record['train_loss']} at step {step}. "
-                                                 "Fix: lower config.train.learning_rate")
+                    if not np.isfinite(train_loss):
+                        raise _diverged(step, f"the training loss ({train_loss})", last_good, ckpt.directory, t)
                     if is_eval:
                         record.update(evaluate_batches(eval_step, state["params"], data.eval_batches, mesh, rules))
                     writer.write(step, record)
@@ -282,10 +334,19 @@ def train(config, workdir, *, data=None, echo=print, mesh=None) -> dict:
                         bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                     window, window_start, window_time = [], step, time.perf_counter()
                 if step % t.checkpoint_every == 0 or final or stopping:
+                    # Nothing non-finite is ever saved: the losses since the last save and every parameter.
+                    if not np.all(np.isfinite(jax.device_get(since_save))):
+                        raise _diverged(step, "the training loss", last_good, ckpt.directory, t)
+                    if not bool(all_finite(state["params"])):
+                        raise _diverged(step, "a parameter", last_good, ckpt.directory, t)
                     ckpt.save(step, state, data.train.get_state())
+                    last_good, since_save = step, []
         finally:
             if bar is not None:
                 bar.close()
+        ckpt.protected = set()  # ended normally (finished or stopped by a signal after saving)
+        if primary:
+            ckpt.rotate()
         summary["step"] = step
         summary["interrupted"] = stop.requested and step < t.num_steps
         if stop.requested:
@@ -320,4 +381,9 @@ def evaluate(config, workdir, *, data=None, step: int | None = None, mesh=None) 
     graphdef, params, step = load_params(config, workdir, step=step, mesh=mesh)  # first: no data work without one
     data = load_data(config, workdir, data)
     metrics = evaluate_batches(make_eval_step(graphdef, mesh, rules), params, data.eval_batches, mesh, rules)
+    if not np.isfinite(metrics["eval_loss"]):
+        raise NonFiniteError(f"the validation loss of the checkpoint at step {step} in {workdir} is "
+                             f"{metrics['eval_loss']}: its weights are degenerate (a diverged run). Fix: evaluate an "
+                             "earlier checkpoint with --step=N (the steps are the directory names under "
+                             f"{pathlib.Path(workdir) / 'checkpoints'})")
     return {"step": step, **metrics}

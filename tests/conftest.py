@@ -80,3 +80,33 @@ def corpus(tmp_path_factory):
         lines = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 12))) + "." for _ in range(50)]
         (root / f"doc{i}.txt").write_text("\n".join(lines) + "\n")
     return root
+
+
+def run_cli(capsys, *argv):
+    """Runs `python -m scaling_sparse *argv` in this process (absl flag parsing, then cli.main) ->
+    (exit code, stdout, stderr). With capsys=None the output is captured here."""
+    import contextlib
+    import io
+    import sys
+
+    from absl import flags
+
+    from scaling_sparse import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    flags.FLAGS.unparse_flags()
+    sys_argv, sys.argv = sys.argv, ["scaling_sparse", *argv]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(flags.FLAGS(sys.argv))  # config_flags reads its overrides from sys.argv
+    finally:
+        sys.argv = sys_argv
+        flags.FLAGS.unparse_flags()
+        # config_flags defines one flag per --config.<field> override while parsing; a second
+        # parse in this process would define them again.
+        for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+            delattr(flags.FLAGS, name)
+    if capsys is not None:
+        captured = capsys.readouterr()
+        return code, captured.out + out.getvalue(), captured.err + err.getvalue()
+    return code, out.getvalue(), err.getvalue()

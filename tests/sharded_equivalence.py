@@ -114,7 +114,7 @@ def main(out_dir: str) -> None:
                     target_config = config_of(model, target or dict(data=1, fsdp=1, tensor=1))
                     target_mesh = single if target is None else sharding.make_mesh(target_config.mesh)
                     with Checkpointer(out_dir / "ckpt", read_only=True) as ckpt:
-                        target_layout, restored, _ = restore_train_state(target_config, target_mesh, ckpt)
+                        target_layout, restored, _, _ = restore_train_state(target_config, target_mesh, ckpt)
                         _, params_only, step = restore_params(target_config, target_mesh, ckpt)
                     embed = restored["params"]["token_embed"]
                     report["checkpoint"][target_name] = {

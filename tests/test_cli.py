@@ -13,6 +13,7 @@ import sys
 import pytest
 from absl import flags
 
+from conftest import run_cli
 from scaling_sparse import cli
 from scaling_sparse.metrics import read_metrics
 
@@ -21,25 +22,7 @@ TINY = os.path.join(ROOT, "experiments", "configs", "tiny.py")
 
 
 def _main(*argv) -> int:
-    """Parses argv as `python -m scaling_sparse` would and runs cli.main -> exit code."""
-    flags.FLAGS.unparse_flags()
-    sys_argv, sys.argv = sys.argv, ["scaling_sparse", *argv]
-    try:
-        return cli.main(flags.FLAGS(sys.argv))  # config_flags reads its overrides from sys.argv
-    finally:
-        sys.argv = sys_argv
-        flags.FLAGS.unparse_flags()
-        # config_flags defines one flag per --config.<field> override while parsing; a second
-        # parse in this process would define them again.
-        for name in [n for n in flags.FLAGS if n.startswith("config.")]:
-            delattr(flags.FLAGS, name)
-
-
-def run_cli(capsys, *argv):
-    """-> (exit code, stdout, stderr)."""
-    code = _main(*argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_cli(None, *argv)[0]
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +77,14 @@ def test_generate_rejects_empty_and_too_long_prompts(trained, run_args, capsys):
     assert code == 2 and "exceeds model.max_len 64" in err and "Traceback" not in err
 
 
+def test_generate_default_length_fits_max_len(trained, run_args, capsys):
+    # tiny's max_len is 64, the old fixed default of --max_new_tokens: the default is now what fits.
+    code, out, err = run_cli(capsys, "generate", *run_args, "--prompt=the cat")
+    assert code == 0 and out.startswith("the cat"), err
+    code, _, err = run_cli(capsys, "generate", *run_args, "--prompt=the cat", "--max_new_tokens=64")
+    assert code == 2 and "exceeds model.max_len 64" in err and "--max_new_tokens=64" in err  # explicit: an error
+
+
 def test_a_config_that_does_not_match_the_checkpoint_is_a_clear_error(trained, run_args, capsys):
     code, _, err = run_cli(capsys, "eval", *run_args, "--config.model.d_model=64")
     assert code == 2 and "model.d_model: checkpoint 32, config 64" in err
@@ -128,6 +119,54 @@ def test_eval_and_generate_pick_a_step(trained, run_args, capsys):
     assert code == 0 and out.startswith("the cat")
 
 
+def test_train_passes_step_and_reports_errors_that_carry_an_exit_code(run_args, capsys, monkeypatch):
+    from scaling_sparse import train as train_module
+
+    calls = []
+
+    def fake_train(config, workdir, *, step=None, **kwargs):
+        calls.append(step)
+        return {"step": step}
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    assert run_cli(capsys, "train", *run_args, "--step=3")[0] == 0
+    assert run_cli(capsys, "train", *run_args)[0] == 0
+    assert calls == [3, None]
+
+    class Busy(RuntimeError):  # like train.WorkdirBusyError / checkpoint.CheckpointError
+        exit_code = 75
+
+    def busy(config, workdir, **kwargs):
+        raise Busy("the workdir is in use by process 123. Fix: stop it or use another --workdir")
+
+    monkeypatch.setattr(train_module, "train", busy)
+    code, _, err = run_cli(capsys, "train", *run_args)
+    assert code == 75 and err.strip() == ("error: the workdir is in use by process 123. Fix: stop it or use "
+                                          "another --workdir")
+
+    def crash(config, workdir, **kwargs):
+        raise RuntimeError("a bug")  # no exit_code: a bug keeps its traceback
+
+    monkeypatch.setattr(train_module, "train", crash)
+    with pytest.raises(RuntimeError, match="a bug"):
+        _main("train", *run_args)
+
+
+def test_config_command_lists_every_field(capsys):
+    from scaling_sparse.config import base_config
+
+    code, out, _ = run_cli(capsys, "config", f"--config={TINY}", "--config.model.attention=lsh")
+    assert code == 0
+    for section, fields in base_config().to_dict().items():
+        assert f"[{section}]" in out
+        for field in fields:
+            assert f"  {field} " in out, f"{section}.{field} is not listed"
+    assert "attention          = 'lsh'            # base default 'full'; full | lsh" in out
+    assert "d_model            = 32               # base default 256" in out
+    code, out, _ = run_cli(capsys, "config", f"--config={TINY}", "--json")
+    assert code == 0 and json.loads(out)["model"]["max_len"] == 64
+
+
 def test_params_command(capsys):
     code, out, _ = run_cli(capsys, "params", f"--config={TINY}", "--json")
     assert code == 0
@@ -143,12 +182,25 @@ def _module(*argv):
 
 def test_module_entry_point_help_and_clean_errors():
     done = _module("--help")  # absl exits with status 1 after printing the help
-    for text in ("python -m scaling_sparse train", "generate", "--prompt", "--config.train.num_steps", "params"):
+    for text in ("python -m scaling_sparse train", "generate", "--prompt", "--config.train.num_steps", "params",
+                 "python -m scaling_sparse config --config="):
         assert text in done.stdout
     done = _module("train", f"--config={TINY}", "--workdir=unused", "--config.train.seq_len=1000")
     assert done.returncode == 2 and "config.train.seq_len" in done.stderr and "Traceback" not in done.stderr
     done = _module("train", f"--config={TINY}", "--config.model.no_such_field=1")
     assert done.returncode == 2 and "no_such_field" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("field, problem", [("lsh_chunk_len=0", "must be >= 1, got 0"),
+                                            ("lsh_n_buckets=3", "must be 0 (= 2 * seq_len / chunk_len), 1 or even")])
+def test_a_field_a_layer_would_reject_stops_the_run_before_anything_is_written(tmp_path, field, problem):
+    workdir = tmp_path / "w"
+    done = _module("train", f"--config={TINY}", f"--workdir={workdir}", "--config.model.attention=lsh",
+                   f"--config.model.{field}")
+    assert done.returncode == 2, done.stderr
+    assert f"error: config.model.{field.split('=')[0]}: {problem}" in done.stderr and "Fix:" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not workdir.exists()  # no config.json, no tokenizer
 
 
 # Every sparsity flag and every Terraformer option, through the command line: train, checkpoint,

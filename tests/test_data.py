@@ -144,6 +144,44 @@ def test_files_source_skips_bad_files_with_counts(text_dir):
     assert sorted(glob_corpus.train + glob_corpus.validation) == sorted(DOCS)
 
 
+def test_symlink_loops_and_unreadable_directories_are_skipped_with_counts(text_dir, tmp_path, monkeypatch):
+    os.symlink(text_dir, text_dir / "sub" / "up")           # a directory link back to its parent
+    os.symlink(text_dir / "self", text_dir / "self")        # a link to itself (ELOOP)
+    os.symlink(text_dir / "b", text_dir / "sub" / "a")      # sub/a -> b -> sub/a (ELOOP)
+    os.symlink(text_dir / "sub" / "a", text_dir / "b")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "more.txt").write_text("linked in from elsewhere\n")
+    os.symlink(outside, text_dir / "linked")                 # a directory link that does not loop: followed
+    locked = text_dir / "locked"
+    locked.mkdir()
+    (locked / "hidden.txt").write_text("never read\n")
+    os.chmod(locked, 0)
+    if os.geteuid() == 0:  # root lists mode-000 directories anyway: make listing it fail as for a user
+        real_scandir = os.scandir
+
+        def scandir(path="."):
+            if os.fspath(path) == str(locked):
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_scandir(path)
+
+        monkeypatch.setattr(os, "scandir", scandir)
+    try:
+        c = tiny(path=str(text_dir)).data
+        source = corpus.list_files(c, exclude=tmp_path / "work")
+        result = corpus.load_corpus(c, progress=False, source=source)
+        # in a glob, `**` follows directory links: the paths through the loop are left out
+        glob_corpus = corpus.load_corpus(tiny(path=str(text_dir / "**" / "*.txt")).data, progress=False)
+    finally:
+        os.chmod(locked, 0o755)
+    skipped = result.stats["skipped"]
+    assert skipped["symlink_loops"] == 4 and skipped["unreadable_dirs"] == 1  # up, self, sub/a, b
+    assert result.stats["skipped_files"] == 4
+    assert sorted(result.train + result.validation) == sorted(DOCS + ["linked in from elsewhere\n"])
+    assert sorted(glob_corpus.train + glob_corpus.validation) == sorted(DOCS + ["linked in from elsewhere\n"])
+    assert glob_corpus.stats["skipped"]["symlink_loops"] == 1  # sub/up (self, sub/a, b: no .txt names)
+
+
 def test_empty_corpus_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="matches no files"):
         corpus.list_files(tiny(path=str(tmp_path / "nothing*.txt")).data)

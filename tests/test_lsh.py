@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import make_model, random_tokens
+from conftest import make_model, random_tokens, tiny_config
+from scaling_sparse.config import ConfigError
 from scaling_sparse.layers import lsh
 from scaling_sparse.layers.lsh import LSHAttention, length_normalized
 
@@ -88,6 +89,11 @@ def test_bad_settings_name_the_field():
         LSHAttention(chunk_len=4, n_buckets=3)
     with pytest.raises(ValueError, match="lsh_chunk_len"):
         LSHAttention(chunk_len=0)
+    # config.validate applies the same rules at start-up, before anything is built or written
+    for fields, field in [(dict(lsh_n_buckets=3), "lsh_n_buckets"), (dict(lsh_chunk_len=0), "lsh_chunk_len"),
+                          (dict(lsh_n_hashes=0), "lsh_n_hashes")]:
+        with pytest.raises(ConfigError, match=rf"^config\.model\.{field}: .*Fix: "):
+            tiny_config(attention="lsh", **fields)
 
 
 def test_model_trains_with_lsh_over_several_chunks():

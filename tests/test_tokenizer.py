@@ -2,13 +2,16 @@
 
 import io
 import os
+import random
+import time
 
 import pytest
 import sentencepiece as spm
 
-from scaling_sparse.data import DataError
-from scaling_sparse.data.tokenizer import PAD_ID, EOS_ID, UNK_ID, Tokenizer, cached_or_trained, load_tokenizer, \
-    train_tokenizer
+from scaling_sparse.config import load_config
+from scaling_sparse.data import DataError, corpus
+from scaling_sparse.data.tokenizer import MAX_SENTENCE_BYTES, PAD_ID, EOS_ID, UNK_ID, Tokenizer, cached_or_trained, \
+    get_tokenizer, load_tokenizer, split_long_line, train_tokenizer, training_sentences
 
 CODE = '''def add(a, b):
     """Adds two numbers."""
@@ -111,3 +114,37 @@ def test_rejects_model_with_other_id_layout():
                                    vocab_size=40, minloglevel=2)
     with pytest.raises(DataError, match="T5's layout"):
         Tokenizer(buf.getvalue(), "default.model")
+
+
+def test_long_lines_are_cut_into_pieces_sentencepiece_keeps():
+    line = " ".join(["word", "naïve", "漢字😀"] * 2000)  # multi-byte characters too
+    pieces = list(split_long_line(line))
+    assert "".join(pieces) == line and len(pieces) > 1
+    assert all(len(p.encode("utf-8")) <= MAX_SENTENCE_BYTES for p in pieces)
+    assert all(p.startswith(" ") for p in pieces[1:])  # cut before a space: words stay whole
+    unbroken = "x" * 10_000  # no space to cut at: cut anyway
+    assert [len(p) for p in split_long_line(unbroken)] == [MAX_SENTENCE_BYTES, MAX_SENTENCE_BYTES, 10_000 - 8384]
+    assert list(split_long_line("short line")) == ["short line"]
+    assert sum(map(len, training_sentences([line * 10], max_chars=20_000))) < 20_000 + MAX_SENTENCE_BYTES
+
+
+def test_one_50mb_line_trains_a_tokenizer(tmp_path):
+    # A corpus of a single 50 MB file without a newline: SentencePiece drops sentences over 4192 bytes,
+    # so the line used to leave it nothing ("raise vocab_size"); its pieces train the tokenizer now.
+    rng = random.Random(0)
+    words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(500)]
+    text = " ".join(rng.choices(words, k=9_000_000))[:50_000_000]
+    assert "\n" not in text and len(text) == 50_000_000
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "one_line.txt").write_text(text)
+    del text
+    config = load_config("tiny")
+    config.data.update(source="files", path=str(tmp_path / "corpus"), tokenizer_train_chars=200_000)
+    start = time.time()
+    tok = get_tokenizer(config, tmp_path / "work", lambda: corpus.load_corpus(config.data, progress=False).train)
+    seconds = time.time() - start
+    assert (tmp_path / "work" / "tokenizer.model").is_file()
+    assert 3 < tok.vocab_size <= config.model.vocab_size
+    sample = " ".join(words[:20])
+    assert tok.decode(tok.encode(sample)) == sample and UNK_ID not in tok.encode(sample)
+    assert seconds < 10, f"reading the corpus and training took {seconds:.1f} s"

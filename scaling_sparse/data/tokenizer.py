@@ -90,17 +90,57 @@ def check_vocab(tok: Tokenizer, max_vocab: int | None) -> None:
                         f"Fix: set --config.model.vocab_size={tok.vocab_size} (or larger).")
 
 
+# SentencePiece drops (does not cut) every training sentence longer than this many bytes, its
+# max_sentence_length default: a corpus of one long line (minified code, a file without newlines)
+# would leave it nothing to train on. Longer lines are cut into pieces below the limit.
+MAX_SENTENCE_BYTES = 4192
+
+
+def _lines(text: str) -> Iterator[str]:
+    """text.split("\n"), lazily: only the lines the character budget reaches are copied."""
+    start = 0
+    while start <= len(text):
+        end = text.find("\n", start)
+        if end < 0:
+            end = len(text)
+        yield text[start:end]
+        start = end + 1
+
+
+def split_long_line(line: str, max_bytes: int = MAX_SENTENCE_BYTES) -> Iterator[str]:
+    """The line, or pieces of at most max_bytes UTF-8 bytes cut before a space where there is one in
+    the piece's second half (a word stays whole; the space starts the next piece, as it starts a
+    word's piece in the vocabulary)."""
+    if len(line) * 4 <= max_bytes or (len(line) <= max_bytes and len(line.encode("utf-8")) <= max_bytes):
+        yield line
+        return
+    start = 0
+    while start < len(line):
+        end = min(len(line), start + max_bytes)
+        while len(line[start:end].encode("utf-8")) > max_bytes:  # multi-byte characters
+            end = start + max(1, (end - start) * 3 // 4)
+        if end < len(line):
+            cut = line.rfind(" ", start + (end - start) // 2, end)
+            end = cut if cut > start else end
+        yield line[start:end]
+        start = end
+
+
 def training_sentences(texts: Iterable[str], max_chars: int) -> Iterator[str]:
-    """Non-blank lines of the texts, up to max_chars characters in all: SentencePiece's input."""
+    """Non-blank lines of the texts, long ones cut into pieces SentencePiece keeps
+    (`split_long_line`), up to max_chars characters in all: SentencePiece's input."""
     total = 0
     for text in texts:
-        for line in text.split("\n"):
+        for line in _lines(text):
             if not line.strip():
                 continue
-            yield line
-            total += len(line)
-            if total >= max_chars:
-                return
+            for piece in split_long_line(line):
+                if not piece.strip():
+                    continue
+                yield piece
+                total += len(piece)
+                if total >= max_chars:
+                    return
 
 
 _USER_SYMBOLS = ["\n"]
@@ -140,7 +180,8 @@ def _train_proto(sentences: list[str], vocab_size: int) -> bytes:
         allow_whitespace_only_pieces=True, user_defined_symbols=_USER_SYMBOLS,
         byte_fallback=_byte_fallback(vocab_size), character_coverage=0.9995,
         # A small corpus may not fill the vocabulary; fewer pieces is fine (ids stay < vocab_size).
-        hard_vocab_limit=False, num_threads=os.cpu_count() or 1, minloglevel=2)
+        hard_vocab_limit=False, max_sentence_length=MAX_SENTENCE_BYTES, num_threads=os.cpu_count() or 1,
+        minloglevel=2)
     return buf.getvalue()
 
 
