@@ -1,8 +1,10 @@
-"""What machine a benchmark ran on, and its measured memory bandwidth.
+"""What machine a benchmark ran on, its measured memory bandwidth and its measured matmul rate.
 
 Unbatched decoding is memory-bound, so every latency figure is read against the bandwidth measured
 here, on the same device, in the same process: a large array copy (bytes read + bytes written over
-time) under jax.jit, so it goes through the same runtime as the model.
+time) under jax.jit, so it goes through the same runtime as the model. Training is compute-bound,
+so training-step FLOP rates are read against a square matmul timed the same way
+(`measure_matmul_peak`).
 """
 
 from __future__ import annotations
@@ -115,3 +117,26 @@ def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 10, dtype=jnp.float3
             "read_gb_per_s": statistics.median(read_rates), "best_read_gb_per_s": max(read_rates),
             "array_bytes": int(n * itemsize), "repeats": repeats,
             "method": "jit(x + 1), x donated: (bytes read + bytes written) / time; read: jit(x.sum())"}
+
+
+def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 10, seed: int = 0) -> dict:
+    """The machine's achievable matmul rate: FLOP/s of one jitted [n, n] x [n, n] product in `dtype`
+    (2 n^3 FLOPs, float32 accumulation as XLA chooses), median over `repeats` after one warm-up
+    (compilation) call; the best figure too. Training-step FLOP rates are read against it
+    (benchmarks/train_throughput.py), measured in the same process on the same device."""
+    dtype = jnp.dtype(dtype)
+    ka, kb = jax.random.split(jax.random.PRNGKey(seed))
+    a = jax.random.normal(ka, (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        times.append(time.perf_counter() - start)
+    flops = 2.0 * n ** 3
+    del a, b
+    return {"flops_per_s": flops / statistics.median(times), "best_flops_per_s": flops / min(times),
+            "n": n, "dtype": dtype.name, "repeats": repeats, "seconds": times,
+            "method": "jit(a @ b), [n, n] x [n, n]: 2 n^3 FLOPs / time, median over repeats after a warm-up"}

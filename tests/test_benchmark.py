@@ -163,3 +163,113 @@ def test_train_memory_quick_sweep(tmp_path):
     assert growth["standard"] > growth["reversible"]
     entry = saved["lengths"][0]
     assert entry["full"]["longest"] >= 256 and entry["lsh"]["longest"] >= entry["full"]["longest"]
+
+
+# --------------------------------------------------------------------------------------------
+# Training throughput (train_throughput.py, profile_train.py)
+
+TINY_SPARSE = "tiny[ff_sparsity=8,attn_sparsity=4,loss_sparsity=4]"
+
+
+def test_train_flops_per_token_by_hand_tiny_dense_and_sparse():
+    from benchmarks import train_throughput as tt
+
+    # tiny: vocab 64, d 32, f 64, 2 layers, 4 heads; sequences of 32 tokens.
+    d, f, v, layers, t = 32, 64, 64, 2, 32
+    dense = tt.forward_flops_per_token(load_config("tiny").model, t)
+    assert dense["attention_projections"] == layers * (2 * d * 3 * d + 2 * d * d)  # fused QKV + output
+    assert dense["attention_scores"] == layers * (2 * t * d + 2 * t * d)         # QK^T and probs V
+    assert dense["ffn"] == layers * (2 * d * f + 2 * f * d)
+    assert dense["output"] == 2 * d * v
+    assert dense["total"] == 2 * (8192 + 4096 + 8192) + 4096 == 45056
+    assert tt.train_flops_per_token(load_config("tiny").model, t) == 3 * 45056
+
+    # The sparse variant: N 8 (B 8 blocks, controller rank r = f / N = 8), S 4 (M 8, kl 3), loss S 4.
+    config = tt.apply_overrides(load_config("tiny"), tt.parse_spec(TINY_SPARSE)[1])
+    sparse = tt.forward_flops_per_token(config.model, t)
+    big_m, kl, r = 8, 3, 8
+    mult = 2 * d * d                                   # gated [S, d] x [d, M]: S M d multiply-adds
+    convs = 2 * kl * 3 * big_m * d * 2 + 2 * kl * 1 * big_m * d  # Q, K (3 modules), V (1); no output layer
+    assert sparse["attention_projections"] == layers * (mult + convs) == 2 * (2048 + 10752)
+    assert sparse["attention_scores"] == dense["attention_scores"]
+    assert sparse["ffn"] == layers * (2 * d * r + 2 * r * f + 4 * d * f) == 2 * (512 + 1024 + 8192)
+    assert sparse["output"] == 2 * d * v               # the multiplicative output: d V multiply-adds
+    assert sparse["total"] == 57344
+    assert tt.train_flops_per_token(config.model, t) == 3 * 57344
+
+
+def test_reversible_training_flops_count_the_recomputation():
+    from benchmarks import train_throughput as tt
+
+    m = load_config("tiny_terraformer").model
+    fwd = tt.forward_flops_per_token(m, 32)
+    assert tt.train_flops_per_token(m, 32) == pytest.approx(3 * fwd["total"] + fwd["total"] - fwd["output"])
+
+
+def test_preset_specs_with_overrides():
+    from benchmarks import train_throughput as tt
+    from scaling_sparse.config import ConfigError
+
+    assert tt.split_specs(f"tiny, {TINY_SPARSE},stdlib") == ["tiny", TINY_SPARSE, "stdlib"]
+    assert tt.parse_spec("tiny[ff_sparsity=8,train.batch_size=2,reversible=true,attention=lsh]") == (
+        "tiny", {"model.ff_sparsity": 8, "train.batch_size": 2, "model.reversible": True, "model.attention": "lsh"})
+    assert tt.parse_spec("medium_dense") == ("medium_dense", {})
+    with pytest.raises(ConfigError, match="no_such_field"):
+        tt.apply_overrides(load_config("tiny"), {"model.no_such_field": 1}, "tiny[no_such_field=1]")
+    args = tt.parse_args([])
+    config, base, overrides = tt.bench_config("tiny[train.batch_size=2]", args)
+    assert (base, config.train.batch_size, config.train.seq_len) == ("tiny", 2, 32)
+    # Medium presets get the CPU-sized batch unless told otherwise.
+    config, _, _ = tt.bench_config("medium_dense", tt.parse_args(["--medium_seq=64"]), "cpu")
+    assert (config.train.batch_size, config.train.seq_len, config.model.dtype) == (1, 64, "float32")
+    with pytest.raises(SystemExit, match="no_such_preset"):
+        tt.main(["--presets=tiny,no_such_preset", "--no_plot"])
+
+
+def test_train_throughput_end_to_end_tiny(tmp_path):
+    from benchmarks import train_throughput as tt
+
+    report = tt.main([f"--presets=tiny,{TINY_SPARSE}", "--repeats=2", "--peak_n=128", "--peak_repeats=2",
+                      f"--out_dir={tmp_path}"])
+    data = json.loads((tmp_path / "train_throughput_cpu.json").read_text())
+    assert (tmp_path / "train_throughput_cpu.png").stat().st_size > 0
+    assert data["machine"]["versions"]["jax"] and data["matmul_peak"]["flops_per_s"] > 0
+    assert data["schedule"] == "interleaved" and data["settings"]["presets"] == ["tiny", TINY_SPARSE]
+    dense, sparse = data["results"]
+    for r in (dense, sparse):
+        for key in ("step_ms", "step_ms_min", "step_ms_max", "tokens_per_s", "train_flops_per_token",
+                    "xla_flops_per_step", "model_flops_per_s", "model_flops_fraction_of_peak",
+                    "xla_flops_fraction_of_peak", "memory", "step_time_vs_dense", "train_flops_vs_dense",
+                    "xla_flops_vs_dense", "memory_vs_dense", "forward_flops_per_token", "final_loss"):
+            assert r[key] is not None, key
+        assert len(r["step_ms_repeats"]) == 2 and r["step_ms"] > 0 and r["loss_finite"]
+        assert (r["batch_size"], r["seq_len"], r["tokens_per_step"]) == (4, 32, 128)
+        assert r["tokens_per_s"] == pytest.approx(128 / (r["step_ms"] / 1e3))
+        mem = r["memory"]
+        assert mem["total"] == mem["temp"] + mem["argument"] + mem["output"] > 0
+        # XLA counts the whole step (also elementwise ops and the optimizer): at least the matmuls.
+        assert 0.9 < r["xla_over_analytic"] < 3
+        assert r["model_flops_fraction_of_peak"] == pytest.approx(
+            r["train_flops_per_step"] / (r["step_ms"] / 1e3) / data["matmul_peak"]["flops_per_s"])
+    assert dense["dense"] and not sparse["dense"]
+    assert dense["dense_baseline"] == sparse["dense_baseline"] == "tiny"
+    assert dense["step_time_vs_dense"] == pytest.approx(1.0)
+    assert dense["train_flops_per_token"] == 3 * 45056 and sparse["train_flops_per_token"] == 3 * 57344
+    assert sparse["train_flops_vs_dense"] == pytest.approx(57344 / 45056)
+    assert sparse["step_time_vs_dense"] == pytest.approx(sparse["step_ms"] / dense["step_ms"])
+    assert report["results"][1]["preset"] == TINY_SPARSE
+
+
+def test_profile_train_ranks_the_ops_of_the_train_step(tmp_path):
+    from benchmarks import profile_train
+
+    result = profile_train.main([f"--preset={TINY_SPARSE}", "--steps=1", "--top=5",
+                                 f"--out={tmp_path / 'train_profile.json'}"])
+    saved = json.loads((tmp_path / "train_profile.json").read_text())
+    assert saved["preset"] == TINY_SPARSE and saved["ops"] and saved["untraced_ms_per_step"] > 0
+    shares = [row["share"] for row in result["ops"]]
+    assert sum(shares) == pytest.approx(1.0) and shares == sorted(shares, reverse=True)
+    assert sum(p["share"] for p in result["by_pass"]) == pytest.approx(1.0)
+    passes = {row["pass"] for row in result["ops"]}
+    assert {"forward", "backward"} <= passes
+    assert any("dot_general" in row["op"] for row in result["ops"] if row["pass"] == "backward")

@@ -71,27 +71,43 @@ class SparseFF(nnx.Module):
     def _gumbel_choice(self, log_p, rng):
         u = jax.random.uniform(jax.random.split(rng, 3)[0], log_p.shape, jnp.float32, 1e-6, 1.0 - 1e-6)
         choice = jnp.argmax(log_p - self.temperature * jnp.log(-jnp.log(u)), axis=-1)
-        return choice.astype(jnp.uint8 if self.n_elements <= 256 else jnp.int32)  # small for mask memory
+        return choice.astype(self._choice_dtype)
+
+    def use_hard(self, rng) -> jax.Array:
+        """The step's one scalar draw: True (probability quant_prob) = the straight-through hard mask."""
+        return jax.random.uniform(jax.random.split(rng, 3)[1], ()) < self.quant_prob
 
     def train_choice(self, x: jax.Array, rng) -> jax.Array:
         """The training-mode choice [..., B]: argmax of log p plus Gumbel noise scaled by the temperature.
-        The reversible stack stores it (mask memory) and passes it back as `choice`."""
-        return self._gumbel_choice(self._log_p(x), rng)
+        The reversible stack stores it (mask memory) and passes it back as `choice`. Only a hard step
+        uses it: on a soft step no noise is drawn and the choice is zeros (unused)."""
+        log_p = self._log_p(x)
+        return jax.lax.cond(self.use_hard(rng), lambda: self._gumbel_choice(log_p, rng),
+                            lambda: jnp.zeros(log_p.shape[:-1], self._choice_dtype))
+
+    @property
+    def _choice_dtype(self):
+        return jnp.uint8 if self.n_elements <= 256 else jnp.int32  # small for mask memory
 
     def mask(self, x: jax.Array, mode: str = "eval", rng=None, choice=None) -> jax.Array:
         """The block mask [..., B, N] in x's dtype; in train mode a pure function of (weights, x, rng),
-        with the units given by `choice` when it is passed (train_choice's output)."""
+        with the units given by `choice` when it is passed (train_choice's output).
+
+        Training: with probability quant_prob (one scalar draw) the straight-through hard mask
+        onehot(k) + p - stop_gradient(p), else the soft mask p. The branch is a `lax.cond`, so the
+        Gumbel noise over [tokens, B, N] is drawn only on the hard steps that use it."""
         if not check_mode(mode):
             return jax.nn.one_hot(self.choose(x), self.n_elements, dtype=x.dtype)
         if rng is None:
             raise ValueError("SparseFF in train mode needs an rng key (Gumbel noise and the hard/soft draw)")
         log_p = self._log_p(x)
         p = jnp.exp(log_p)
-        if choice is None:
-            choice = self._gumbel_choice(log_p, rng)
-        hard = jax.nn.one_hot(choice, self.n_elements, dtype=p.dtype) + p - jax.lax.stop_gradient(p)
-        use_hard = jax.random.uniform(jax.random.split(rng, 3)[1], ()) < self.quant_prob  # one scalar draw
-        return jnp.where(use_hard, hard, p).astype(x.dtype)
+
+        def hard():
+            units = self._gumbel_choice(log_p, rng) if choice is None else choice
+            return jax.nn.one_hot(units, self.n_elements, dtype=p.dtype) + p - jax.lax.stop_gradient(p)
+
+        return jax.lax.cond(self.use_hard(rng), hard, lambda: p).astype(x.dtype)
 
     # -- main path --------------------------------------------------------------------------------
     def __call__(self, x: jax.Array, *, mode: str = "eval", rng=None, choice=None) -> jax.Array:
