@@ -76,21 +76,21 @@ class ModuleConv(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [b, history + T, S, M] (the first `history` rows are past context) -> [b, T, S, M]."""
-        # Each module's ks neighbours (zeros past the edges) become its input channels, so the
-        # convolution runs over the length axis only: one [kl, 1, ks*M, M] kernel (the same weights,
-        # reshaped). XLA's SPMD partitioner doubled the kernel gradient of the (kl, ks) convolution
-        # with module-axis padding inside the reversible stack's scan on a sharded mesh; this form is
-        # partitioned correctly (tests/test_sharding.py compares every mesh with one device).
+        # Each module's ks neighbours (zeros past the edges) become its input channels, and the
+        # length taps are kl matmuls of the shifted rows with the kernel's [ks*M, M] slices: the same
+        # weights and sums as the 2-D convolution. Matmuls, not XLA's convolution: on a sharded mesh
+        # XLA's partitioner doubled the kernel gradient of the module-padded convolution inside the
+        # reversible stack's scan (tests/test_sharding.py). On the CPU, at the stdlib shapes
+        # ([16, 128, 4, 64], kernel (3, 3)), forward 5.0 ms against the convolution's 4.8, forward and
+        # backward 30 against 25, and one decode step 32 us against 70.
         x = constrain(x, "batch", None, None, None)
         half = (self.module_kernel - 1) // 2
-        padded = jnp.pad(x, ((0, 0), (0, 0), (half, half), (0, 0)))
+        padded = jnp.pad(x, ((0, 0), (0, 0), (half, half), (0, 0))) if half else x
         neighbours = jnp.concatenate([padded[:, :, j:j + self.n_modules] for j in range(self.module_kernel)], axis=-1)
-        kernel = self.kernel[...].astype(x.dtype).reshape(self.length_kernel, 1, self.module_kernel * self.d_module,
+        kernel = self.kernel[...].astype(x.dtype).reshape(self.length_kernel, self.module_kernel * self.d_module,
                                                           self.d_module)
-        y = jax.lax.conv_general_dilated(
-            neighbours, kernel, window_strides=(1, 1),
-            padding=((0, 0), (0, 0)),  # length: the caller's history is the causal padding
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        length = x.shape[1] - self.history
+        y = sum(neighbours[:, i:i + length] @ kernel[i] for i in range(self.length_kernel))
         return constrain(y + self.bias[...].astype(x.dtype), "batch", None, None, None)
 
     def params_per_token(self) -> int:

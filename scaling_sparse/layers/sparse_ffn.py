@@ -23,6 +23,7 @@ from flax import nnx
 from scaling_sparse.layers.base import check_mode, no_cache, param
 from scaling_sparse.layers.dense import tiny_normal
 from scaling_sparse.layers.dropout import dropout
+from scaling_sparse.layers.row_matmul import matmul_rows, matmul_rows_t
 
 
 def _glorot(in_axis, out_axis):
@@ -113,11 +114,13 @@ class SparseFF(nnx.Module):
     def __call__(self, x: jax.Array, *, mode: str = "eval", rng=None, choice=None) -> jax.Array:
         """`choice` (train mode): units picked in an earlier pass (the reversible stack's mask memory)."""
         train = check_mode(mode)
-        mask = self.mask(x, mode, rng, choice)
-        h = jax.nn.relu(jnp.einsum("...d,bnd->...bn", x, self.w1[...].astype(x.dtype)) * mask)
+        mask = self.mask(x, mode, rng, choice).reshape(*x.shape[:-1], self.d_ff)
+        units = (self.d_ff, self.d_model)  # [B, N, d] viewed as [f, d]: a free reshape
+        h = jax.nn.relu(matmul_rows_t(x, self.w1[...].astype(x.dtype).reshape(units)) * mask)
         if train:
-            h = dropout(h, self.dropout_rate, jax.random.split(rng, 3)[2], train=True)
-        return jnp.einsum("...bn,bnd->...d", h, self.w2[...].astype(x.dtype)) + self.b2[...].astype(x.dtype)
+            h = dropout(h.reshape(*h.shape[:-1], self.n_blocks, self.n_elements), self.dropout_rate,
+                        jax.random.split(rng, 3)[2], train=True).reshape(h.shape)
+        return matmul_rows(h, self.w2[...].astype(x.dtype).reshape(units)) + self.b2[...].astype(x.dtype)
 
     init_cache = staticmethod(no_cache)
 
