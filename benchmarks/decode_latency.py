@@ -64,13 +64,10 @@ class DecodeTimer:
         self.prefill, self.loop, self.per_call = [], [], []
         # Compile everything and warm up once (not timed).
         _, compile_prefill = self._prefill_timed()
-        first, cache = self._prefilled()
-        (out, cache), compile_loop = _seconds(
-            lambda: self.decoder.loop(params, cache, first, prompt_len, self.rng, tokens))
-        del cache
-        first, cache = self._prefilled()
-        _, cache = self.decoder.step(params, cache, first, prompt_len, self.rng)
-        del cache
+        first, loop_cache = self._prefilled()
+        _, compile_loop = _seconds(lambda: self.decoder.loop(params, loop_cache, first, prompt_len, self.rng, tokens))
+        first, step_cache = self._prefilled()
+        self.decoder.step(params, step_cache, first, prompt_len, self.rng)  # compiles the per-call step
         self.loop_once(record=False)
         self.compile_s = {"prefill": compile_prefill, "loop": compile_loop}
 

@@ -11,10 +11,8 @@ import subprocess
 import sys
 
 import pytest
-from absl import flags
 
 from conftest import run_cli
-from scaling_sparse import cli
 from scaling_sparse.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
