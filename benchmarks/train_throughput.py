@@ -95,8 +95,8 @@ def forward_flops_per_token(m, seq_len: int) -> dict:
         width = d // modules
         proj = 2 * d * d + 2 * kl * width * d * (3 + 3 + 1)
         proj += 2 * d * d if m.attn_output in ("dense", "mult") else 0
-    else:
-        proj = 2 * d * 3 * d + 2 * d * d
+    else:  # Q, (K unless shared-QK LSH), V and the output projection
+        proj = 2 * d * d * (3 if m.attention == "lsh" else 4)
     if m.attention == "lsh":
         from scaling_sparse.layers.lsh import default_n_buckets
 

@@ -24,6 +24,12 @@ def sinusoidal_init(max_len: int, d: int) -> np.ndarray:
     return table
 
 
+def embedding_init(key, shape, dtype=jnp.float32):
+    """U(-a, a) with a = sqrt(3 / d): std 1/sqrt(d), the reference's token embedding."""
+    limit = (3.0 / shape[-1]) ** 0.5
+    return jax.random.uniform(key, shape, dtype, -limit, limit)
+
+
 def make_stack(m, rngs: nnx.Rngs) -> nnx.Module:
     if m.reversible:
         from scaling_sparse.layers.reversible import ReversibleStack
@@ -36,8 +42,8 @@ class DecoderLM(nnx.Module):
     def __init__(self, m, *, rngs: nnx.Rngs):
         m = ModelConfig.from_config(m)
         pdt = jnp.dtype(m.param_dtype)
-        self.token_embed = param(nnx.initializers.normal(1.0)(rngs.params(), (m.vocab_size, m.d_model), pdt),
-                                 "vocab", "embed")
+        # Uniform with std 1/sqrt(d), no sqrt(d) scaling of the embeddings (docs/semantics.md §5b).
+        self.token_embed = param(embedding_init(rngs.params(), (m.vocab_size, m.d_model), pdt), "vocab", "embed")
         self.pos_embed = param(jnp.asarray(sinusoidal_init(m.max_len, m.d_model), pdt), "length", "embed")
         self.stack = make_stack(m, rngs)
         self.final_norm = LayerNorm(m.d_model, eps=m.layer_norm_eps)

@@ -25,10 +25,11 @@ def _qv(seed, b=2, length=16, h=2, dh=8):
 
 
 def _full_shared_qk(q, v):
-    """Reference: plain causal softmax attention with keys = normalised q, self logit -1e5."""
+    """Reference: plain causal softmax attention with the reference's unit-length keys
+    k = q / sqrt(mean(q^2) + 1e-6) / sqrt(dh) and unscaled queries, self logit -1e5."""
     length, dh = q.shape[1], q.shape[-1]
-    k = q / (jnp.linalg.norm(q, axis=-1, keepdims=True) + 1e-6)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(dh)
+    k = q / jnp.sqrt(jnp.mean(q ** 2, axis=-1, keepdims=True) + 1e-6) / np.sqrt(dh)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)
     i = jnp.arange(length)
     scores = jnp.where(i[None, :] <= i[:, None], scores, -1e9)
     scores = jnp.where(i[None, :] == i[:, None], -1e5, scores)
@@ -106,7 +107,7 @@ def test_model_trains_with_lsh_over_several_chunks():
 
     value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
     assert np.isfinite(float(value))
-    q_grad = grads["stack"]["blocks"][0]["attn"]["qkv"]["proj"]["kernel"][...]
+    q_grad = grads["stack"]["blocks"][0]["attn"]["qkv"]["q"]["kernel"][...]
     assert float(jnp.abs(q_grad).sum()) > 0
     # Training draws fresh rotations per step: two keys give different outputs.
     forward = nnx.jit(lambda m, key: m(tokens, mode="train", rng=key))

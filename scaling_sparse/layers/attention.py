@@ -26,7 +26,7 @@ class CausalSelfAttention(nnx.Module):
     def __init__(self, *, d_model: int, n_heads: int, qkv: nnx.Module, out: nnx.Module | None,
                  attn_dropout: float = 0.0, lsh: nnx.Module | None = None):
         self.d_model = d_model
-        self.lsh = lsh  # layers/lsh.py: shared-QK LSH attention replaces the dot product (K unused)
+        self.lsh = lsh  # layers/lsh.py: shared-QK LSH attention replaces the dot product
         self.qkv = qkv
         self.out = out
         self.n_heads = n_heads
@@ -41,11 +41,30 @@ class CausalSelfAttention(nnx.Module):
         o = o.reshape(b, t, -1)
         return o if self.out is None else self.out(o)
 
-    def __call__(self, x, *, mode: str = "eval", rng=None):
+    @staticmethod
+    def _shared_qk(q, k):
+        """LSH's one vector per token: Q with dense QKV (no K is built), (Q + K) / 2 with sparse QKV,
+        whose Q and K come from different convolutions of the same multiplicative output (trax
+        efficient_attention.py; docs/semantics.md §4)."""
+        return q if k is None else (q + k) / 2
+
+    def lsh_buckets(self, x, *, mode: str = "eval", rng=None):
+        """The LSH buckets a call with the same (x, mode, rng) uses; None without LSH. The reversible
+        stack stores them in the forward pass and passes them back (`buckets`) when it recomputes."""
+        if self.lsh is None:
+            return None
+        q, k, _ = self.qkv(x)
+        qk = self._heads(self._shared_qk(q, k))
+        return self.lsh.hash(qk, train=check_mode(mode), rng=rng)
+
+    def __call__(self, x, *, mode: str = "eval", rng=None, buckets=None):
         train = check_mode(mode)
-        q, k, v = (self._heads(a) for a in self.qkv(x))
+        q, k, v = self.qkv(x)
         if self.lsh is not None:
-            return self._project_out(self.lsh(q, v, train=train, rng=rng, dropout_rate=self.attn_dropout))
+            qk, v = self._heads(self._shared_qk(q, k)), self._heads(v)
+            return self._project_out(self.lsh(qk, v, train=train, rng=rng, dropout_rate=self.attn_dropout,
+                                              buckets=buckets))
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
         t = x.shape[1]
         mask = jnp.tril(jnp.ones((t, t), bool))
         o = dot_product_attention(q, k, v, mask, dropout_rate=self.attn_dropout, rng=rng, train=train)
@@ -58,9 +77,12 @@ class CausalSelfAttention(nnx.Module):
 
     def decode(self, x, cache, index):
         (q, k, v), qkv_cache = self.qkv.decode(x, cache["qkv"], index)
-        q, k, v = self._heads(q), self._heads(k), self._heads(v)
-        if self.lsh is not None:
+        if self.lsh is not None:  # the shared qk is the query; its normalised form is the cached key
+            q = self._heads(self._shared_qk(q, k))
             k = self.lsh.key(q)
+        else:
+            q, k = self._heads(q), self._heads(k)
+        v = self._heads(v)
         k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
         v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
         q_pos = index + jnp.arange(x.shape[1])

@@ -11,12 +11,22 @@ from scaling_sparse.layers.factory import make_attention, make_ffn
 from scaling_sparse.layers.norm import LayerNorm
 
 
+def pre_norm(norm, x):
+    """LN(x), or x itself for a sub-layer that normalises its own input (norm None, `takes_raw_stream`)."""
+    return x if norm is None else norm(x)
+
+
+def ffn_norm_for(ffn, m):
+    """The block's LayerNorm before the FFN: none when the FFN takes the raw stream (SRU, layers/sru.py)."""
+    return None if getattr(ffn, "takes_raw_stream", False) else LayerNorm(m.d_model, eps=m.layer_norm_eps)
+
+
 class DecoderBlock(nnx.Module):
     def __init__(self, m, *, rngs: nnx.Rngs):
         self.attn_norm = LayerNorm(m.d_model, eps=m.layer_norm_eps)
         self.attn = make_attention(m, rngs)
-        self.ffn_norm = LayerNorm(m.d_model, eps=m.layer_norm_eps)
         self.ffn = make_ffn(m, rngs)
+        self.ffn_norm = ffn_norm_for(self.ffn, m)
         self.dropout_rate = m.dropout
 
     def __call__(self, x, *, mode: str = "eval", rng=None):
@@ -24,7 +34,7 @@ class DecoderBlock(nnx.Module):
         keys = jax.random.split(rng, 4) if train else [None] * 4
         h = self.attn(self.attn_norm(x), mode=mode, rng=keys[0])
         x = x + dropout(h, self.dropout_rate, keys[1], train=train)
-        h = self.ffn(self.ffn_norm(x), mode=mode, rng=keys[2])
+        h = self.ffn(pre_norm(self.ffn_norm, x), mode=mode, rng=keys[2])
         return x + dropout(h, self.dropout_rate, keys[3], train=train)
 
     def init_cache(self, batch: int, cache_len: int, dtype):
@@ -34,5 +44,5 @@ class DecoderBlock(nnx.Module):
     def decode(self, x, cache, index):
         h, attn_cache = self.attn.decode(self.attn_norm(x), cache["attn"], index)
         x = x + h
-        h, ffn_cache = self.ffn.decode(self.ffn_norm(x), cache["ffn"], index)
+        h, ffn_cache = self.ffn.decode(pre_norm(self.ffn_norm, x), cache["ffn"], index)
         return x + h, {"attn": attn_cache, "ffn": ffn_cache}

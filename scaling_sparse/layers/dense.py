@@ -21,8 +21,10 @@ class Dense(nnx.Module):
 
     def __init__(self, d_in: int, d_out: int, *, rngs: nnx.Rngs, axes: tuple[str | None, str | None],
                  use_bias: bool = True, kernel_init=glorot_uniform, param_dtype=jnp.float32):
-        self.kernel = param(kernel_init(rngs.params(), (d_in, d_out), param_dtype), *axes)
-        self.bias = param(jnp.zeros((d_out,), param_dtype), axes[1]) if use_bias else None
+        kernel_key, bias_key = jax.random.split(rngs.params())  # one draw from the stream per layer
+        self.kernel = param(kernel_init(kernel_key, (d_in, d_out), param_dtype), *axes)
+        # Biases N(0, 1e-6^2) as the reference's Dense (docs/semantics.md §5b).
+        self.bias = param(tiny_normal(bias_key, (d_out,), param_dtype), axes[1]) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = x @ self.kernel[...].astype(x.dtype)

@@ -1,7 +1,9 @@
 """LSH (Reformer) causal self-attention, as the Terraformer uses it (docs/semantics.md §4).
 
 Full pass (train and eval):
-  - shared QK: the keys are the queries, length-normalised (k = q / |q|); V as usual;
+  - shared QK: one qk per token serves as the query (unscaled) and, RMS-normalised then divided by
+    sqrt(d_k), as the key (a unit-length key): logits = qk . k_hat, with no further 1/sqrt(d_k)
+    (trax efficient_attention.py, `length_normalized` and `_attend`); V as usual;
   - random-rotation hashing per head and hash round: bucket = argmax([xR, -xR]) over n_buckets;
   - tokens are sorted by (bucket, position) and cut into chunks of `chunk_len`; each chunk attends to
     itself and the previous chunk (the first chunk only to itself), causally by original position;
@@ -36,8 +38,11 @@ EVAL_ROTATION_SEED = 0
 
 
 def length_normalized(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-    norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True))
-    return (x / (norm + eps).astype(x.dtype)).astype(x.dtype)
+    """The shared key: x / sqrt(mean(x^2) + eps) / sqrt(d_k), i.e. unit length up to eps (the reference
+    RMS-normalises the key, then scales it by 1/sqrt(d_k) instead of scaling the logits)."""
+    x32 = x.astype(jnp.float32)
+    rms = jnp.sqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    return (x32 / rms * x.shape[-1] ** -0.5).astype(x.dtype)
 
 
 def default_n_buckets(length: int, chunk_len: int) -> int:
@@ -56,29 +61,45 @@ def hash_buckets(x: jax.Array, n_buckets: int, n_hashes: int, key) -> jax.Array:
 
 
 def _masked_scores(q, k, q_pos, k_pos, visible):
-    """Scaled q.k in float32 with the causal mask, the self-mask and `visible` applied."""
-    scores = jnp.einsum("...qd,...kd->...qk", q, k).astype(jnp.float32) * q.shape[-1] ** -0.5
+    """q.k in float32 (k already unit-length: no 1/sqrt(d_k) here) with the causal mask, the self-mask
+    and `visible` applied."""
+    scores = jnp.einsum("...qd,...kd->...qk", q, k).astype(jnp.float32)
     allowed = (k_pos[..., None, :] <= q_pos[..., :, None]) & visible
     scores = jnp.where(allowed, scores, MASK_VALUE)
     is_self = (k_pos[..., None, :] == q_pos[..., :, None]) & visible
     return jnp.where(is_self, SELF_MASK_VALUE, scores)
 
 
-def lsh_attention(q: jax.Array, v: jax.Array, *, chunk_len: int, n_buckets: int = 0, n_hashes: int = 1,
-                  key=None, dropout_rate: float = 0.0, dropout_rng=None, train: bool = False) -> jax.Array:
-    """Causal shared-QK LSH attention. q, v [b, L, h, dh] -> [b, L, h, dh]."""
-    b, length, h, dh = q.shape
+def _padded_heads(x: jax.Array, chunk_len: int):
+    """x [b, L, h, dh] -> ([b, h, Lp, dh] zero-padded to a multiple of the chunk, chunk, Lp)."""
+    length = x.shape[1]
     chunk = min(chunk_len, length)
     padded = -(-length // chunk) * chunk
-    n_chunks = padded // chunk
+    return jnp.pad(x, ((0, 0), (0, padded - length), (0, 0), (0, 0))).transpose(0, 2, 1, 3), chunk, padded
+
+
+def lsh_buckets(q: jax.Array, *, chunk_len: int, n_buckets: int = 0, n_hashes: int = 1, key=None) -> jax.Array:
+    """The bucket of every (padded) position: q [b, L, h, dh] -> int32 [b, h, n_hashes, Lp]. The
+    reversible stack stores these and passes them back to `lsh_attention` when it recomputes the layer."""
+    qh, chunk, padded = _padded_heads(q, chunk_len)
     n_buckets = n_buckets or default_n_buckets(padded, chunk_len)
     if key is None:
         key = jax.random.PRNGKey(EVAL_ROTATION_SEED)
-    pad = ((0, 0), (0, padded - length), (0, 0), (0, 0))
-    qh = jnp.pad(q, pad).transpose(0, 2, 1, 3)  # [b, h, Lp, dh]
-    vh = jnp.pad(v, pad).transpose(0, 2, 1, 3)
+    return hash_buckets(qh, n_buckets, n_hashes, key)
 
-    buckets = hash_buckets(qh, n_buckets, n_hashes, key)               # [b, h, n, Lp]
+
+def lsh_attention(q: jax.Array, v: jax.Array, *, chunk_len: int, n_buckets: int = 0, n_hashes: int = 1,
+                  key=None, dropout_rate: float = 0.0, dropout_rng=None, train: bool = False,
+                  buckets=None) -> jax.Array:
+    """Causal shared-QK LSH attention. q (the shared qk), v [b, L, h, dh] -> [b, L, h, dh]. `buckets`
+    (lsh_buckets' output) replaces the hashing, e.g. the forward pass's in a recomputation."""
+    b, length, h, dh = q.shape
+    qh, chunk, padded = _padded_heads(q, chunk_len)
+    vh = _padded_heads(v, chunk_len)[0]
+    n_chunks = padded // chunk
+    if buckets is None:
+        buckets = lsh_buckets(q, chunk_len=chunk_len, n_buckets=n_buckets, n_hashes=n_hashes, key=key)
+    n_hashes = buckets.shape[2]
     positions = jnp.arange(padded, dtype=jnp.int32)
     perm = jnp.argsort(buckets * padded + positions, axis=-1)          # sort by (bucket, position)
     gather = lambda a: jnp.take_along_axis(a[:, :, None], perm[..., None], axis=3)  # noqa: E731
@@ -137,14 +158,22 @@ class LSHAttention(nnx.Module):
         self.n_buckets = n_buckets
         self.n_hashes = n_hashes
 
-    def __call__(self, q, v, *, train: bool, rng=None, dropout_rate: float = 0.0):
+    def __call__(self, qk, v, *, train: bool, rng=None, dropout_rate: float = 0.0, buckets=None):
+        """`buckets`: this call's hashing computed earlier (`hash`), e.g. stored by the reversible stack."""
         rotation_key, dropout_key = jax.random.split(rng) if train else (None, None)
-        return lsh_attention(q, v, chunk_len=self.chunk_len, n_buckets=self.n_buckets, n_hashes=self.n_hashes,
-                             key=rotation_key, dropout_rate=dropout_rate, dropout_rng=dropout_key, train=train)
+        return lsh_attention(qk, v, chunk_len=self.chunk_len, n_buckets=self.n_buckets, n_hashes=self.n_hashes,
+                             key=rotation_key, dropout_rate=dropout_rate, dropout_rng=dropout_key, train=train,
+                             buckets=buckets)
 
-    def key(self, q):
-        """The cached key of a token: its normalised query (shared QK)."""
-        return length_normalized(q)
+    def hash(self, qk, *, train: bool, rng=None):
+        """The buckets __call__ would use with the same (train, rng): int32 [b, h, n_hashes, Lp]."""
+        rotation_key = jax.random.split(rng)[0] if train else None
+        return lsh_buckets(qk, chunk_len=self.chunk_len, n_buckets=self.n_buckets, n_hashes=self.n_hashes,
+                           key=rotation_key)
+
+    def key(self, qk):
+        """The cached key of a token: its normalised shared qk."""
+        return length_normalized(qk)
 
     def attend_cache(self, q, k_all, v_all, q_pos):
         return attend_cache(q, k_all, v_all, q_pos)

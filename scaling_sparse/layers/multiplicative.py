@@ -76,7 +76,10 @@ class ModuleConv(nnx.Module):
         self.length_kernel, self.module_kernel = length_kernel, module_kernel
         shape = (length_kernel, module_kernel, d_module, d_module)  # HWIO
         kernel_key, bias_key = jax.random.split(rngs.params())
-        self.kernel = param(glorot_uniform(kernel_key, shape, param_dtype), None, None, "conv", "conv")
+        # Glorot-normal whose fans are the last two dimensions only (trax initializers.py `_GetFans`
+        # ignores the receptive field): std sqrt(2 / (M + M)) = 1/sqrt(M) (docs/semantics.md §2).
+        std = (2.0 / (d_module + d_module)) ** 0.5
+        self.kernel = param(std * jax.random.normal(kernel_key, shape, param_dtype), None, None, "conv", "conv")
         self.bias = param(tiny_normal(bias_key, (d_module,), param_dtype), "conv")
 
     @property

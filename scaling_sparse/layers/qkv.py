@@ -1,7 +1,10 @@
-"""Dense Q, K, V projections: one fused [d, 3d] matrix, so decoding reads it in one pass.
+"""Dense Q, K, V projections: three Dense(d, d), as the reference builds them (docs/semantics.md §5b):
+each Glorot-uniform over its own [d, d], biases N(0, 1e-6^2), and Adafactor factors each matrix on
+its own. With shared-QK LSH attention there is no K projection at all (the keys are the queries,
+docs/semantics.md §4), so no weights are built, counted or read that nothing uses.
 
 Follows the decode protocol of layers/base.py (sparse_qkv.py too):
-  qkv(x) -> (q, k, v), each [batch, T, d_model];
+  qkv(x) -> (q, k, v), each [batch, T, d_model] (k is None when `shared_qk`);
   qkv.init_cache(batch, cache_len, dtype); qkv.decode(x, cache, index) -> ((q, k, v), cache);
   qkv.params_per_token().
 """
@@ -19,12 +22,14 @@ from scaling_sparse.layers.dense import Dense
 class DenseQKV(nnx.Module):
     component = "attention"
 
-    def __init__(self, d_model: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
-        self.proj = Dense(d_model, 3 * d_model, rngs=rngs, axes=("embed", "heads"), param_dtype=param_dtype)
+    def __init__(self, d_model: int, *, rngs: nnx.Rngs, shared_qk: bool = False, param_dtype=jnp.float32):
+        dense = lambda: Dense(d_model, d_model, rngs=rngs, axes=("embed", "heads"), param_dtype=param_dtype)  # noqa: E731
+        self.q = dense()
+        self.k = None if shared_qk else dense()
+        self.v = dense()
 
     def __call__(self, x: jax.Array):
-        q, k, v = jnp.split(self.proj(x), 3, axis=-1)
-        return q, k, v
+        return self.q(x), None if self.k is None else self.k(x), self.v(x)
 
     init_cache = staticmethod(no_cache)
 
@@ -32,4 +37,4 @@ class DenseQKV(nnx.Module):
         return self(x), cache
 
     def params_per_token(self) -> int:
-        return self.proj.params_per_token()
+        return sum(p.params_per_token() for p in (self.q, self.k, self.v) if p is not None)

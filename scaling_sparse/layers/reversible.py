@@ -14,9 +14,11 @@ the sparse FFN's hard/soft draw, LSH rotations) comes from a key derived from th
 the sub-layer index, so the recomputation replays the forward pass's randomness.
 
 Mask memory: the rebuilt inputs equal the forward pass's only to float rounding, so a controller
-near a tie could pick another unit when recomputed. The forward pass therefore stores each sparse
-FFN's chosen units (uint8 [batch, T, d_ff / N], a few bytes per token and layer next to the two
-d_model streams) and the recomputation reuses them: the masks are identical by construction.
+near a tie could pick another unit, and a hash near a bucket boundary another bucket, when
+recomputed. The forward pass therefore stores each sparse FFN's chosen units (uint8
+[batch, T, d_ff / N]) and each LSH attention's bucket assignments (int32 [batch, heads, n_hashes,
+T]), a few bytes per token and layer next to the two d_model streams, and the recomputation reuses
+them, as the reference does: masks and buckets are identical by construction.
 
 Decoding runs the same half-residuals forwards (no recomputation), with each attention/FFN cache.
 `recompute=False` computes the same network with plain autodiff (stores activations); the tests
@@ -30,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from scaling_sparse.layers.base import check_mode
-from scaling_sparse.layers.dropout import dropout
+from scaling_sparse.layers.block import ffn_norm_for, pre_norm
 from scaling_sparse.layers.factory import make_attention, make_ffn
 from scaling_sparse.layers.norm import LayerNorm
 
@@ -38,16 +40,16 @@ SUBLAYERS = ("attn1", "attn2", "ffn")
 
 
 class ReversibleBlock(nnx.Module):
-    """Three half-residual sub-layers: attention, attention, FFN (each with its own LayerNorm)."""
+    """Three half-residual sub-layers: attention, attention, FFN (each with its own LayerNorm; an SRU
+    FFN normalises the raw stream itself, layers/sru.py)."""
 
     def __init__(self, m, *, rngs: nnx.Rngs):
         self.attn1_norm = LayerNorm(m.d_model, eps=m.layer_norm_eps)
         self.attn1 = make_attention(m, rngs)
         self.attn2_norm = LayerNorm(m.d_model, eps=m.layer_norm_eps)
         self.attn2 = make_attention(m, rngs)
-        self.ffn_norm = LayerNorm(m.d_model, eps=m.layer_norm_eps)
         self.ffn = make_ffn(m, rngs)
-        self.dropout_rate = m.dropout
+        self.ffn_norm = ffn_norm_for(self.ffn, m)
 
     def _sublayer(self, i: int):
         name = SUBLAYERS[i]
@@ -60,21 +62,25 @@ class ReversibleBlock(nnx.Module):
         ffn = getattr(self.ffn, "main", self.ffn)
         return ffn if isinstance(ffn, SparseFF) else None
 
-    def residual(self, i: int, a, *, mode: str, rng=None, choice=None):
-        """(F_i(a), mask memory): sub-layer i on LN(a), then residual dropout (mask shared along the
-        sequence, as in the Terraformer). For a sparse FFN in training the memory is its chosen units,
-        computed here or reused from `choice`; otherwise None."""
+    def residual(self, i: int, a, *, mode: str, rng=None, memory=None):
+        """(F_i(a), memory). No dropout on the half-residual itself: the reference's reversible
+        attention half-residual has no output dropout, and its FFN half-residual drops only the sparse
+        FFN's output, inside SparseFF (trax terraformer.py; docs/semantics.md §4).
+
+        Memory, in training: what the recomputation must replay exactly although its rebuilt input
+        differs from the forward pass's by float rounding (a choice near a tie could flip): the sparse
+        FFN's chosen units, or an LSH attention's bucket assignments. Computed here, or reused when
+        `memory` is passed; None for sub-layers with neither."""
         train = check_mode(mode)
-        layer_key, dropout_key = jax.random.split(rng) if train else (None, None)
         norm, layer = self._sublayer(i)
-        x = norm(a)
-        sparse_ff = self._sparse_ff() if SUBLAYERS[i] == "ffn" and train else None
-        if sparse_ff is not None:
-            choice = sparse_ff.train_choice(x, layer_key) if choice is None else choice
-            h = layer(x, mode=mode, rng=layer_key, choice=choice)
-        else:
-            choice, h = None, layer(x, mode=mode, rng=layer_key)
-        return dropout(h, self.dropout_rate, dropout_key, train=train, broadcast_dims=(1,)), choice
+        x = pre_norm(norm, a)
+        if train and SUBLAYERS[i] == "ffn" and self._sparse_ff() is not None:
+            memory = layer.train_choice(x, rng) if memory is None else memory
+            return layer(x, mode=mode, rng=rng, choice=memory), memory
+        if train and SUBLAYERS[i] != "ffn" and layer.lsh is not None:
+            memory = layer.lsh_buckets(x, mode=mode, rng=rng) if memory is None else memory
+            return layer(x, mode=mode, rng=rng, buckets=memory), memory
+        return layer(x, mode=mode, rng=rng), None
 
     def init_cache(self, batch: int, cache_len: int, dtype):
         return {name: self._sublayer(i)[1].init_cache(batch, cache_len, dtype) for i, name in enumerate(SUBLAYERS)}
@@ -83,7 +89,7 @@ class ReversibleBlock(nnx.Module):
         new_cache = {}
         for i, name in enumerate(SUBLAYERS):
             norm, layer = self._sublayer(i)
-            h, new_cache[name] = layer.decode(norm(x1), cache[name], index)
+            h, new_cache[name] = layer.decode(pre_norm(norm, x1), cache[name], index)
             x1, x2 = x2 + h, x1
         return x1, x2, new_cache
 
@@ -95,8 +101,8 @@ def _sublayer_key(block_key, i):
 def _residual_fn(graphdef, i: int, mode: str):
     """F_i as a pure function of (block state, a, block key, stored choice) -> (F_i(a), choice)."""
 
-    def f(state, a, block_key, choice=None):
-        return nnx.merge(graphdef, state).residual(i, a, mode=mode, rng=_sublayer_key(block_key, i), choice=choice)
+    def f(state, a, block_key, memory=None):
+        return nnx.merge(graphdef, state).residual(i, a, mode=mode, rng=_sublayer_key(block_key, i), memory=memory)
 
     return f
 

@@ -6,7 +6,7 @@ Shapes: d = d_model, f = d_ff, N units per block, B = f / N blocks, r = controll
 Modes:
   train:  Gumbel noise (temperature T scales it) picks k = argmax(log p + T g); the straight-through mask
           onehot(k) + p - stop_gradient(p) is used with probability quant_prob (one scalar draw per call),
-          otherwise the soft mask p = softmax(logits). Dropout on h. All randomness comes from `rng`, so
+          otherwise the soft mask p = softmax(logits). Dropout on the output y (none on h). All randomness comes from `rng`, so
           the same key gives bit-identical masks (the reversible stack relies on it).
   eval:   mask = onehot(argmax logits), dense compute.
   decode: the same argmax, but only the chosen row of each block is gathered from W1 and W2:
@@ -117,10 +117,9 @@ class SparseFF(nnx.Module):
         mask = self.mask(x, mode, rng, choice).reshape(*x.shape[:-1], self.d_ff)
         units = (self.d_ff, self.d_model)  # [B, N, d] viewed as [f, d]: a free reshape
         h = jax.nn.relu(matmul_rows_t(x, self.w1[...].astype(x.dtype).reshape(units)) * mask)
-        if train:
-            h = dropout(h.reshape(*h.shape[:-1], self.n_blocks, self.n_elements), self.dropout_rate,
-                        jax.random.split(rng, 3)[2], train=True).reshape(h.shape)
-        return matmul_rows(h, self.w2[...].astype(x.dtype).reshape(units)) + self.b2[...].astype(x.dtype)
+        y = matmul_rows(h, self.w2[...].astype(x.dtype).reshape(units)) + self.b2[...].astype(x.dtype)
+        # One dropout, on the output; the hidden units are not dropped (trax sparsity.py SparseFF).
+        return dropout(y, self.dropout_rate, jax.random.split(rng, 3)[2], train=True) if train else y
 
     init_cache = staticmethod(no_cache)
 

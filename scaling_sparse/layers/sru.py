@@ -62,14 +62,19 @@ class SRU(nnx.Module):
 
 
 class SRUFeedForward(nnx.Module):
-    """The main FFN plus a parallel low-width recurrent branch; both read the same input."""
+    """The main FFN plus a parallel low-width recurrent branch, both on the RAW residual stream, each
+    with its own LayerNorm: FFN(x) = main(LN x) + Dense_d(SRU(Dense_units(LN' x))) (trax terraformer.py;
+    docs/semantics.md §4). The block therefore gives this sub-layer the stream, not LN(stream)
+    (`takes_raw_stream`)."""
 
     component = "ffn"
+    takes_raw_stream = True
 
     def __init__(self, main: nnx.Module, d_model: int, units: int, *, rngs: nnx.Rngs, eps: float = 1e-6,
                  param_dtype=jnp.float32):
         if units <= 0:
             raise ValueError(f"SRU units must be > 0, got {units}: set model.ff_sru_units (0 disables the SRU)")
+        self.main_norm = LayerNorm(d_model, eps=eps, param_dtype=param_dtype)
         self.main = main
         self.sru_norm = LayerNorm(d_model, eps=eps, param_dtype=param_dtype)
         self.sru_in = Dense(d_model, units, rngs=rngs, axes=("embed", "sru"), param_dtype=param_dtype)
@@ -80,17 +85,22 @@ class SRUFeedForward(nnx.Module):
         return self.sru_in(self.sru_norm(x))
 
     def __call__(self, x: jax.Array, *, mode: str = "eval", rng=None, **main_kwargs) -> jax.Array:
-        """main_kwargs reach the main FFN (the sparse FFN's `choice`, see layers/reversible.py)."""
-        return self.main(x, mode=mode, rng=rng, **main_kwargs) + self.sru_out(self.sru(self._branch_input(x)))
+        """x: the raw stream. main_kwargs reach the main FFN (the sparse FFN's `choice`, layers/reversible.py)."""
+        y = self.main(self.main_norm(x), mode=mode, rng=rng, **main_kwargs)
+        return y + self.sru_out(self.sru(self._branch_input(x)))
+
+    def train_choice(self, x: jax.Array, rng):
+        """The main sparse FFN's training choice for the raw stream x (layers/reversible.py)."""
+        return self.main.train_choice(self.main_norm(x), rng)
 
     def init_cache(self, batch: int, cache_len: int, dtype):
         return {"main": self.main.init_cache(batch, cache_len, dtype), "sru": self.sru.init_cache(batch, cache_len, dtype)}
 
     def decode(self, x, cache, index):
-        y, main_cache = self.main.decode(x, cache["main"], index)
+        y, main_cache = self.main.decode(self.main_norm(x), cache["main"], index)
         h, c = self.sru.decode(self._branch_input(x), cache["sru"], index)
         return y + self.sru_out(h), {"main": main_cache, "sru": c}
 
     def params_per_token(self) -> int:
         branch = param_count(self.sru_norm) + self.sru_in.params_per_token() + self.sru.params_per_token()
-        return self.main.params_per_token() + branch + self.sru_out.params_per_token()
+        return param_count(self.main_norm) + self.main.params_per_token() + branch + self.sru_out.params_per_token()
