@@ -143,24 +143,30 @@ def cmd_generate(config, workdir) -> int:
     if not prompt:
         raise UsageError('the prompt is empty: give the text to continue with --prompt="..."')
     tokenizer = get_tokenizer(config, workdir)
-    # Documents are packed after an eos in training, so eos + prompt reads as a document start.
-    ids = [tokenizer.eos_id] + tokenizer.encode(prompt)
+    encdec = config.model.arch == "encdec"
+    if encdec:  # the prompt is the encoder's input, eos-terminated as the training inputs are
+        ids = tokenizer.encode(prompt) + [tokenizer.eos_id]
+    else:  # documents are packed after an eos in training, so eos + prompt reads as a document start
+        ids = [tokenizer.eos_id] + tokenizer.encode(prompt)
     max_new = _MAX_NEW.value
     if max_new is None:  # as many as fit, at most the default (at least 1: a full prompt is an error below)
-        max_new = max(1, min(DEFAULT_MAX_NEW_TOKENS, config.model.max_len - len(ids)))
+        room = config.model.max_len if encdec else config.model.max_len - len(ids)
+        max_new = max(1, min(DEFAULT_MAX_NEW_TOKENS, room))
         given = f"--max_new_tokens defaulted to {max_new}"
     else:
         given = f"--max_new_tokens={max_new}"
     try:
-        check_request(len(ids), max_new, config.model.max_len)
+        check_request(len(ids), max_new, config.model.max_len, prompt_in_decoder=not encdec)
     except ValueError as e:
-        raise UsageError(f"{e} (the prompt counts the leading eos; {given})") from None
+        raise UsageError(f"{e} (the prompt counts its eos; {given})") from None
     mesh = make_mesh(config.mesh)
     graphdef, params, _ = load_params(config, workdir, step=_STEP.value, mesh=mesh)
     decoder = Decoder(graphdef, params, max_len=config.model.max_len, temperature=temperature, top_k=top_k,
                       mesh=mesh)
     out = decoder.sample(ids, max_new, seed=seed, eos_id=tokenizer.eos_id)
-    print(prompt + tokenizer.decode(out))
+    # A decoder-only LM continues the prompt; an encoder-decoder writes its own output (for span
+    # corruption: each <extra_id_i> of the input followed by the text it predicts for that span).
+    print(tokenizer.decode(out) if encdec else prompt + tokenizer.decode(out))
     return 0
 
 

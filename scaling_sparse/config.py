@@ -22,6 +22,10 @@ class ModelConfig:
     """The model's fields, typed and frozen: built once from the validated `config.model`
     (`ModelConfig.from_config`), hashable (a jit cache key), and the defaults of `base_config()`."""
 
+    # "decoder": a decoder-only LM (model.py); "encdec": the paper's encoder-decoder (encdec.py,
+    # docs/semantics.md §5): bidirectional encoder, decoder with causal self- and cross-attention.
+    arch: str = "decoder"
+    n_encoder_layers: int = 0     # encdec: encoder blocks; 0 = n_layers
     vocab_size: int = 8000
     d_model: int = 256
     d_ff: int = 1024
@@ -55,6 +59,11 @@ class ModelConfig:
     ff_sru_units: int = 0         # 0 = no SRU recurrence
 
     @property
+    def encoder_layers(self) -> int:
+        """The encoder's depth (encdec): n_encoder_layers, or n_layers when 0."""
+        return self.n_encoder_layers or self.n_layers
+
+    @property
     def ff_rank(self) -> int:
         """The controller rank actually used: ff_lowrank, or d_ff // ff_sparsity when 0."""
         if not self.ff_sparsity:
@@ -86,12 +95,16 @@ def base_config() -> ml_collections.ConfigDict:
     t = c.train = ml_collections.ConfigDict()
     t.num_steps = 1000
     t.batch_size = 8
-    t.seq_len = 256
+    t.seq_len = 256            # decoder-only: the packed window; span corruption: the target length
+    t.inputs_len = 512         # span corruption: encoder input length (T5's 512)
     t.optimizer = "adafactor"  # adafactor | adamw
     t.learning_rate = 1.0      # peak; the rsqrt schedule multiplies 1/sqrt(max(step, warmup))
     t.schedule = "rsqrt"       # rsqrt | cosine
     t.warmup_steps = 1000
     t.weight_decay = 1e-5      # decoupled
+    # Adafactor's weight decay falls linearly to 0 over this many steps, then stays 0 (trax's
+    # `weight_decay_n_steps` = 100000 in the reference C4 configs; docs/semantics.md §5c); 0: constant.
+    t.weight_decay_steps = 100_000
     t.grad_clip = 1.0
     t.adam_b1 = 0.9
     t.adam_b2 = 0.98
@@ -117,6 +130,9 @@ def base_config() -> ml_collections.ConfigDict:
     d.validation_fraction = 0.02
     d.shuffle_seed = 0
     d.max_files = 0            # 0 = all files of the corpus
+    d.objective = "lm"         # lm | span_corruption (T5's denoising, batches for model.arch="encdec")
+    d.noise_density = 0.15     # span corruption: fraction of tokens masked (T5's)
+    d.mean_noise_span_length = 3.0  # span corruption: mean tokens per masked span (T5's)
 
     # Device mesh (scaling_sparse/sharding.py, docs/architecture.md "Sharding"): axis sizes, -1 = all
     # devices left over (at most one axis). Default: every device on `data` (pure data parallelism).
@@ -166,6 +182,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for name in ("dtype", "param_dtype"):
         _require(m[name] in _DTYPES, f"model.{name}", f"unknown dtype {m[name]!r}",
                  f"use one of {_DTYPES}")
+    _require(m.arch in ("decoder", "encdec"), "model.arch", f"unknown value {m.arch!r}", "use decoder | encdec")
+    _require(isinstance(m.n_encoder_layers, int) and m.n_encoder_layers >= 0, "model.n_encoder_layers",
+             f"must be an integer >= 0, got {m.n_encoder_layers!r}", "0 = as many as model.n_layers")
     # Sizes the layers build arrays from (a config file may compute them, e.g. d_ff / 64 is a float).
     for name in ("ff_sparsity", "ff_lowrank", "attn_sparsity", "attn_length_kernel", "loss_sparsity",
                  "loss_lowrank", "lsh_n_hashes", "lsh_chunk_len", "lsh_n_buckets", "ff_sru_units"):
@@ -247,6 +266,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              "use rsqrt | cosine")
     _require(t.learning_rate > 0, "train.learning_rate", "must be > 0", "e.g. 1.0 (rsqrt) or 3e-4")
     _require(t.warmup_steps >= 1, "train.warmup_steps", "must be >= 1", "e.g. 1000")
+    _require(isinstance(t.weight_decay_steps, int) and not isinstance(t.weight_decay_steps, bool)
+             and t.weight_decay_steps >= 0, "train.weight_decay_steps",
+             f"must be an integer >= 0, got {t.weight_decay_steps!r}",
+             "set --config.train.weight_decay_steps=100000 (the reference's) or 0 (constant decay)")
 
     # Data.
     _require(d.source in ("stdlib", "files", "jsonl", "tfds"), "data.source", f"unknown {d.source!r}",
@@ -260,6 +283,31 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                  "set --config.data.source=jsonl --config.data.path=FILE.jsonl, or leave input_field empty")
     _require(0.0 < d.validation_fraction < 1.0, "data.validation_fraction", "must be in (0, 1)",
              "use 0.02")
+    _require(d.objective in ("lm", "span_corruption"), "data.objective", f"unknown {d.objective!r}",
+             "use lm | span_corruption")
+    _require(0.0 < d.noise_density < 1.0, "data.noise_density", f"must be in (0, 1), got {d.noise_density}",
+             "use 0.15 (T5's)")
+    _require(d.mean_noise_span_length >= 1.0, "data.mean_noise_span_length",
+             f"must be >= 1, got {d.mean_noise_span_length}", "use 3.0 (T5's)")
+    _require(isinstance(t.inputs_len, int) and not isinstance(t.inputs_len, bool) and t.inputs_len > 0,
+             "train.inputs_len", f"must be a positive integer, got {t.inputs_len!r}",
+             "set --config.train.inputs_len=512 (T5's)")
+
+    # Architecture and objective: the encoder-decoder trains on (input, target) pairs.
+    objective = d.get("objective", "lm")
+    if m.arch == "encdec":
+        _require(objective == "span_corruption", "data.objective",
+                 f"model.arch=encdec trains on encoder inputs and decoder targets, but data.objective={objective!r}",
+                 "set --config.data.objective=span_corruption (T5's denoising), or use model.arch=decoder")
+        _require(m.reversible or m.attention == "full", "model.attention",
+                 "LSH attention in an encoder-decoder exists only in the Terraformer (model.reversible=True)",
+                 "set --config.model.attention=full, or --config.model.reversible=True")
+        _require(t.get("inputs_len", 0) <= m.max_len, "train.inputs_len",
+                 f"encoder inputs of {t.get('inputs_len')} tokens exceed model.max_len {m.max_len}",
+                 "lower train.inputs_len or raise model.max_len")
+    elif objective == "span_corruption":
+        _require(False, "data.objective", "span corruption makes encoder inputs and decoder targets, but "
+                 "model.arch=decoder has no encoder", "set --config.model.arch=encdec, or data.objective=lm")
 
     # Mesh (its fit to the devices is checked when the mesh is made: sharding.make_mesh).
     if "mesh" in config:

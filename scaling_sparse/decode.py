@@ -22,12 +22,22 @@ from flax import nnx
 from scaling_sparse.state import cast_floating
 
 
-def check_request(prompt_len: int, max_new_tokens: int, max_len: int) -> None:
-    """Raises ValueError naming the problem and the fix for a prompt the model cannot continue."""
+def check_request(prompt_len: int, max_new_tokens: int, max_len: int, *, prompt_in_decoder: bool = True) -> None:
+    """Raises ValueError naming the problem and the fix for a prompt the model cannot continue.
+    `prompt_in_decoder` False: an encoder-decoder, whose prompt (the encoder input) and output each
+    have max_len positions of their own."""
     if prompt_len < 1:
         raise ValueError("the prompt is empty: give at least one token of text")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not prompt_in_decoder:
+        if prompt_len > max_len:
+            raise ValueError(f"the prompt ({prompt_len} tokens) exceeds model.max_len {max_len} encoder positions: "
+                             "shorten it")
+        if max_new_tokens > max_len:
+            raise ValueError(f"max_new_tokens {max_new_tokens} exceeds model.max_len {max_len} decoder positions: "
+                             f"lower it to {max_len}")
+        return
     if prompt_len + max_new_tokens > max_len:
         raise ValueError(
             f"the prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = {prompt_len + max_new_tokens} "
@@ -65,6 +75,8 @@ class Decoder:
         self.step = jax.jit(self._step, donate_argnums=(1,))
         self.loop = jax.jit(self._loop, static_argnums=(5,), donate_argnums=(1,))
         self._generate = jax.jit(self._generate_tokens, static_argnums=(2, 3), **tokens_out)
+        # A decoder-only LM prefills the prompt into the decoder; an encoder-decoder encodes it.
+        self.prompt_in_decoder = bool(getattr(self._model(self.params), "prompt_in_decoder", True))
 
     def _model(self, params):
         return nnx.merge(self.graphdef, params)
@@ -98,13 +110,14 @@ class Decoder:
         return out, cache
 
     def _generate_tokens(self, params, prompt, max_new_tokens: int, cache_len: int, rng):
-        """Prefill then the loop, as one program -> [batch, max_new_tokens]."""
-        cache = self._init_cache(params, prompt.shape[0], cache_len)
+        """Prefill then the loop, as one program -> [batch, max_new_tokens]. The model's `prefill`
+        says where the loop continues (after the prompt, or after an encoder-decoder's start token)."""
         prefill_rng, rng = jax.random.split(rng)
-        first, cache = self._prefill(params, prompt, cache, prefill_rng)
+        logits, cache, index = self._model(params).prefill(prompt, cache_len)
+        first = self.sample_fn(logits, prefill_rng)
         if max_new_tokens == 1:
             return first[:, None]
-        rest, _ = self._loop(params, cache, first, prompt.shape[1], rng, max_new_tokens - 1)
+        rest, _ = self._loop(params, cache, first, index, rng, max_new_tokens - 1)
         return jnp.concatenate([first[:, None], rest], axis=1)
 
     def generate(self, prompt, max_new_tokens: int, *, seed: int = 0) -> np.ndarray:
@@ -112,11 +125,11 @@ class Decoder:
         prompt = np.asarray(prompt, np.int32)
         if prompt.ndim != 2:
             raise ValueError(f"the prompt must be [batch, length] token ids, got shape {prompt.shape}")
-        check_request(prompt.shape[1], max_new_tokens, self.max_len)
+        check_request(prompt.shape[1], max_new_tokens, self.max_len, prompt_in_decoder=self.prompt_in_decoder)
         if self.mesh is not None:  # every process holds the same prompt: one replicated global array
             replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
             prompt = jax.make_array_from_process_local_data(replicated, prompt, prompt.shape)
-        total = prompt.shape[1] + max_new_tokens
+        total = prompt.shape[1] + max_new_tokens if self.prompt_in_decoder else max_new_tokens
         out = self._generate(self.params, prompt, max_new_tokens, total, jax.random.PRNGKey(seed))
         return np.asarray(out)
 

@@ -1,5 +1,6 @@
-"""The decoder-only LM. Dense and sparse share this code: the config picks each layer's variant
-through layers/factory.py, and the stack (standard or reversible) through `make_stack`."""
+"""The decoder-only LM, and `build_model`, which picks the architecture (model.arch: this file's
+DecoderLM, or encdec.py's EncoderDecoderLM). Dense and sparse share this code: the config picks each
+layer's variant through layers/factory.py, and the stack (standard or reversible) through `make_stack`."""
 
 from __future__ import annotations
 
@@ -38,7 +39,21 @@ def make_stack(m, rngs: nnx.Rngs) -> nnx.Module:
     return StandardStack(m, rngs=rngs)
 
 
+def build_model(m, *, rngs: nnx.Rngs) -> nnx.Module:
+    """The model of a config.model / ModelConfig: DecoderLM or EncoderDecoderLM (model.arch)."""
+    m = ModelConfig.from_config(m)
+    if m.arch == "encdec" and m.reversible:
+        from scaling_sparse.terraformer_encdec import TerraformerEncDecLM  # it imports this module
+        return TerraformerEncDecLM(m, rngs=rngs)
+    if m.arch == "encdec":
+        from scaling_sparse.encdec import EncoderDecoderLM  # encdec.py imports this module
+        return EncoderDecoderLM(m, rngs=rngs)
+    return DecoderLM(m, rngs=rngs)
+
+
 class DecoderLM(nnx.Module):
+    prompt_in_decoder = True  # generation: the prompt is prefilled into the decoder (decode.py)
+
     def __init__(self, m, *, rngs: nnx.Rngs):
         m = ModelConfig.from_config(m)
         pdt = jnp.dtype(m.param_dtype)
@@ -69,6 +84,16 @@ class DecoderLM(nnx.Module):
         x = dropout(x, self.dropout_rate, embed_rng, train=train)
         x = self.stack(x, mode=mode, rng=stack_rng)
         return self.output(self.final_norm(x)).astype(jnp.float32)
+
+    def logits(self, batch: dict, *, mode: str = "eval", rng=None) -> jax.Array:
+        """The training loop's entry point: a language-model batch (data/pipeline.py) -> logits."""
+        return self(batch["inputs"], mode=mode, rng=rng)
+
+    def prefill(self, prompt: jax.Array, cache_len: int):
+        """Generation's start (decode.py): the prompt through the decoder -> (logits of the first
+        generated token [b, vocab], cache, next index)."""
+        logits, cache = self.decode(prompt, self.init_cache(prompt.shape[0], cache_len), 0)
+        return logits[:, -1], cache, prompt.shape[1]
 
     def init_cache(self, batch: int, cache_len: int, dtype=None):
         if cache_len > self.max_len:

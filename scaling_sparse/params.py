@@ -14,13 +14,13 @@ from flax import nnx
 from scaling_sparse.config import ModelConfig
 from scaling_sparse.layers.base import param_count
 
-_SIZE_FIELDS = ("vocab_size", "d_model", "d_ff", "n_heads", "n_layers", "ff_sparsity", "ff_lowrank",
+_SIZE_FIELDS = ("arch", "n_encoder_layers", "vocab_size", "d_model", "d_ff", "n_heads", "n_layers", "ff_sparsity", "ff_lowrank",
                 "attn_sparsity", "attn_output", "loss_sparsity", "loss_type", "loss_lowrank", "reversible",
                 "dtype", "param_dtype")
 
 
 def abstract_model(model_config):
-    """The DecoderLM with ShapeDtypeStructs instead of arrays (no memory allocated)."""
+    """The model (model.build_model) with ShapeDtypeStructs instead of arrays (no memory allocated)."""
     from scaling_sparse.config import ModelConfig
     from scaling_sparse.state import model_spec
 
@@ -39,10 +39,15 @@ def report_params(config, name: str | None = None) -> dict:
     components = model.components()
     total = sum(c["total"] for c in components.values())
     per_token = sum(c["per_token"] for c in components.values())
-    # One decoder layer: everything but the embeddings, the output layer and the final norm.
-    final_norm = param_count(model.final_norm)
+    # One layer: everything but the embeddings, the output layer and the final norm(s). An
+    # encoder-decoder's total averages over both stacks; only decoder layers are read per token.
+    final_norms = {"total": param_count(model.final_norm), "per_token": param_count(model.final_norm)}
+    layers = {"total": m.n_layers, "per_token": m.n_layers}
+    if m.arch == "encdec":
+        final_norms["total"] += param_count(model.encoder_norm) if hasattr(model, "encoder_norm") else 0
+        layers["total"] += m.encoder_layers
     per_layer = {
-        key: (sum(components[k][key] for k in ("attention", "ffn", "norms")) - final_norm) // m.n_layers
+        key: (sum(components[k][key] for k in ("attention", "ffn", "norms")) - final_norms[key]) // layers[key]
         for key in ("total", "per_token")}
     sizes = {k: getattr(m, k) for k in _SIZE_FIELDS}
     if m.ff_sparsity:

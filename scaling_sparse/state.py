@@ -62,9 +62,9 @@ def _is_axes(x) -> bool:
 @functools.lru_cache(maxsize=32)
 def model_spec(m: ModelConfig) -> ModelSpec:
     """The abstract model of a ModelConfig (no memory allocated; cached per config)."""
-    from scaling_sparse.model import DecoderLM
+    from scaling_sparse.model import build_model
 
-    abstract = nnx.eval_shape(lambda: DecoderLM(m, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: build_model(m, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract, nnx.Param)  # raises if a layer holds non-parameter state
     axes = {}
     for path, variable in state.flat_state():
@@ -84,12 +84,12 @@ def params_bytes(tree) -> int:
 
 @functools.lru_cache(maxsize=16)
 def _init_params_program(m: ModelConfig, seed: int, mesh: Mesh, rules: tuple, dtype: str | None):
-    from scaling_sparse.model import DecoderLM
+    from scaling_sparse.model import build_model
 
     spec = model_spec(m)
 
     def init():
-        params = nnx.state(DecoderLM(m, rngs=nnx.Rngs(seed)), nnx.Param).to_pure_dict()
+        params = nnx.state(build_model(m, rngs=nnx.Rngs(seed)), nnx.Param).to_pure_dict()
         return params if dtype is None else cast_floating(params, dtype)
 
     return jax.jit(init, out_shardings=spec.shardings(mesh, rules))
@@ -147,6 +147,7 @@ class TrainStateLayout:
     shardings: dict    # the same tree of NamedShardings
     mesh: Mesh
     rules: tuple
+    axes: dict = None  # the parameters' logical axis names: Adafactor's factoring reads them (adafactor.py)
 
     @property
     def param_shardings(self) -> dict:
@@ -157,7 +158,7 @@ class TrainStateLayout:
 def _layout(m: ModelConfig, settings: tuple, mesh: Mesh, rules: tuple) -> TrainStateLayout:
     spec = model_spec(m)
     param_shardings = spec.shardings(mesh, rules)
-    tx = make_optimizer(dict(settings))
+    tx = make_optimizer(dict(settings), spec.axes)
     opt_state = jax.eval_shape(tx.init, spec.params)
     replicated = sharding.replicated(mesh)
     shardings = {"params": param_shardings,
@@ -166,7 +167,7 @@ def _layout(m: ModelConfig, settings: tuple, mesh: Mesh, rules: tuple) -> TrainS
     shapes = {"params": spec.params, "opt_state": opt_state, "step": jax.ShapeDtypeStruct((), jnp.int32),
               "rng": jax.eval_shape(lambda: train_key(0))}
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-    return TrainStateLayout(spec.graphdef, abstract, shardings, mesh, rules)
+    return TrainStateLayout(spec.graphdef, abstract, shardings, mesh, rules, spec.axes)
 
 
 def train_state_layout(config, mesh: Mesh) -> TrainStateLayout:
@@ -176,12 +177,12 @@ def train_state_layout(config, mesh: Mesh) -> TrainStateLayout:
 
 @functools.lru_cache(maxsize=16)
 def _init_train_program(layout: TrainStateLayout, m: ModelConfig, settings: tuple, seed: int):
-    from scaling_sparse.model import DecoderLM
+    from scaling_sparse.model import build_model
 
-    tx = make_optimizer(dict(settings))
+    tx = make_optimizer(dict(settings), layout.axes)
 
     def init():
-        params = nnx.state(DecoderLM(m, rngs=nnx.Rngs(seed)), nnx.Param).to_pure_dict()
+        params = nnx.state(build_model(m, rngs=nnx.Rngs(seed)), nnx.Param).to_pure_dict()
         return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
                 "rng": train_key(seed)}
 

@@ -75,14 +75,17 @@ def weighted_cross_entropy(logits, targets, weights):
     return jnp.sum(losses * weights), jnp.sum(weights), jnp.sum(correct * weights)
 
 
-def batch_shardings(mesh, rules) -> dict:
+BATCH_KEYS = ("inputs", "targets", "weights")  # + "decoder_inputs" for the encoder-decoder (data/pipeline.py)
+
+
+def batch_shardings(mesh, rules, keys=BATCH_KEYS) -> dict:
     s = NamedSharding(mesh, sharding.batch_spec(rules))
-    return {"inputs": s, "targets": s, "weights": s}
+    return {k: s for k in keys}
 
 
 @functools.lru_cache(maxsize=8)
 def _train_step(layout: TrainStateLayout, settings: tuple):
-    tx, schedule = make_optimizer(dict(settings)), make_schedule(dict(settings))
+    tx, schedule = make_optimizer(dict(settings), layout.axes), make_schedule(dict(settings))
     graphdef = layout.graphdef
 
     def train_step(state, batch):
@@ -94,7 +97,7 @@ def _train_step(layout: TrainStateLayout, settings: tuple):
         rng = jax.random.fold_in(state["rng"], step)
 
         def loss_fn(params):
-            logits = nnx.merge(graphdef, params)(batch["inputs"], mode="train", rng=rng)
+            logits = nnx.merge(graphdef, params).logits(batch, mode="train", rng=rng)
             loss_sum, weight_sum, _ = weighted_cross_entropy(logits, batch["targets"], batch["weights"])
             return loss_sum / jnp.maximum(weight_sum, 1.0), weight_sum
 
@@ -124,7 +127,7 @@ def make_eval_step(graphdef, mesh, rules: tuple):
 
     def eval_step(params, batch):
         with sharding.activation_rules(mesh, rules):
-            logits = nnx.merge(graphdef, params)(batch["inputs"], mode="eval")
+            logits = nnx.merge(graphdef, params).logits(batch, mode="eval")
         return weighted_cross_entropy(logits, batch["targets"], batch["weights"])
 
     return jax.jit(eval_step, out_shardings=sharding.replicated(mesh))
@@ -132,7 +135,7 @@ def make_eval_step(graphdef, mesh, rules: tuple):
 
 def global_batch(batch: dict, mesh, rules) -> dict:
     """This process's rows of a global batch -> global jax.Arrays sharded over the batch axes."""
-    shardings = batch_shardings(mesh, rules)
+    shardings = batch_shardings(mesh, rules, tuple(batch))
     count = jax.process_count()
     return {k: jax.make_array_from_process_local_data(
         shardings[k], np.asarray(v), (v.shape[0] * count,) + tuple(v.shape[1:])) for k, v in batch.items()}
@@ -359,17 +362,23 @@ def _train_locked(config, workdir, data, echo, mesh, step, primary) -> dict:
 
 def _print_sample(config, data, graphdef, params, mesh, echo) -> None:
     """A greedy continuation of a fixed prompt from any corpus: the start of the first validation
-    document, after an eos as in the packed training stream."""
+    document, after an eos as in the packed training stream; for the encoder-decoder, the first
+    validation input (its corrupted text with sentinels) and the decoder's prediction of its spans."""
     from scaling_sparse.decode import Decoder
 
     tok = data.tokenizer
-    prompt = [tok.eos_id] + np.asarray(data.eval_batches[0]["inputs"][0][:SAMPLE_PROMPT_TOKENS]).tolist()
-    new = min(SAMPLE_NEW_TOKENS, config.model.max_len - len(prompt))
+    first = np.asarray(data.eval_batches[0]["inputs"][0])
+    if config.model.arch == "encdec":
+        prompt = first[first != tok.pad_id].tolist()
+        shown, new = prompt, min(SAMPLE_NEW_TOKENS, config.model.max_len)
+    else:
+        prompt = [tok.eos_id] + first[:SAMPLE_PROMPT_TOKENS].tolist()
+        shown, new = prompt[1:], min(SAMPLE_NEW_TOKENS, config.model.max_len - len(prompt))
     if new <= 0:
         return
     out = Decoder(graphdef, params, max_len=config.model.max_len, mesh=mesh).sample(prompt, new, eos_id=tok.eos_id)
     if echo is not None:
-        echo(f"sample (greedy) | prompt: {tok.decode(prompt[1:])!r}\n"
+        echo(f"sample (greedy) | prompt: {tok.decode(shown)!r}\n"
              f"                | continuation: {tok.decode(out)!r}")
 
 

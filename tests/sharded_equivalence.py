@@ -26,6 +26,10 @@ MODELS = {
     "sparse_all": dict(ff_sparsity=8, attn_sparsity=4, loss_sparsity=4),
     "terraformer": dict(reversible=True, attention="lsh", lsh_chunk_len=8, lsh_n_hashes=2, ff_sru_units=8,
                         ff_sparsity=8, attn_sparsity=4, loss_sparsity=4, n_layers=1),
+    # The encoder-decoders (span-corruption batches): sparse, and the reference's C4 Terraformer.
+    "encdec": dict(arch="encdec", n_encoder_layers=1, ff_sparsity=8, attn_sparsity=4, loss_sparsity=4),
+    "terraformer_encdec": dict(arch="encdec", reversible=True, n_encoder_layers=1, n_layers=1, ff_sru_units=8,
+                               ff_sparsity=8, attn_sparsity=4, loss_sparsity=4),
 }
 MESHES = {
     "data=8": dict(data=8, fsdp=1, tensor=1),
@@ -38,7 +42,9 @@ MESHES = {
 def config_of(model: dict, mesh: dict):
     config = load_config("tiny")
     config.model.update(model)
-    config.train.update(batch_size=8, seq_len=16)
+    config.train.update(batch_size=8, seq_len=16, inputs_len=12)
+    if model.get("arch") == "encdec":
+        config.data.objective = "span_corruption"
     config.mesh.update(mesh)
     return validate(config)
 
@@ -46,8 +52,13 @@ def config_of(model: dict, mesh: dict):
 def batch_of(config, seed=0):
     rng = np.random.RandomState(seed)
     w = rng.randint(2, config.model.vocab_size, size=(config.train.batch_size, config.train.seq_len + 1))
-    return {"inputs": w[:, :-1].astype(np.int32), "targets": w[:, 1:].astype(np.int32),
-            "weights": np.ones((config.train.batch_size, config.train.seq_len), np.float32)}
+    batch = {"inputs": w[:, :-1].astype(np.int32), "targets": w[:, 1:].astype(np.int32),
+             "weights": np.ones((config.train.batch_size, config.train.seq_len), np.float32)}
+    if config.model.arch == "encdec":  # the span-corruption layout (data/pipeline.py), encoder rows padded
+        inputs = rng.randint(2, config.model.vocab_size, size=(config.train.batch_size, config.train.inputs_len))
+        inputs[::2, -3:] = 0
+        batch.update(inputs=inputs.astype(np.int32), decoder_inputs=w[:, :-1].astype(np.int32))
+    return batch
 
 
 def gradients(layout, state, batch):
@@ -55,8 +66,8 @@ def gradients(layout, state, batch):
 
     def loss(params):
         with sharding.activation_rules(layout.mesh, layout.rules):  # as the train step traces it
-            logits = nnx.merge(layout.graphdef, params)(batch["inputs"], mode="train",
-                                                        rng=jax.random.fold_in(state["rng"], 0))
+            logits = nnx.merge(layout.graphdef, params).logits(batch, mode="train",
+                                                               rng=jax.random.fold_in(state["rng"], 0))
         return weighted_cross_entropy(logits, batch["targets"], batch["weights"])[0]
 
     return jax.device_get(jax.jit(jax.grad(loss))(state["params"]))
@@ -128,7 +139,7 @@ def main(out_dir: str) -> None:
         mesh = sharding.make_mesh(config.mesh)
         decode_layout, sharded_state = init_train_state(config, mesh)
         _, single_state = init_train_state(config_of(model, dict(data=1, fsdp=1, tensor=1)), single)
-        prompt = batch_of(config, seed=3)["inputs"][:2, :5]
+        prompt = batch_of(config, seed=3)["inputs"][1:3, :5]  # unpadded rows
         tokens = {}
         for label, params, m in (("sharded", sharded_state["params"], mesh), ("single", single_state["params"], single)):
             decoder = Decoder(decode_layout.graphdef, params, max_len=config.model.max_len, mesh=m)

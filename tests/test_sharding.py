@@ -32,22 +32,28 @@ def report(tmp_path_factory):
 MESHES = ("data=8", "fsdp=8", "tensor=2,fsdp=4", "data=2,fsdp=2,tensor=2")
 
 
-@pytest.mark.parametrize("model", ["dense", "sparse_all", "terraformer"])
+@pytest.mark.parametrize("model", ["dense", "sparse_all", "terraformer", "encdec", "terraformer_encdec"])
 @pytest.mark.parametrize("mesh", MESHES)
 def test_sharded_train_step_equals_unsharded(report, model, mesh):
     r = report["steps"][f"{model}/{mesh}"]
     assert r["loss"] == pytest.approx(r["ref_loss"], rel=1e-5)
-    assert r["max_grad_diff"] < 1e-5
+    # Float reordering only; the encoder-decoder Terraformer chains two reversible recomputations.
+    assert r["max_grad_diff"] < (3e-5 if model == "terraformer_encdec" else 1e-5)
     assert r["max_param_diff"] < 1e-5
 
 
-@pytest.mark.parametrize("model", ["dense", "sparse_all", "terraformer"])
+@pytest.mark.parametrize("model", ["dense", "sparse_all", "terraformer", "encdec", "terraformer_encdec"])
 def test_parameters_and_optimizer_state_really_are_sharded(report, model):
     steps = report["steps"]
     for part in ("params", "opt_state"):
         fraction = {m: steps[f"{model}/{m}"]["per_device_bytes"][part] / steps[f"{model}/{m}"]["total_bytes"][part]
                     for m in MESHES}
         assert fraction["data=8"] == 1.0  # pure data parallelism replicates the state
+        if part == "opt_state":
+            # Adafactor's factored row/column statistics, nearly all of its state, are replicated; the full
+            # second moments of 1-D parameters take their parameter's sharding (docs/semantics.md §5c).
+            assert all(fraction[m] < 1.0 for m in MESHES if m != "data=8")
+            continue
         # Everything with an embed axis is split 8 (or 4 x 2) ways; norms, conv kernels and the SRU stay whole.
         assert fraction["fsdp=8"] < 0.4 and fraction["tensor=2,fsdp=4"] < 0.4
         assert fraction["data=2,fsdp=2,tensor=2"] < 0.55
@@ -60,7 +66,7 @@ def test_checkpoint_saved_on_one_mesh_restores_on_another(report):
         assert r["sharding_matches"] and r["embed_shards"] == shards
 
 
-@pytest.mark.parametrize("model", ["dense", "sparse_all", "terraformer"])
+@pytest.mark.parametrize("model", ["dense", "sparse_all", "terraformer", "encdec", "terraformer_encdec"])
 def test_tensor_parallel_decoding_gives_the_unsharded_tokens(report, model):
     tokens = report["decode"][model]
     assert tokens["sharded"] == tokens["single"]

@@ -4,7 +4,10 @@ The training loop calls one function: `scaling_sparse.data.pipeline.build_data(c
 Files by concern (leaves import this package and each other, never pipeline.py):
   corpus.py     the embedded stdlib corpus, local text files and JSONL; the train/validation split
   tokenizer.py  SentencePiece: train on the training split, cache, load a given .model; the run's tokenizer
+                (and its <extra_id_i> sentinels for span corruption)
   packing.py    documents joined with eos, fixed-length windows, the resumable shuffled iterator
+  span_corruption.py  T5 span corruption (config.data.objective="span_corruption"): noise masks,
+                sentinels, encoder-decoder batches {"inputs", "decoder_inputs", "targets", "weights"}
   cache.py      atomic writes and content fingerprints for everything cached under WORKDIR
   tfds_c4.py    C4 from tensorflow-datasets (the only module that imports TensorFlow, lazily)
   local.py      stdlib / files / jsonl assembled into Data (token-stream cache under WORKDIR)
@@ -26,6 +29,7 @@ class DataError(ConfigError):
 @dataclasses.dataclass
 class Data:
     tokenizer: Any        # tokenizer.Tokenizer
-    train: Any            # packing.PackedIterator | tfds_c4.StreamIterator: next(), get_state(), set_state()
+    train: Any            # packing.PackedIterator | tfds_c4.StreamIterator | span_corruption.*Iterator:
+                          # next(), get_state(), set_state()
     eval_batches: list
     stats: dict

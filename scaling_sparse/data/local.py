@@ -3,6 +3,9 @@
 Token streams are cached under WORKDIR/data_cache, keyed by a fingerprint of the source, its file
 list (sizes, mtimes) and the tokenizer, so a stale cache is never reused. Each process keeps the
 whole (small) token stream and gathers only its rows of every global batch.
+
+With config.data.objective="span_corruption" the same cached streams, eos removed, are cut into
+T5's raw chunks and corrupted (span_corruption.py) instead of packed into windows.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import time
 
 from tqdm import tqdm
 
-from scaling_sparse.data import Data, cache, corpus, packing, prefix_lm
+from scaling_sparse.data import Data, DataError, cache, corpus, packing, prefix_lm, span_corruption
 from scaling_sparse.data.tokenizer import Tokenizer, get_tokenizer
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,11 @@ def build_data(config, workdir: pathlib.Path, process_index: int = 0, process_co
         return loaded["corpus"]
 
     prefix = d.source == "jsonl" and bool(d.input_field)
+    span = d.get("objective", "lm") == "span_corruption"
+    if span and prefix:
+        raise DataError("config.data.objective=span_corruption corrupts plain text, but config.data.input_field="
+                        f"{d.input_field!r} asks for prefix-LM examples. Fix: leave --config.data.input_field "
+                        "empty, or use --config.data.objective=lm.")
     tokenizer = get_tokenizer(config, workdir,
                               lambda: prefix_lm.texts_of(load().train) if prefix else load().train)
     corpus_id = {"format": _CACHE_FORMAT, "source": d.source, "root": str(source.root),
@@ -80,6 +88,9 @@ def build_data(config, workdir: pathlib.Path, process_index: int = 0, process_co
         cache_hit = False
     train_stream, val_stream = arrays[:2]
     train_mask, val_mask = arrays[2:] if prefix else (None, None)
+    if span:
+        return _span_corruption_data(config, tokenizer, key, train_stream, val_stream, corpus_stats, cache_hit,
+                                     start, process_index, process_count)
 
     train = packing.PackedIterator(train_stream, t.batch_size, t.seq_len, d.shuffle_seed, fingerprint=key[:16],
                                    loss_mask=train_mask, process_index=process_index, process_count=process_count)
@@ -89,5 +100,27 @@ def build_data(config, workdir: pathlib.Path, process_index: int = 0, process_co
                  validation_tokens=int(len(val_stream)), train_windows=train.n_windows,
                  eval_batches=len(evals), tokenizer=tokenizer.path, vocab_size=tokenizer.vocab_size,
                  prefix_lm=prefix, cache_hit=cache_hit, seconds=round(time.time() - start, 2))
+    log.info("data: %s", stats)
+    return Data(tokenizer=tokenizer, train=train, eval_batches=evals, stats=stats)
+
+
+def _span_corruption_data(config, tokenizer, key, train_stream, val_stream, corpus_stats, cache_hit, start,
+                          process_index, process_count) -> Data:
+    """build_data for config.data.objective="span_corruption": T5's examples from the cached streams."""
+    d, t = config.data, config.train
+    corruption = span_corruption.SpanCorruption.from_config(config, tokenizer)
+    train_tokens = span_corruption.strip_eos(train_stream, tokenizer.eos_id)
+    val_tokens = span_corruption.strip_eos(val_stream, tokenizer.eos_id)
+    fingerprint = cache.fingerprint({"data": key, "span_corruption": corruption.params()})[:16]
+    train = span_corruption.SpanCorruptionIterator(train_tokens, corruption, t.batch_size, d.shuffle_seed,
+                                                   fingerprint=fingerprint, process_index=process_index,
+                                                   process_count=process_count)
+    evals = span_corruption.eval_batches(val_tokens, corruption, t.batch_size, t.eval_batches,
+                                         process_index=process_index, process_count=process_count)
+    stats = dict(corpus_stats, source=d.source, objective="span_corruption", train_tokens=int(len(train_tokens)),
+                 validation_tokens=int(len(val_tokens)), chunk_tokens=corruption.tokens_length,
+                 max_targets=corruption.max_targets, train_chunks=train.n_chunks, eval_batches=len(evals),
+                 tokenizer=tokenizer.path, vocab_size=tokenizer.vocab_size, sentinels=len(tokenizer.sentinel_ids),
+                 cache_hit=cache_hit, seconds=round(time.time() - start, 2))
     log.info("data: %s", stats)
     return Data(tokenizer=tokenizer, train=train, eval_batches=evals, stats=stats)

@@ -11,6 +11,10 @@ eos after each document). The iterator state is the position of the next window'
 {"epoch", "record", "token"}. Restoring re-opens the split and skips `record` records with
 tf.data's skip, which reads through them: O(records), so resuming deep into C4's 365M records
 takes time proportional to how far the run had read (not measured on real C4 here).
+
+With config.data.objective="span_corruption" the same reader gives chunks of T5's raw length
+(documents back to back, no eos, no overlap) and span_corruption.py turns them into encoder-decoder
+batches; the records' `text` feature is read either way.
 """
 
 from __future__ import annotations
@@ -101,13 +105,21 @@ def record_reader(builder, split: str) -> Callable[[int], Iterator[str]]:
 
 
 class StreamIterator:
-    """Infinite iterator of packed batches over a record stream; resumable from {"epoch","record","token"}."""
+    """Infinite iterator of packed batches over a record stream; resumable from {"epoch","record","token"}.
+
+    Windows are `window` tokens (default seq_len + 1) every `stride` tokens (default seq_len), with
+    eos after each record when `eos`; span corruption reads chunks (window = stride, no eos) through
+    `next_window`."""
 
     def __init__(self, open_records: Callable[[int], Iterator[str]], tokenizer, batch_size: int, seq_len: int,
-                 fingerprint: str = "", split: str = "train", process_index: int = 0, process_count: int = 1):
+                 fingerprint: str = "", split: str = "train", process_index: int = 0, process_count: int = 1,
+                 *, window: int | None = None, stride: int | None = None, eos: bool = True):
         self.open_records, self.tokenizer = open_records, tokenizer
         self.rows = packing.process_rows(batch_size, process_index, process_count)
         self.batch_size, self.seq_len, self.fingerprint, self.split = batch_size, seq_len, fingerprint, split
+        self.window = seq_len + 1 if window is None else window
+        self.stride = seq_len if stride is None else stride
+        self.eos = eos
         self._seek(0, 0, 0)
 
     def _seek(self, epoch: int, record: int, token: int) -> None:
@@ -131,7 +143,7 @@ class StreamIterator:
     def _fill(self) -> None:
         chunk = list(itertools.islice(self._reader, _ENCODE_CHUNK))
         for (epoch, record, _), ids in zip(chunk, self.tokenizer.encode_batch([t for _, _, t in chunk])):
-            tokens = np.asarray(ids + [self.tokenizer.eos_id], np.int32)
+            tokens = np.asarray(ids + [self.tokenizer.eos_id] if self.eos else ids, np.int32)
             if not self._pending:  # after a restore, drop the head record's already-used tokens
                 tokens_left = len(tokens) - self._offset
             else:
@@ -141,9 +153,14 @@ class StreamIterator:
             self._next = (epoch, record + 1)
 
     def _window(self) -> np.ndarray:
-        while self._available < self.seq_len + 1:
+        return self.next_window()[1]
+
+    def next_window(self) -> tuple[tuple[int, int, int], np.ndarray]:
+        """((epoch, record, token) where the window starts, its tokens); advances by `stride`."""
+        while self._available < self.window:
             self._fill()
-        parts, need, offset = [], self.seq_len + 1, self._offset
+        start = (int(self._pending[0][0]), int(self._pending[0][1]), int(self._offset))
+        parts, need, offset = [], self.window, self._offset
         for _, _, tokens in self._pending:
             part = tokens[offset: offset + need]
             parts.append(part)
@@ -151,8 +168,8 @@ class StreamIterator:
             offset = 0
             if not need:
                 break
-        # Advance by L: the window's last token is the next window's first.
-        advance = self.seq_len
+        # Advance by the stride (L: the window's last token is the next window's first).
+        advance = self.stride
         self._available -= advance
         while advance:
             left = len(self._pending[0][2]) - self._offset
@@ -163,7 +180,7 @@ class StreamIterator:
                 advance -= left
                 self._pending.popleft()
                 self._offset = 0
-        return np.concatenate(parts)
+        return start, np.concatenate(parts)
 
     def __iter__(self):
         return self
@@ -182,8 +199,9 @@ class StreamIterator:
         self._seek(int(state["epoch"]), int(state["record"]), int(state["token"]))
 
 
-def validation_stream(open_records, tokenizer, max_tokens: int) -> np.ndarray:
-    """The first max_tokens tokens (or the whole split if shorter) as one eos-joined stream."""
+def validation_stream(open_records, tokenizer, max_tokens: int, eos: bool = True) -> np.ndarray:
+    """The first max_tokens tokens (or the whole split if shorter) as one eos-joined stream (without
+    eos: the documents back to back, as span corruption reads them)."""
     token_lists, total = [], 0
     reader = open_records(0)
     while total < max_tokens:
@@ -192,8 +210,11 @@ def validation_stream(open_records, tokenizer, max_tokens: int) -> np.ndarray:
             break
         for ids in tokenizer.encode_batch(texts):
             token_lists.append(ids)
-            total += len(ids) + 1
-    return packing.join_documents(token_lists, tokenizer.eos_id, tokenizer.vocab_size)[:max_tokens]
+            total += len(ids) + eos
+    stream = packing.join_documents(token_lists, tokenizer.eos_id, tokenizer.vocab_size)
+    if not eos:
+        stream = stream[stream != tokenizer.eos_id]
+    return stream[:max_tokens]
 
 
 def _split_name(builder, *candidates: str) -> str:
@@ -215,6 +236,9 @@ def build_data(config, workdir, process_index: int = 0, process_count: int = 1) 
     open_train, open_val = record_reader(builder, train_split), record_reader(builder, val_split)
     tokenizer = get_tokenizer(config, workdir, lambda: open_train(0))
     key = cache.fingerprint({"dataset": d.tfds_name, "tokenizer": cache.bytes_digest(tokenizer.model_proto)})
+    if d.get("objective", "lm") == "span_corruption":
+        return _span_corruption_data(config, builder, tokenizer, key, (train_split, open_train),
+                                     (val_split, open_val), process_index, process_count)
     train = StreamIterator(open_train, tokenizer, t.batch_size, t.seq_len, fingerprint=key[:16], split=train_split,
                            process_index=process_index, process_count=process_count)
     val = validation_stream(open_val, tokenizer, t.eval_batches * t.batch_size * t.seq_len + 1)
@@ -228,3 +252,30 @@ def build_data(config, workdir, process_index: int = 0, process_count: int = 1) 
              "vocab_size": tokenizer.vocab_size}
     log.info("data: %s", stats)
     return Data(tokenizer=tokenizer, train=train, eval_batches=evals, stats=stats)
+
+
+def _span_corruption_data(config, builder, tokenizer, key, train, val, process_index, process_count) -> Data:
+    """build_data for config.data.objective="span_corruption" (span_corruption.py)."""
+    from scaling_sparse.data import span_corruption
+
+    d, t = config.data, config.train
+    (train_split, open_train), (val_split, open_val) = train, val
+    corruption = span_corruption.SpanCorruption.from_config(config, tokenizer)
+    chunk = corruption.tokens_length
+    fingerprint = cache.fingerprint({"data": key, "span_corruption": corruption.params()})[:16]
+    chunks = StreamIterator(open_train, tokenizer, t.batch_size, chunk, fingerprint=key[:16], split=train_split,
+                            window=chunk, stride=chunk, eos=False)
+    train_iter = span_corruption.StreamSpanIterator(chunks, corruption, t.batch_size, d.shuffle_seed, fingerprint,
+                                                    process_index=process_index, process_count=process_count)
+    val_stream = validation_stream(open_val, tokenizer, t.eval_batches * t.batch_size * chunk, eos=False)
+    evals = span_corruption.eval_batches(val_stream, corruption, t.batch_size, t.eval_batches, split=val_split,
+                                         process_index=process_index, process_count=process_count)
+    splits = builder.info.splits
+    stats = {"source": "tfds", "dataset": d.tfds_name, "data_dir": str(builder.data_dir),
+             "objective": "span_corruption", "chunk_tokens": chunk, "max_targets": corruption.max_targets,
+             "train_records": int(splits[train_split].num_examples) if train_split in splits else None,
+             "validation_records": int(splits[val_split].num_examples) if val_split in splits else None,
+             "validation_tokens": int(len(val_stream)), "eval_batches": len(evals), "tokenizer": tokenizer.path,
+             "vocab_size": tokenizer.vocab_size, "sentinels": len(tokenizer.sentinel_ids)}
+    log.info("data: %s", stats)
+    return Data(tokenizer=tokenizer, train=train_iter, eval_batches=evals, stats=stats)

@@ -3,6 +3,19 @@
 Id layout is T5's: pad 0, eos 1, unk 2, no bos. Trained models keep text byte-exact (identity
 normalisation, whitespace kept, newline a piece of its own, byte fallback for unseen characters when
 the vocabulary has room), so `decode(encode(text)) == text` for source code as well as prose.
+
+Sentinels (config.data.objective="span_corruption", docs/semantics.md "Span corruption (T5)"):
+`Tokenizer.sentinel_ids[i]` is the id of the piece `<extra_id_i>` (seqio spells it `▁<extra_id_i>`),
+appended sentinel i at id vocab_size - 1 - i as in T5. K = `sentinel_count(model.vocab_size)` sentinels
+(min(100, vocab_size // 8)) are reserved only for that objective, as USER_DEFINED pieces:
+  - a trained tokenizer learns vocab_size - K pieces and gets the K sentinels appended on top
+    (the K is part of its WORKDIR/tokenizer.json request, so an lm tokenizer is never reused);
+  - a given .model that has `<extra_id_N>` pieces is used as it is;
+  - a given .model without them (T5's 32000-piece spm) gets them appended above its pieces when
+    model.vocab_size has room (T5 / seqio's 32100-id vocabulary: extra_id_0 = 32099), else they
+    overwrite its K highest-id (rarest) multi-character NORMAL pieces, which encode() then never
+    produces (text still encodes, into shorter pieces): what trax did for the paper's C4 runs with
+    vocab_size 32000 (sentinels 31999, 31998, ...; trax left those pieces in the text too).
 """
 
 from __future__ import annotations
@@ -25,6 +38,78 @@ log = logging.getLogger(__name__)
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 # Byte fallback costs 256 pieces; below this vocabulary size unseen characters map to unk instead.
 _BYTE_FALLBACK_MIN_VOCAB = 1024
+MAX_SENTINELS = 100  # T5's extra ids
+
+
+def sentinel_count(vocab_size: int) -> int:
+    """Sentinels reserved for span corruption: T5's 100, at most 1/8 of a small vocabulary (8 of the
+    tests' 64 pieces)."""
+    return max(1, min(MAX_SENTINELS, vocab_size // 8))
+
+
+def config_sentinels(config) -> int:
+    """The sentinels config asks the tokenizer for: sentinel_count(model.vocab_size) for span
+    corruption, none for the language-model objective."""
+    if config.data.get("objective", "lm") != "span_corruption":
+        return 0
+    return sentinel_count(config.model.vocab_size)
+
+
+def _sentinel_piece(i: int, dummy_prefix: bool) -> str:
+    return f"\u2581<extra_id_{i}>" if dummy_prefix else f"<extra_id_{i}>"
+
+
+def find_sentinels(sp) -> tuple[int, ...]:
+    """Ids of the pieces <extra_id_0>, <extra_id_1>, ... (or seqio's ▁<extra_id_i>) up to the first missing."""
+    ids = []
+    while True:
+        for piece in (_sentinel_piece(len(ids), False), _sentinel_piece(len(ids), True)):
+            i = sp.piece_to_id(piece)
+            if i != sp.unk_id() and sp.id_to_piece(i) == piece:
+                ids.append(i)
+                break
+        else:
+            return tuple(ids)
+
+
+def add_sentinels(model_proto: bytes, count: int, max_vocab: int | None, where: str = "") -> bytes:
+    """The model with `count` sentinel pieces `<extra_id_i>` (USER_DEFINED), sentinel i at the
+    (new) vocabulary size - 1 - i; unchanged if it already has <extra_id_0>.
+
+    Appended above the model's pieces when max_vocab has room for them (T5 / seqio's layout),
+    else written over the `count` highest-id multi-character NORMAL pieces (T5's original convention: "we
+    appropriate the last tokens in the vocabulary", trax's with vocab 32000). The piece is spelled
+    seqio's way, `▁<extra_id_i>`, in models that add a dummy whitespace prefix (T5's), else
+    `<extra_id_i>`.
+    """
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    if count <= 0 or find_sentinels(spm.SentencePieceProcessor(model_proto=model_proto)):
+        return model_proto
+    model = pb.ModelProto.FromString(model_proto)
+    dummy = model.normalizer_spec.add_dummy_prefix
+    n = len(model.pieces)
+    if max_vocab is None or n + count <= max_vocab:
+        for i in reversed(range(count)):
+            model.pieces.add(piece=_sentinel_piece(i, dummy), score=0.0, type=pb.ModelProto.SentencePiece.USER_DEFINED)
+    else:
+        # Multi-character pieces only: every character keeps a piece, so all text still encodes (into
+        # shorter pieces where an overwritten one was used).
+        normal = [j for j in range(n - 1, -1, -1) if model.pieces[j].type == pb.ModelProto.SentencePiece.NORMAL
+                  and len(model.pieces[j].piece) > 1]
+        if len(normal) < count:
+            raise DataError(f"tokenizer {where}: {n} pieces leave no room for {count} span-corruption sentinels. "
+                            f"Fix: raise --config.model.vocab_size to {n + count}.")
+        for i, j in enumerate(normal[:count]):
+            model.pieces[j].piece = _sentinel_piece(i, dummy)
+            model.pieces[j].type = pb.ModelProto.SentencePiece.USER_DEFINED
+            model.pieces[j].score = 0.0
+        log.warning("tokenizer %s: %d span-corruption sentinels overwrite its %d rarest pieces (ids %d..%d): "
+                    "text encodes into shorter pieces there, "
+                    "as trax did with T5's 32000 pieces; with --config.model.vocab_size=%d they would be "
+                    "added above them instead (T5's layout)", where, count, count, normal[count - 1], normal[0],
+                    n + count)
+    return model.SerializeToString()
 
 
 class Tokenizer:
@@ -40,6 +125,8 @@ class Tokenizer:
                 raise DataError(f"tokenizer {where}: {name} id is {got}, expected {want} (T5's layout: pad 0, "
                                 "eos 1, unk 2). Fix: use a model trained with --pad_id=0 --eos_id=1 --unk_id=2 "
                                 "--bos_id=-1, or leave config.data.tokenizer_path empty to train one.")
+        # sentinel_ids[i]: the id of <extra_id_i> (span corruption); () when the model has none.
+        self.sentinel_ids = find_sentinels(self.sp)
 
     @property
     def vocab_size(self) -> int:
@@ -69,13 +156,16 @@ class Tokenizer:
         return self.sp.encode(list(texts), num_threads=os.cpu_count() or 1)
 
 
-def load_tokenizer(path, max_vocab: int | None = None) -> Tokenizer:
+def load_tokenizer(path, max_vocab: int | None = None, sentinels: int = 0) -> Tokenizer:
     path = pathlib.Path(os.path.expanduser(str(path)))
     if not path.is_file():
         raise DataError(f"config.data.tokenizer_path={str(path)!r} does not exist. Fix: give a SentencePiece "
                         ".model file, or leave it empty to train one on the training split.")
     try:
-        tok = Tokenizer(path.read_bytes(), str(path))
+        proto = path.read_bytes()
+        if sentinels:
+            proto = add_sentinels(proto, sentinels, max_vocab, str(path))
+        tok = Tokenizer(proto, str(path))
     except (RuntimeError, OSError) as e:
         raise DataError(f"config.data.tokenizer_path={str(path)!r} is not a readable SentencePiece model "
                         f"({e}). Fix: give a .model file written by SentencePiece.") from e
@@ -207,12 +297,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, max_chars: int) -> To
     return Tokenizer(proto)
 
 
-def cached_or_trained(workdir, request: dict, vocab_size: int, max_chars: int, train_texts) -> Tokenizer:
+def cached_or_trained(workdir, request: dict, vocab_size: int, max_chars: int, train_texts,
+                      sentinels: int = 0) -> Tokenizer:
     """WORKDIR/tokenizer.model if present (checked against `request`), else trained and saved there.
 
     `request` (source, path, vocab size, ...) is stored beside the model; a workdir reused with a
     different corpus or vocabulary is an error rather than a silently mismatched tokenizer.
     `train_texts` is a zero-argument callable: the corpus is read only when training is needed.
+    `sentinels` > 0: vocab_size - sentinels pieces are learned and the sentinels appended on top.
     """
     workdir = pathlib.Path(workdir)
     model_path, meta_path = workdir / "tokenizer.model", workdir / "tokenizer.json"
@@ -228,7 +320,9 @@ def cached_or_trained(workdir, request: dict, vocab_size: int, max_chars: int, t
         tok = Tokenizer(model_path.read_bytes(), str(model_path))
         check_vocab(tok, vocab_size)
         return tok
-    tok = train_tokenizer(train_texts(), vocab_size, max_chars)
+    tok = train_tokenizer(train_texts(), vocab_size - sentinels, max_chars)
+    if sentinels:
+        tok = Tokenizer(add_sentinels(tok.model_proto, sentinels, vocab_size))
     cache.write_bytes(model_path, tok.model_proto)
     cache.write_json(meta_path, request)
     tok.path = str(model_path)
@@ -238,10 +332,13 @@ def cached_or_trained(workdir, request: dict, vocab_size: int, max_chars: int, t
 def tokenizer_request(config) -> dict:
     """What a trained WORKDIR/tokenizer.model was made from (checked when it is reused)."""
     d = config.data
-    return {"source": d.source, "path": d.path if d.source != "tfds" else d.tfds_name,
-            "text_field": list(corpus.jsonl_fields(d)) if d.source == "jsonl" else "", "max_files": d.max_files,
-            "validation_fraction": d.validation_fraction, "vocab_size": config.model.vocab_size,
-            "tokenizer_train_chars": d.tokenizer_train_chars}
+    request = {"source": d.source, "path": d.path if d.source != "tfds" else d.tfds_name,
+               "text_field": list(corpus.jsonl_fields(d)) if d.source == "jsonl" else "", "max_files": d.max_files,
+               "validation_fraction": d.validation_fraction, "vocab_size": config.model.vocab_size,
+               "tokenizer_train_chars": d.tokenizer_train_chars}
+    if config_sentinels(config):  # only then: a language-model workdir's stored request stays valid
+        request["sentinels"] = config_sentinels(config)
+    return request
 
 
 def get_tokenizer(config, workdir, train_texts=None) -> Tokenizer:
@@ -249,10 +346,10 @@ def get_tokenizer(config, workdir, train_texts=None) -> Tokenizer:
     train_texts() if absent (without train_texts, e.g. for generate, a missing one is an error)."""
     d = config.data
     if d.tokenizer_path:
-        return load_tokenizer(d.tokenizer_path, config.model.vocab_size)
+        return load_tokenizer(d.tokenizer_path, config.model.vocab_size, config_sentinels(config))
     if train_texts is None:
         def train_texts():
             raise FileNotFoundError(f"no tokenizer in {workdir}: train there first, or set "
                                     "--config.data.tokenizer_path=MODEL")
     return cached_or_trained(workdir, tokenizer_request(config), config.model.vocab_size,
-                             d.tokenizer_train_chars, train_texts)
+                             d.tokenizer_train_chars, train_texts, config_sentinels(config))

@@ -43,6 +43,8 @@ class ReversibleBlock(nnx.Module):
     """Three half-residual sub-layers: attention, attention, FFN (each with its own LayerNorm; an SRU
     FFN normalises the raw stream itself, layers/sru.py)."""
 
+    SUBLAYERS = SUBLAYERS
+
     def __init__(self, m, *, rngs: nnx.Rngs):
         self.attn1_norm = LayerNorm(m.d_model, eps=m.layer_norm_eps)
         self.attn1 = make_attention(m, rngs)
@@ -52,8 +54,12 @@ class ReversibleBlock(nnx.Module):
         self.ffn_norm = ffn_norm_for(self.ffn, m)
 
     def _sublayer(self, i: int):
-        name = SUBLAYERS[i]
+        name = self.SUBLAYERS[i]
         return getattr(self, f"{name}_norm"), getattr(self, name)
+
+    def _call_attention(self, layer, x, *, mode, rng, context, **kwargs):
+        """A causal attention sub-layer ignores `context` (the encoder's block passes its mask)."""
+        return layer(x, mode=mode, rng=rng, **kwargs)
 
     def _sparse_ff(self):
         """The sparse FFN of the FFN sub-layer (also inside an SRU wrapper), else None."""
@@ -62,7 +68,7 @@ class ReversibleBlock(nnx.Module):
         ffn = getattr(self.ffn, "main", self.ffn)
         return ffn if isinstance(ffn, SparseFF) else None
 
-    def residual(self, i: int, a, *, mode: str, rng=None, memory=None):
+    def residual(self, i: int, a, *, mode: str, rng=None, memory=None, context=None):
         """(F_i(a), memory). No dropout on the half-residual itself: the reference's reversible
         attention half-residual has no output dropout, and its FFN half-residual drops only the sparse
         FFN's output, inside SparseFF (trax terraformer.py; docs/semantics.md §4).
@@ -70,24 +76,28 @@ class ReversibleBlock(nnx.Module):
         Memory, in training: what the recomputation must replay exactly although its rebuilt input
         differs from the forward pass's by float rounding (a choice near a tie could flip): the sparse
         FFN's chosen units, or an LSH attention's bucket assignments. Computed here, or reused when
-        `memory` is passed; None for sub-layers with neither."""
+        `memory` is passed; None for sub-layers with neither. `context`: the encoder's padding mask
+        (ReversibleEncoderBlock), None in the decoder."""
         train = check_mode(mode)
         norm, layer = self._sublayer(i)
         x = pre_norm(norm, a)
-        if train and SUBLAYERS[i] == "ffn" and self._sparse_ff() is not None:
-            memory = layer.train_choice(x, rng) if memory is None else memory
-            return layer(x, mode=mode, rng=rng, choice=memory), memory
-        if train and SUBLAYERS[i] != "ffn" and layer.lsh is not None:
+        if self.SUBLAYERS[i] == "ffn":
+            if train and self._sparse_ff() is not None:
+                memory = layer.train_choice(x, rng) if memory is None else memory
+                return layer(x, mode=mode, rng=rng, choice=memory), memory
+            return layer(x, mode=mode, rng=rng), None
+        if train and getattr(layer, "lsh", None) is not None:
             memory = layer.lsh_buckets(x, mode=mode, rng=rng) if memory is None else memory
-            return layer(x, mode=mode, rng=rng, buckets=memory), memory
-        return layer(x, mode=mode, rng=rng), None
+            return self._call_attention(layer, x, mode=mode, rng=rng, context=context, buckets=memory), memory
+        return self._call_attention(layer, x, mode=mode, rng=rng, context=context), None
 
     def init_cache(self, batch: int, cache_len: int, dtype):
-        return {name: self._sublayer(i)[1].init_cache(batch, cache_len, dtype) for i, name in enumerate(SUBLAYERS)}
+        return {name: self._sublayer(i)[1].init_cache(batch, cache_len, dtype)
+                for i, name in enumerate(self.SUBLAYERS)}
 
     def decode(self, x1, x2, cache, index):
         new_cache = {}
-        for i, name in enumerate(SUBLAYERS):
+        for i, name in enumerate(self.SUBLAYERS):
             norm, layer = self._sublayer(i)
             h, new_cache[name] = layer.decode(pre_norm(norm, x1), cache[name], index)
             x1, x2 = x2 + h, x1
@@ -98,31 +108,33 @@ def _sublayer_key(block_key, i):
     return None if block_key is None else jax.random.fold_in(block_key, i)
 
 
-def _residual_fn(graphdef, i: int, mode: str):
-    """F_i as a pure function of (block state, a, block key, stored choice) -> (F_i(a), choice)."""
+def _residual_fn(graphdef, i: int, mode: str, context=None):
+    """F_i as a pure function of (block state, a, block key, stored memory) -> (F_i(a), memory)."""
 
     def f(state, a, block_key, memory=None):
-        return nnx.merge(graphdef, state).residual(i, a, mode=mode, rng=_sublayer_key(block_key, i), memory=memory)
+        return nnx.merge(graphdef, state).residual(i, a, mode=mode, rng=_sublayer_key(block_key, i), memory=memory,
+                                                   context=context)
 
     return f
 
 
-def _block_forward(graphdef, mode, carry, block):
-    """One block's three half-residuals -> ((x1, x2), the block's mask memory per sub-layer)."""
+def _block_forward(graphdef, mode, context, n_sublayers, carry, block):
+    """One block's half-residuals -> ((x1, x2), the block's mask memory per sub-layer)."""
     x1, x2 = carry
     state, key = block
     memory = []
-    for i in range(len(SUBLAYERS)):
-        h, choice = _residual_fn(graphdef, i, mode)(state, x1, key)
+    for i in range(n_sublayers):
+        h, choice = _residual_fn(graphdef, i, mode, context)(state, x1, key)
         x1, x2 = x2 + h, x1
         memory.append(choice)
     return (x1, x2), tuple(memory)
 
 
-def _forward(graphdef, mode, x1, x2, states, keys):
+def _forward(graphdef, mode, x1, x2, states, keys, context, n_sublayers):
     """-> (x1, x2, mask memory: per sub-layer, the sparse FFN's choices stacked over blocks, or None)."""
-    (x1, x2), memory = jax.lax.scan(lambda carry, block: _block_forward(graphdef, mode, carry, block),
-                                    (x1, x2), (states, keys))
+    (x1, x2), memory = jax.lax.scan(
+        lambda carry, block: _block_forward(graphdef, mode, context, n_sublayers, carry, block), (x1, x2),
+        (states, keys))
     return x1, x2, memory
 
 
@@ -130,9 +142,11 @@ def _add(a, b):
     return jax.tree.map(lambda u, v: u + v, a, b)
 
 
-def reversible_apply(graphdef, mode: str, x1, x2, states, keys, *, recompute: bool = True):
+def reversible_apply(graphdef, mode: str, x1, x2, states, keys, *, recompute: bool = True, context=None,
+                     n_sublayers: int = len(SUBLAYERS)):
     """Runs the blocks on the two streams; returns the final (x1, x2). `states` holds every block's
-    state stacked on a leading axis (blocks share `graphdef`), `keys` one key per block (or None).
+    state stacked on a leading axis (blocks share `graphdef`), `keys` one key per block (or None),
+    `context` non-differentiable data every block reads (the encoder's padding mask, or None).
 
     The blocks run in a `lax.scan`, forwards and in the backward pass, so one compiled block body
     serves every layer and the buffers of one step are reused by the next: peak memory does not
@@ -140,24 +154,25 @@ def reversible_apply(graphdef, mode: str, x1, x2, states, keys, *, recompute: bo
     allocation grew with depth). With recompute=True the backward pass rebuilds activations instead
     of storing them."""
     if not recompute:
-        return _forward(graphdef, mode, x1, x2, states, keys)[:2]
+        return _forward(graphdef, mode, x1, x2, states, keys, context, n_sublayers)[:2]
 
     @jax.custom_vjp
-    def run(x1, x2, states, keys):
-        return _forward(graphdef, mode, x1, x2, states, keys)[:2]
+    def run(x1, x2, states, keys, context):
+        return _forward(graphdef, mode, x1, x2, states, keys, context, n_sublayers)[:2]
 
-    def run_fwd(x1, x2, states, keys):
-        y1, y2, memory = _forward(graphdef, mode, x1, x2, states, keys)
-        return (y1, y2), (y1, y2, states, keys, memory)  # no activations: outputs and mask memory only
+    def run_fwd(x1, x2, states, keys, context):
+        y1, y2, memory = _forward(graphdef, mode, x1, x2, states, keys, context, n_sublayers)
+        # No activations: outputs and mask memory only.
+        return (y1, y2), (y1, y2, states, keys, memory, context)
 
-    def block_backward(carry, block):
+    def backward(context, carry, block):
         y1, y2, dy1, dy2 = carry
         state, key, memory = block
         dstate = None
-        for i in reversed(range(len(SUBLAYERS))):
+        for i in reversed(range(n_sublayers)):
             # Forward was (a, b) -> (y1, y2) = (b + F(a), a): rebuild a and b, then back-propagate.
             a = y2
-            f = _residual_fn(graphdef, i, mode)
+            f = _residual_fn(graphdef, i, mode, context)
             f_out, f_vjp = jax.vjp(lambda s, a_: f(s, a_, key, memory[i])[0], state, a)
             b = y1 - f_out
             ds, da = f_vjp(dy1)
@@ -166,23 +181,31 @@ def reversible_apply(graphdef, mode: str, x1, x2, states, keys, *, recompute: bo
         return (y1, y2, dy1, dy2), dstate
 
     def run_bwd(residuals, cotangents):
-        y1, y2, states, keys, memory = residuals
-        (_, _, dx1, dx2), dstates = jax.lax.scan(block_backward, (y1, y2, *cotangents), (states, keys, memory),
-                                                 reverse=True)
-        return dx1, dx2, dstates, None  # keys are integer data: None = a zero cotangent
+        y1, y2, states, keys, memory, context = residuals
+        (_, _, dx1, dx2), dstates = jax.lax.scan(lambda carry, block: backward(context, carry, block),
+                                                 (y1, y2, *cotangents), (states, keys, memory), reverse=True)
+        return dx1, dx2, dstates, None, None  # keys and context are data: None = a zero cotangent
 
     run.defvjp(run_fwd, run_bwd)
-    return run(x1, x2, states, keys)
+    return run(x1, x2, states, keys, context)
 
 
 class ReversibleStack(nnx.Module):
-    """Stack protocol of layers/stack.py: __call__(x, mode, rng), init_cache, decode, `blocks`."""
+    """Stack protocol of layers/stack.py: __call__(x, mode, rng), init_cache, decode, `blocks`.
+    `streams` / `decode_streams` take and return the two streams (the encoder-decoder Terraformer
+    hands its encoder's streams to its decoder, terraformer_encdec.py)."""
 
-    def __init__(self, m, *, rngs: nnx.Rngs, recompute: bool = True):
-        self.blocks = nnx.List([ReversibleBlock(m, rngs=rngs) for _ in range(m.n_layers)])
+    def __init__(self, m, *, rngs: nnx.Rngs, recompute: bool = True, block=None, n_layers: int | None = None):
+        block = block or ReversibleBlock
+        self.blocks = nnx.List([block(m, rngs=rngs) for _ in range(m.n_layers if n_layers is None else n_layers)])
         self.recompute = recompute
 
     def __call__(self, x, *, mode: str = "eval", rng=None):
+        x1, x2 = self.streams(x, x, mode=mode, rng=rng)
+        return (x1 + x2) / 2
+
+    def streams(self, x1, x2, *, mode: str = "eval", rng=None, context=None):
+        """(x1, x2) through every block -> (y1, y2); `context` reaches every block (the encoder's mask)."""
         train = check_mode(mode)
         if train and rng is None:
             raise ValueError("ReversibleStack in train mode needs an rng key")
@@ -192,15 +215,19 @@ class ReversibleStack(nnx.Module):
         # Stacking copies the block weights once per call (their size, not the activations').
         stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
         keys = jax.vmap(lambda j: jax.random.fold_in(rng, j))(jnp.arange(len(self.blocks))) if train else None
-        x1, x2 = reversible_apply(graphdefs[0], mode, x, x, stacked, keys, recompute=self.recompute)
-        return (x1 + x2) / 2
+        return reversible_apply(graphdefs[0], mode, x1, x2, stacked, keys, recompute=self.recompute, context=context,
+                                n_sublayers=len(self.blocks[0].SUBLAYERS))
 
     def init_cache(self, batch: int, cache_len: int, dtype):
         return [block.init_cache(batch, cache_len, dtype) for block in self.blocks]
 
     def decode(self, x, cache, index):
-        x1, x2, new_cache = x, x, []
+        x1, x2, new_cache = self.decode_streams(x, x, cache, index)
+        return (x1 + x2) / 2, new_cache
+
+    def decode_streams(self, x1, x2, cache, index):
+        new_cache = []
         for block, block_cache in zip(self.blocks, cache):
             x1, x2, block_cache = block.decode(x1, x2, block_cache, index)
             new_cache.append(block_cache)
-        return (x1 + x2) / 2, new_cache
+        return x1, x2, new_cache
