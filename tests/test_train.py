@@ -196,7 +196,7 @@ def test_optimizers_minimise_a_quadratic(name):
 
 def test_adafactor_weight_decay_is_decoupled():
     # With a zero gradient only the decay acts: w <- w - wd * w, independent of the learning rate
-    # (weight_decay_steps 0: a constant rate; its linear fall is tested in test_reference_fidelity_optimizer.py).
+    # (weight_decay_steps 0: a constant rate; its linear fall is tested in test_reference_fidelity.py).
     t = load_config("tiny").train
     t.update(weight_decay=0.1, weight_decay_steps=0, learning_rate=1.0, warmup_steps=1)
     tx = make_optimizer(t)

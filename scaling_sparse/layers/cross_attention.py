@@ -13,7 +13,6 @@ reference's timing test counts them) plus the cached keys and values.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
