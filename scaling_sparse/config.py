@@ -37,6 +37,10 @@ class ModelConfig:
     dtype: str = "float32"        # compute dtype: float32 | bfloat16
     param_dtype: str = "float32"  # storage dtype of trainable parameters
     layer_norm_eps: float = 1e-6
+    # Token embedding init (docs/semantics.md §5b): "reference" = uniform with std 1/sqrt(d_model), as
+    # trax; "normal" = N(0, 1), which trains faster in short runs under Adafactor's parameter scaling
+    # (the stdlib demo presets use it).
+    embed_init: str = "reference"
     # Sparse FFN (docs/semantics.md §1). 0 = dense FFN.
     ff_sparsity: int = 0          # N: units per block; d_ff / N blocks
     ff_lowrank: int = 0           # controller rank r; 0 = d_ff // N (see `ff_rank`)
@@ -182,6 +186,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for name in ("dtype", "param_dtype"):
         _require(m[name] in _DTYPES, f"model.{name}", f"unknown dtype {m[name]!r}",
                  f"use one of {_DTYPES}")
+    _require(m.embed_init in ("reference", "normal"), "model.embed_init", f"unknown value {m.embed_init!r}",
+             "use reference (uniform, std 1/sqrt(d_model)) | normal (N(0, 1))")
     _require(m.arch in ("decoder", "encdec"), "model.arch", f"unknown value {m.arch!r}", "use decoder | encdec")
     _require(isinstance(m.n_encoder_layers, int) and m.n_encoder_layers >= 0, "model.n_encoder_layers",
              f"must be an integer >= 0, got {m.n_encoder_layers!r}", "0 = as many as model.n_layers")

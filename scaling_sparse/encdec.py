@@ -38,7 +38,8 @@ class EncoderDecoderLM(nnx.Module):
         m = ModelConfig.from_config(m)
         pdt = jnp.dtype(m.param_dtype)
         # One embedding shared by the encoder and the decoder (the reference's shared in/out embedder).
-        self.token_embed = param(embedding_init(rngs.params(), (m.vocab_size, m.d_model), pdt), "vocab", "embed")
+        self.token_embed = param(embedding_init(rngs.params(), (m.vocab_size, m.d_model), pdt, m.embed_init),
+                                 "vocab", "embed")
         self.encoder_pos_embed = param(jnp.asarray(sinusoidal_init(m.max_len, m.d_model), pdt), "length", "embed")
         self.pos_embed = param(jnp.asarray(sinusoidal_init(m.max_len, m.d_model), pdt), "length", "embed")
         self.encoder = nnx.List([EncoderBlock(m, rngs=rngs) for _ in range(m.encoder_layers)])

@@ -25,8 +25,11 @@ def sinusoidal_init(max_len: int, d: int) -> np.ndarray:
     return table
 
 
-def embedding_init(key, shape, dtype=jnp.float32):
-    """U(-a, a) with a = sqrt(3 / d): std 1/sqrt(d), the reference's token embedding."""
+def embedding_init(key, shape, dtype=jnp.float32, kind: str = "reference"):
+    """model.embed_init: "reference" = U(-a, a) with a = sqrt(3 / d), std 1/sqrt(d), the reference's
+    token embedding; "normal" = N(0, 1)."""
+    if kind == "normal":
+        return jax.random.normal(key, shape, dtype)
     limit = (3.0 / shape[-1]) ** 0.5
     return jax.random.uniform(key, shape, dtype, -limit, limit)
 
@@ -57,8 +60,9 @@ class DecoderLM(nnx.Module):
     def __init__(self, m, *, rngs: nnx.Rngs):
         m = ModelConfig.from_config(m)
         pdt = jnp.dtype(m.param_dtype)
-        # Uniform with std 1/sqrt(d), no sqrt(d) scaling of the embeddings (docs/semantics.md §5b).
-        self.token_embed = param(embedding_init(rngs.params(), (m.vocab_size, m.d_model), pdt), "vocab", "embed")
+        # Uniform with std 1/sqrt(d) by default; no sqrt(d) scaling of the embeddings (docs/semantics.md §5b).
+        self.token_embed = param(embedding_init(rngs.params(), (m.vocab_size, m.d_model), pdt, m.embed_init),
+                                 "vocab", "embed")
         self.pos_embed = param(jnp.asarray(sinusoidal_init(m.max_len, m.d_model), pdt), "length", "embed")
         self.stack = make_stack(m, rngs)
         self.final_norm = LayerNorm(m.d_model, eps=m.layer_norm_eps)

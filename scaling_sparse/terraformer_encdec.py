@@ -60,7 +60,8 @@ class TerraformerEncDecLM(nnx.Module):
     def __init__(self, m, *, rngs: nnx.Rngs):
         m = ModelConfig.from_config(m)
         pdt = jnp.dtype(m.param_dtype)
-        self.token_embed = param(embedding_init(rngs.params(), (m.vocab_size, m.d_model), pdt), "vocab", "embed")
+        self.token_embed = param(embedding_init(rngs.params(), (m.vocab_size, m.d_model), pdt, m.embed_init),
+                                 "vocab", "embed")
         self.encoder_pos_embed = param(jnp.asarray(sinusoidal_init(m.max_len, m.d_model), pdt), "length", "embed")
         self.pos_embed = param(jnp.asarray(sinusoidal_init(m.max_len, m.d_model), pdt), "length", "embed")
         self.encoder = ReversibleStack(m, rngs=rngs, block=ReversibleEncoderBlock, n_layers=m.encoder_layers)
