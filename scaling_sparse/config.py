@@ -41,6 +41,11 @@ class ModelConfig:
     # trax; "normal" = N(0, 1), which trains faster in short runs under Adafactor's parameter scaling
     # (the stdlib demo presets use it).
     embed_init: str = "reference"
+    # Dense Q, K, V init (docs/semantics.md §5b): "reference" = Glorot-uniform over each [d, d], as
+    # trax's three Dense layers; "fused" = Glorot-uniform limits of one [d, 3d] matrix (sqrt(2)
+    # smaller), the project's earlier init, which the stdlib demo presets keep: it trained faster in
+    # 300-step runs (demo eval loss 4.59 vs 5.37 at step 200).
+    qkv_init: str = "reference"
     # Sparse FFN (docs/semantics.md §1). 0 = dense FFN.
     ff_sparsity: int = 0          # N: units per block; d_ff / N blocks
     ff_lowrank: int = 0           # controller rank r; 0 = d_ff // N (see `ff_rank`)
@@ -188,6 +193,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                  f"use one of {_DTYPES}")
     _require(m.embed_init in ("reference", "normal"), "model.embed_init", f"unknown value {m.embed_init!r}",
              "use reference (uniform, std 1/sqrt(d_model)) | normal (N(0, 1))")
+    _require(m.qkv_init in ("reference", "fused"), "model.qkv_init", f"unknown value {m.qkv_init!r}",
+             "use reference (Glorot over each [d, d]) | fused (Glorot limits of one [d, 3d])")
     _require(m.arch in ("decoder", "encdec"), "model.arch", f"unknown value {m.arch!r}", "use decoder | encdec")
     _require(isinstance(m.n_encoder_layers, int) and m.n_encoder_layers >= 0, "model.n_encoder_layers",
              f"must be an integer >= 0, got {m.n_encoder_layers!r}", "0 = as many as model.n_layers")

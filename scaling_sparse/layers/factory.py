@@ -23,7 +23,8 @@ def make_qkv(m, rngs: nnx.Rngs) -> nnx.Module:
         return SparseQKV(m.d_model, m.attn_sparsity, length_kernel=m.attn_length_kernel, rngs=rngs,
                          param_dtype=param_dtype(m))
     # Shared-QK LSH attention reads no K: build none (docs/semantics.md §4).
-    return DenseQKV(m.d_model, rngs=rngs, shared_qk=m.attention == "lsh", param_dtype=param_dtype(m))
+    return DenseQKV(m.d_model, rngs=rngs, shared_qk=m.attention == "lsh", init=m.qkv_init,
+                    param_dtype=param_dtype(m))
 
 
 def make_attn_output(m, rngs: nnx.Rngs) -> nnx.Module | None:

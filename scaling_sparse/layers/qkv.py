@@ -16,14 +16,20 @@ import jax.numpy as jnp
 from flax import nnx
 
 from scaling_sparse.layers.base import no_cache
-from scaling_sparse.layers.dense import Dense
+from scaling_sparse.layers.dense import Dense, glorot_uniform
 
 
 class DenseQKV(nnx.Module):
     component = "attention"
 
-    def __init__(self, d_model: int, *, rngs: nnx.Rngs, shared_qk: bool = False, param_dtype=jnp.float32):
-        dense = lambda: Dense(d_model, d_model, rngs=rngs, axes=("embed", "heads"), param_dtype=param_dtype)  # noqa: E731
+    def __init__(self, d_model: int, *, rngs: nnx.Rngs, shared_qk: bool = False, init: str = "reference",
+                 param_dtype=jnp.float32):
+        """init (model.qkv_init): "reference" = Glorot-uniform over each [d, d]; "fused" = the limits of
+        one Glorot-uniform [d, 3d], sqrt(2) smaller (docs/semantics.md §5b)."""
+        kernel_init = glorot_uniform if init == "reference" else nnx.initializers.variance_scaling(
+            0.5, "fan_avg", "uniform")  # [d, d]'s fan_avg d, a [d, 3d]'s 2d
+        dense = lambda: Dense(d_model, d_model, rngs=rngs, axes=("embed", "heads"),  # noqa: E731
+                              kernel_init=kernel_init, param_dtype=param_dtype)
         self.q = dense()
         self.k = None if shared_qk else dense()
         self.v = dense()
