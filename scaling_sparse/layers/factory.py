@@ -21,7 +21,7 @@ def make_qkv(m, rngs: nnx.Rngs) -> nnx.Module:
     if m.attn_sparsity:
         from scaling_sparse.layers.sparse_qkv import SparseQKV
         return SparseQKV(m.d_model, m.attn_sparsity, length_kernel=m.attn_length_kernel, rngs=rngs,
-                         param_dtype=param_dtype(m))
+                         conv_init=m.conv_init, param_dtype=param_dtype(m))
     # Shared-QK LSH attention reads no K: build none (docs/semantics.md §4).
     return DenseQKV(m.d_model, rngs=rngs, shared_qk=m.attention == "lsh", init=m.qkv_init,
                     param_dtype=param_dtype(m))

@@ -66,7 +66,7 @@ class ModuleConv(nnx.Module):
     """2-D convolution over (length, modules) with M channels in and out; causal along length."""
 
     def __init__(self, n_modules: int, d_module: int, *, length_kernel: int = 3, module_kernel: int = 3,
-                 rngs: nnx.Rngs, param_dtype=jnp.float32):
+                 rngs: nnx.Rngs, init: str = "reference", param_dtype=jnp.float32):
         if module_kernel % 2 != 1:
             raise ValueError(f"ModuleConv: module_kernel must be odd (zero padding (ks-1)/2 each side), "
                              f"got {module_kernel}")
@@ -76,10 +76,15 @@ class ModuleConv(nnx.Module):
         self.length_kernel, self.module_kernel = length_kernel, module_kernel
         shape = (length_kernel, module_kernel, d_module, d_module)  # HWIO
         kernel_key, bias_key = jax.random.split(rngs.params())
-        # Glorot-normal whose fans are the last two dimensions only (trax initializers.py `_GetFans`
-        # ignores the receptive field): std sqrt(2 / (M + M)) = 1/sqrt(M) (docs/semantics.md §2).
-        std = (2.0 / (d_module + d_module)) ** 0.5
-        self.kernel = param(std * jax.random.normal(kernel_key, shape, param_dtype), None, None, "conv", "conv")
+        # init (model.conv_init), docs/semantics.md §2: "reference" = Glorot-normal whose fans are the
+        # last two dimensions only (trax initializers.py `_GetFans` ignores the receptive field): std
+        # sqrt(2 / (M + M)) = 1/sqrt(M); "receptive_field" = Glorot-uniform with fans kl ks M (std
+        # 1/sqrt(kl ks M), 3x smaller for Q and K at kl = ks = 3).
+        if init == "reference":
+            kernel = (1.0 / d_module) ** 0.5 * jax.random.normal(kernel_key, shape, param_dtype)
+        else:
+            kernel = glorot_uniform(kernel_key, shape, param_dtype)
+        self.kernel = param(kernel, None, None, "conv", "conv")
         self.bias = param(tiny_normal(bias_key, (d_module,), param_dtype), "conv")
 
     @property

@@ -19,7 +19,7 @@ class SparseQKV(nnx.Module):
     component = "attention"
 
     def __init__(self, d_model: int, n_modules: int, *, length_kernel: int = 3, rngs: nnx.Rngs,
-                 param_dtype=jnp.float32):
+                 conv_init: str = "reference", param_dtype=jnp.float32):
         if n_modules < 1 or d_model % n_modules:
             raise ValueError(f"SparseQKV: d_model {d_model} is not divisible by attn_sparsity {n_modules}; "
                              "choose S dividing d_model (e.g. n_heads)")
@@ -28,7 +28,7 @@ class SparseQKV(nnx.Module):
         self.length_kernel = length_kernel
         self.mult = MultiplicativeDense(d_model, d_model, n_modules, rngs=rngs, param_dtype=param_dtype)
         conv = lambda ks: ModuleConv(n_modules, self.d_module, length_kernel=length_kernel, module_kernel=ks,
-                                     rngs=rngs, param_dtype=param_dtype)
+                                     rngs=rngs, init=conv_init, param_dtype=param_dtype)
         self.conv_q, self.conv_k, self.conv_v = conv(3), conv(3), conv(1)
 
     def _shared(self, x):
