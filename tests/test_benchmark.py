@@ -137,6 +137,29 @@ def test_benchmark_weights_are_the_state_builders_in_the_target_dtype():
     assert out.shape == (1, 2)
 
 
+def test_large_models_draw_their_weights_with_rbg(monkeypatch):
+    import jax
+    import numpy as np
+
+    config = models.with_overrides(load_config("tiny"), dtype="float32")
+    assert models.init_mode(config) == "threefry"
+    graphdef, params = models.build(config, seed=3)
+    monkeypatch.setattr(models, "RBG_INIT_BYTES", 0)  # as if tiny were over the limit
+    assert models.init_mode(config) == "rbg"
+    rbg_graphdef, rbg = models.build(config, seed=3)
+    assert jax.config.jax_default_prng_impl == "threefry2x32"  # restored
+    assert rbg_graphdef == graphdef and jax.tree.structure(rbg) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(rbg)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+    # The same initialisers with other random bits: the random weights differ, the constant ones do not.
+    flat, flat_rbg = jax.tree.leaves(params), jax.tree.leaves(rbg)
+    assert any(not np.array_equal(a, b) for a, b in zip(flat, flat_rbg))
+    token = np.asarray(params["token_embed"])
+    assert abs(float(np.std(np.asarray(rbg["token_embed"]))) / float(np.std(token)) - 1) < 0.2
+    decoder, _ = models.build_decoder(config, seed=3)
+    assert decoder.generate([[1, 2, 3]], 2).shape == (1, 2)
+
+
 def test_profile_decode_ranks_the_ops_of_the_decode_loop(tmp_path):
     from benchmarks import profile_decode
 
@@ -273,3 +296,88 @@ def test_profile_train_ranks_the_ops_of_the_train_step(tmp_path):
     passes = {row["pass"] for row in result["ops"]}
     assert {"forward", "backward"} <= passes
     assert any("dot_general" in row["op"] for row in result["ops"] if row["pass"] == "backward")
+
+
+# --------------------------------------------------------------------------------------------
+# The paper rows (decode_latency.py --paper_rows): encoder-decoders, speedups within each group
+
+TINY_ENCDEC = (("model.arch", "encdec"), ("model.n_encoder_layers", 1), ("data.objective", "span_corruption"))
+TINY_SPARSE_ENCDEC = TINY_ENCDEC + (("model.ff_sparsity", 8), ("model.attn_sparsity", 4))
+TINY_TERRAFORMER_ENCDEC = TINY_SPARSE_ENCDEC + (("model.reversible", True), ("model.ff_sru_units", 8))
+
+
+def test_paper_presets_follow_the_reference_timing_test():
+    # trax decoding_timing_test.py, template big_transformer and its "Sparse FF+QKV" sweep entry.
+    dense, sparse = load_config("paper_large_dense_slice").model, load_config("paper_large_sparse_slice").model
+    for m in (dense, sparse):
+        assert (m.arch, m.n_encoder_layers, m.n_layers, m.d_model, m.n_heads, m.vocab_size) == (
+            "encdec", 1, 2, 9216, 96, 32000)
+        assert m.loss_sparsity == 0 and not m.reversible
+    assert (dense.d_ff, dense.ff_sparsity, dense.attn_sparsity) == (40960, 0, 0)
+    assert (sparse.d_ff, sparse.ff_sparsity, sparse.ff_lowrank, sparse.attn_sparsity, sparse.attn_length_kernel) == (
+        65536, 256, 32, 64, 3)
+    rows = {row.label: row for group in bench.PAPER_GROUPS.values() for row in group.rows}
+    assert rows["paper_medium_sparse_ffqkv[loss_sparsity=0]"].paper_s == 0.061
+    assert bench.paper_config(rows["paper_medium_sparse_ffqkv[loss_sparsity=0]"], "float32").model.loss_sparsity == 0
+    assert not bench.PAPER_GROUPS["large"].interleave
+
+
+def test_paper_group_plan_falls_back_to_bfloat16_then_skips():
+    row = bench.PaperRow("tiny", "tiny", 1.0)
+    group = bench.PaperGroup("g", "g", (row,), interleave=False)
+    size = models.param_report(load_config("tiny"))["total_params"] * 4
+    plan = bench.plan_group(group, "float32", bench.HEADROOM_BYTES + 2 * size, dtype_forced=False)
+    assert (plan["schedule"], plan["dtype"]) == ("sequential", "float32")
+    plan = bench.plan_group(group, "float32", bench.HEADROOM_BYTES + size * 3 // 4, dtype_forced=False)
+    assert (plan["schedule"], plan["dtype"]) == ("sequential", "bfloat16") and "does not fit" in plan["dtype_note"]
+    plan = bench.plan_group(group, "float32", bench.HEADROOM_BYTES + size // 4, dtype_forced=False)
+    assert plan["schedule"] == "skipped"
+    plan = bench.plan_group(bench.PaperGroup("g", "g", (row, row)), "float32", 1 << 40, dtype_forced=False)
+    assert plan["schedule"] == "interleaved"
+
+
+def test_paper_rows_end_to_end_tiny_encoder_decoders(tmp_path, monkeypatch):
+    groups = {
+        "pair": bench.PaperGroup("pair", "tiny encoder-decoders", (
+            bench.PaperRow("tiny", "tiny dense: 0.2 s", 0.2, None, TINY_ENCDEC),
+            bench.PaperRow("tiny", "tiny sparse: 0.1 s", 0.1, "tiny[arch=encdec,n_encoder_layers=1,"
+                           "objective=span_corruption]", TINY_SPARSE_ENCDEC),
+            bench.PaperRow("tiny", "tiny terraformer", None, "tiny[arch=encdec,n_encoder_layers=1,"
+                           "objective=span_corruption]", TINY_TERRAFORMER_ENCDEC),
+        )),
+        "seq": bench.PaperGroup("seq", "one at a time", (
+            bench.PaperRow("tiny", "tiny dense", None, None, TINY_ENCDEC),), interleave=False, tokens=3, repeats=2),
+    }
+    monkeypatch.setattr(bench, "PAPER_GROUPS", groups)
+    report = bench.main(["--paper_rows", "--paper_groups=pair,seq", "--tokens=4", "--repeats=2",
+                         "--per_call_tokens=3", "--prompt_len=5", "--bandwidth_mb=16", f"--out_dir={tmp_path}"])
+    data = json.loads((tmp_path / "decode_paper_cpu.json").read_text())
+    assert (tmp_path / "decode_paper_cpu.png").stat().st_size > 0
+    assert not (tmp_path / "decode_cpu.json").exists()  # the decoder-only file is left alone
+    assert [g["schedule"] for g in data["groups"]] == ["interleaved", "sequential"]
+    assert "not interleaved" in data["groups"][1]["schedule_note"] and data["groups"][1]["tokens"] == 3
+    dense, sparse, terra, seq = data["results"]
+    for r in data["results"]:
+        for key in ("paper_row", "paper_group", "speedup_vs", "ms_per_token", "per_call_ms_per_token", "prefill_ms",
+                    "dtype", "decode_start_index", "n_encoder_layers", "schedule"):
+            assert key in r, key
+        assert r["arch"] == "encdec" and r["prompt"] == "encoder input" and r["dtype"] == "float32"
+        assert r["decode_start_index"] == 1  # decoding continues after the start token
+        assert r["ms_per_token"] > 0 and r["per_call_ms_per_token"] > 0 and r["prefill_ms"] > 0
+        assert r["per_call_matches_loop"]  # greedy: both modes decode the same tokens from the same encoding
+    assert dense["decode_cache_len"] == 1 + 4 and seq["decode_cache_len"] == 1 + 3
+    assert dense["speedup_vs"]["in_loop"] == pytest.approx(1.0) and dense["speedup_vs"]["paper"] == pytest.approx(1.0)
+    assert sparse["speedup_vs"]["baseline"] == dense["preset"] and sparse["paper_row"] == "tiny sparse: 0.1 s"
+    assert sparse["speedup_vs"]["in_loop"] == pytest.approx(dense["ms_per_token"] / sparse["ms_per_token"])
+    assert sparse["speedup_vs"]["per_call"] == pytest.approx(
+        dense["per_call_ms_per_token"] / sparse["per_call_ms_per_token"])
+    assert sparse["speedup_vs"]["paper"] == pytest.approx(2.0)
+    assert terra["reversible"] and terra["speedup_vs"]["paper"] is None
+    assert report["results"][0]["paper_group"] == "pair"
+
+    # Re-running one group keeps the other group's rows in the file.
+    bench.main(["--paper_rows", "--paper_groups=seq", "--tokens=2", "--repeats=1", "--per_call_tokens=2",
+                "--prompt_len=5", "--bandwidth_mb=16", "--no_plot", f"--out_dir={tmp_path}"])
+    data = json.loads((tmp_path / "decode_paper_cpu.json").read_text())
+    assert [r["paper_group"] for r in data["results"]] == ["pair", "pair", "pair", "seq"]
+    assert data["results"][3]["decode_cache_len"] == 1 + 3  # the group's own token count
