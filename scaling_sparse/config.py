@@ -71,6 +71,26 @@ class ModelConfig:
     lsh_chunk_len: int = 128
     lsh_n_buckets: int = 0        # 0 = 2 * seq_len / chunk_len
     ff_sru_units: int = 0         # 0 = no SRU recurrence
+    # Compressed dense models (`compress`, docs/compression.md); decoder-only, standard stack, dense
+    # layers only. 0 / () = the plain dense model.
+    factor_rank_attn: int = 0     # SVD / ASVD: Q, K, V and attention output as rank-r factor pairs
+    factor_rank_ff: int = 0       # SVD / ASVD: the FFN's two matrices as rank-r factor pairs
+    d_head: int = 0               # attention head width; 0 = d_model // n_heads (CoFi prunes d_model, not it)
+    layer_heads: tuple = ()       # CoFi: heads per layer, 0 = no attention sub-layer; () = n_heads in all
+    layer_d_ff: tuple = ()        # CoFi: FFN width per layer, 0 = no FFN sub-layer; () = d_ff in all
+
+    @property
+    def head_dim(self) -> int:
+        """The attention head width: d_head, or d_model // n_heads when 0."""
+        return self.d_head or self.d_model // self.n_heads
+
+    def heads_of(self, layer: int) -> int:
+        """Attention heads of decoder layer `layer` (0 = the layer has no attention sub-layer)."""
+        return self.layer_heads[layer] if self.layer_heads else self.n_heads
+
+    def d_ff_of(self, layer: int) -> int:
+        """FFN width of decoder layer `layer` (0 = the layer has no FFN sub-layer)."""
+        return self.layer_d_ff[layer] if self.layer_d_ff else self.d_ff
 
     @property
     def encoder_layers(self) -> int:
@@ -96,6 +116,9 @@ class ModelConfig:
         if unknown:
             raise ConfigError(f"config.model has unknown fields {unknown}. Fix: remove them; the model's fields "
                               f"are {sorted(names)}.")
+        for name in ("layer_heads", "layer_d_ff"):  # JSON and ConfigDicts give lists; hashable tuples here
+            if name in values:
+                values[name] = tuple(values[name])
         return cls(**values)
 
     def to_dict(self) -> dict:
@@ -187,9 +210,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         value = m[name]
         _require(isinstance(value, int) and value > 0, f"model.{name}",
                  f"must be a positive integer, got {value!r}", f"set --config.model.{name}=<int > 0>")
-    _require(m.d_model % m.n_heads == 0, "model.n_heads",
+    _require(m.get("d_head", 0) or m.d_model % m.n_heads == 0, "model.n_heads",
              f"d_model {m.d_model} is not divisible by n_heads {m.n_heads}",
-             "choose n_heads dividing d_model (e.g. d_model / 64)")
+             "choose n_heads dividing d_model (e.g. d_model / 64), or set model.d_head")
     for name in ("dropout", "attn_dropout"):
         _require(0.0 <= m[name] < 1.0, f"model.{name}", f"must be in [0, 1), got {m[name]}",
                  f"set --config.model.{name}=0.1 or similar")
@@ -272,6 +295,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(m.ff_sru_units >= 0, "model.ff_sru_units", f"must be >= 0, got {m.ff_sru_units}",
              "set --config.model.ff_sru_units=0 (no SRU) or 32 (the paper's)")
 
+    _validate_compressed(m)
+
     # Training.
     for name in ("num_steps", "batch_size", "seq_len", "log_every", "eval_every", "checkpoint_every",
                  "keep_checkpoints", "eval_batches"):
@@ -339,6 +364,42 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _require(list(sizes.values()).count(-1) <= 1, "mesh", f"at most one axis may be -1, got {sizes}",
                  "give the other axes explicit sizes")
     return config
+
+
+def _validate_compressed(m) -> None:
+    """The fields of compressed dense models (docs/compression.md): a dense decoder-only model with the
+    standard stack, since SVD, ASVD and CoFi start from one (older saved configs lack the fields)."""
+    ranks = {name: m.get(name, 0) for name in ("factor_rank_attn", "factor_rank_ff", "d_head")}
+    for name, value in ranks.items():
+        _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, f"model.{name}",
+                 f"must be an integer >= 0, got {value!r}", f"set --config.model.{name}=0 (off) or a positive size")
+    per_layer = {name: m.get(name, ()) or () for name in ("layer_heads", "layer_d_ff")}
+    for name, values in per_layer.items():
+        _require(isinstance(values, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                           for v in values),
+                 f"model.{name}", f"must be a list of integers >= 0 (one per layer), got {values!r}",
+                 "give one non-negative size per layer, or () for the uniform model")
+        _require(not values or len(values) == m.n_layers, f"model.{name}",
+                 f"has {len(values)} entries for n_layers {m.n_layers}", "give exactly one entry per layer")
+    if not (any(ranks.values()) or any(per_layer.values())):
+        return
+    used = [n for n in ranks if ranks[n]] + [n for n in per_layer if per_layer[n]]
+    for field, value, plain in (("arch", m.arch, "decoder"), ("reversible", m.reversible, False),
+                                ("attention", m.attention, "full"), ("ff_sparsity", m.ff_sparsity, 0),
+                                ("attn_sparsity", m.attn_sparsity, 0), ("ff_sru_units", m.ff_sru_units, 0)):
+        _require(value == plain, f"model.{field}",
+                 f"{used} describe a compressed dense decoder, but model.{field}={value!r}",
+                 f"set --config.model.{field}={plain!r}, or leave {used} at 0 / ()")
+    if ranks["factor_rank_attn"]:
+        d_inner = max(per_layer["layer_heads"] or [m.n_heads]) * (ranks["d_head"] or m.d_model // m.n_heads)
+        _require(ranks["factor_rank_attn"] <= min(m.d_model, d_inner), "model.factor_rank_attn",
+                 f"rank {ranks['factor_rank_attn']} exceeds the attention matrices' min(d_in, d_out)",
+                 f"use a rank of at most {min(m.d_model, d_inner)}")
+    if ranks["factor_rank_ff"]:
+        widest = max(per_layer["layer_d_ff"] or [m.d_ff])
+        _require(ranks["factor_rank_ff"] <= min(m.d_model, widest), "model.factor_rank_ff",
+                 f"rank {ranks['factor_rank_ff']} exceeds the FFN matrices' min(d_in, d_out)",
+                 f"use a rank of at most {min(m.d_model, widest)}")
 
 
 def configs_dir():

@@ -16,7 +16,7 @@ from scaling_sparse.layers.base import param_count
 
 _SIZE_FIELDS = ("arch", "n_encoder_layers", "vocab_size", "d_model", "d_ff", "n_heads", "n_layers", "ff_sparsity", "ff_lowrank",
                 "attn_sparsity", "attn_output", "loss_sparsity", "loss_type", "loss_lowrank", "reversible",
-                "dtype", "param_dtype")
+                "dtype", "param_dtype", "factor_rank_attn", "factor_rank_ff", "d_head", "layer_heads", "layer_d_ff")
 
 
 def abstract_model(model_config):
@@ -49,7 +49,7 @@ def report_params(config, name: str | None = None) -> dict:
     per_layer = {
         key: (sum(components[k][key] for k in ("attention", "ffn", "norms")) - final_norms[key]) // layers[key]
         for key in ("total", "per_token")}
-    sizes = {k: getattr(m, k) for k in _SIZE_FIELDS}
+    sizes = {k: list(v) if isinstance(v := getattr(m, k), tuple) else v for k in _SIZE_FIELDS}
     if m.ff_sparsity:
         sizes["ff_lowrank"] = m.ff_rank  # the effective controller rank
     bytes_per_param = jnp.dtype(m.dtype).itemsize
@@ -79,7 +79,7 @@ def format_report(report: dict) -> str:
     title = report["config"] or "model"
     lines = [f"{title}: d_model {s['d_model']}, d_ff {s['d_ff']}, {s['n_layers']} layers, vocab {s['vocab_size']}, "
              f"ff_sparsity {s['ff_sparsity']}, attn_sparsity {s['attn_sparsity']}, "
-             f"loss_sparsity {s['loss_sparsity']}, dtype {s['dtype']}",
+             f"loss_sparsity {s['loss_sparsity']}, dtype {s['dtype']}" + _compressed_sizes(s),
              f"{'component':<12}{'total':>16}{'per token':>16}"]
     rows = list(report["components"].items()) + [("per layer", report["per_layer"]),
                                                  ("all", {"total": report["total_params"],
@@ -90,3 +90,10 @@ def format_report(report: dict) -> str:
                  f"read per decoded token = {report['bytes_per_token'] / 2**20:.1f} MiB "
                  f"({report['bytes_per_param']} bytes each)")
     return "\n".join(lines)
+
+
+def _compressed_sizes(s: dict) -> str:
+    """The title's note on a compressed model's shape (docs/compression.md); empty for others."""
+    parts = [f"{k} {s[k]}" for k in ("factor_rank_attn", "factor_rank_ff", "d_head") if s.get(k)]
+    parts += [f"{k} {s[k]}" for k in ("layer_heads", "layer_d_ff") if s.get(k)]
+    return "".join(f", {p}" for p in parts)

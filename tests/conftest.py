@@ -39,6 +39,10 @@ VARIANTS = {
     "reversible_sparse_all": dict(reversible=True, **SPARSE_ALL),
     "lsh_one_chunk": LSH_ONE_CHUNK,
     "terraformer_one_chunk": dict(reversible=True, ff_sru_units=8, **LSH_ONE_CHUNK, **SPARSE_ALL),
+    # Compressed dense models (docs/compression.md): SVD / ASVD factor pairs, and a CoFi-pruned shape
+    # (narrower hidden dimension, heads of the original width, layer 0 without FFN, layer 1 without attention).
+    "factorised": dict(factor_rank_attn=8, factor_rank_ff=8),
+    "pruned": dict(d_model=24, d_head=8, layer_heads=(3, 0), layer_d_ff=(0, 40)),
 }
 
 

@@ -30,6 +30,9 @@ MODELS = {
     "encdec": dict(arch="encdec", n_encoder_layers=1, ff_sparsity=8, attn_sparsity=4, loss_sparsity=4),
     "terraformer_encdec": dict(arch="encdec", reversible=True, n_encoder_layers=1, n_layers=1, ff_sru_units=8,
                                ff_sparsity=8, attn_sparsity=4, loss_sparsity=4),
+    # A compressed dense model (docs/compression.md): factor pairs in a CoFi-pruned shape.
+    "compressed": dict(d_model=24, d_head=8, layer_heads=(3, 2), layer_d_ff=(0, 40), factor_rank_attn=4,
+                       factor_rank_ff=8),
 }
 MESHES = {
     "data=8": dict(data=8, fsdp=1, tensor=1),

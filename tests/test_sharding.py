@@ -32,7 +32,7 @@ def report(tmp_path_factory):
 MESHES = ("data=8", "fsdp=8", "tensor=2,fsdp=4", "data=2,fsdp=2,tensor=2")
 
 
-@pytest.mark.parametrize("model", ["dense", "sparse_all", "terraformer", "encdec", "terraformer_encdec"])
+@pytest.mark.parametrize("model", ["dense", "sparse_all", "terraformer", "encdec", "terraformer_encdec", "compressed"])
 @pytest.mark.parametrize("mesh", MESHES)
 def test_sharded_train_step_equals_unsharded(report, model, mesh):
     r = report["steps"][f"{model}/{mesh}"]
@@ -42,7 +42,7 @@ def test_sharded_train_step_equals_unsharded(report, model, mesh):
     assert r["max_param_diff"] < 1e-5
 
 
-@pytest.mark.parametrize("model", ["dense", "sparse_all", "terraformer", "encdec", "terraformer_encdec"])
+@pytest.mark.parametrize("model", ["dense", "sparse_all", "terraformer", "encdec", "terraformer_encdec", "compressed"])
 def test_parameters_and_optimizer_state_really_are_sharded(report, model):
     steps = report["steps"]
     for part in ("params", "opt_state"):
@@ -66,7 +66,7 @@ def test_checkpoint_saved_on_one_mesh_restores_on_another(report):
         assert r["sharding_matches"] and r["embed_shards"] == shards
 
 
-@pytest.mark.parametrize("model", ["dense", "sparse_all", "terraformer", "encdec", "terraformer_encdec"])
+@pytest.mark.parametrize("model", ["dense", "sparse_all", "terraformer", "encdec", "terraformer_encdec", "compressed"])
 def test_tensor_parallel_decoding_gives_the_unsharded_tokens(report, model):
     tokens = report["decode"][model]
     assert tokens["sharded"] == tokens["single"]

@@ -24,8 +24,9 @@ class CausalSelfAttention(nnx.Module):
     component = "attention"
 
     def __init__(self, *, d_model: int, n_heads: int, qkv: nnx.Module, out: nnx.Module | None,
-                 attn_dropout: float = 0.0, lsh: nnx.Module | None = None):
+                 attn_dropout: float = 0.0, lsh: nnx.Module | None = None, d_head: int = 0):
         self.d_model = d_model
+        self.d_head = d_head or d_model // n_heads  # a CoFi-pruned model's heads keep their width
         self.lsh = lsh  # layers/lsh.py: shared-QK LSH attention replaces the dot product
         self.qkv = qkv
         self.out = out
@@ -33,8 +34,8 @@ class CausalSelfAttention(nnx.Module):
         self.attn_dropout = attn_dropout
 
     def _heads(self, x):
-        b, t, d = x.shape
-        return x.reshape(b, t, self.n_heads, d // self.n_heads)
+        b, t, _ = x.shape
+        return x.reshape(b, t, self.n_heads, self.d_head)
 
     def _project_out(self, o):
         b, t = o.shape[:2]
@@ -71,7 +72,7 @@ class CausalSelfAttention(nnx.Module):
         return self._project_out(o)
 
     def init_cache(self, batch: int, cache_len: int, dtype):
-        shape = (batch, cache_len, self.n_heads, self.d_model // self.n_heads)
+        shape = (batch, cache_len, self.n_heads, self.d_head)
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
                 "qkv": self.qkv.init_cache(batch, cache_len, dtype)}
 

@@ -22,27 +22,39 @@ def ffn_norm_for(ffn, m):
 
 
 class DecoderBlock(nnx.Module):
-    def __init__(self, m, *, rngs: nnx.Rngs):
-        self.attn_norm = LayerNorm(m.d_model, eps=m.layer_norm_eps)
-        self.attn = make_attention(m, rngs)
-        self.ffn = make_ffn(m, rngs)
-        self.ffn_norm = ffn_norm_for(self.ffn, m)
+    """`layer`: the block's index, for models whose layers differ (a CoFi-pruned model, docs/compression.md:
+    its own head count and FFN width; 0 heads or 0 units = that sub-layer is gone, its residual branch
+    adds nothing and no weights are built)."""
+
+    def __init__(self, m, *, rngs: nnx.Rngs, layer: int = 0):
+        heads, d_ff = m.heads_of(layer), m.d_ff_of(layer)
+        self.attn_norm = LayerNorm(m.d_model, eps=m.layer_norm_eps) if heads else None
+        self.attn = make_attention(m, rngs, heads) if heads else None
+        self.ffn = make_ffn(m, rngs, d_ff) if d_ff else None
+        self.ffn_norm = ffn_norm_for(self.ffn, m) if d_ff else None
         self.dropout_rate = m.dropout
 
     def __call__(self, x, *, mode: str = "eval", rng=None):
         train = check_mode(mode)
         keys = jax.random.split(rng, 4) if train else [None] * 4
-        h = self.attn(self.attn_norm(x), mode=mode, rng=keys[0])
-        x = x + dropout(h, self.dropout_rate, keys[1], train=train)
-        h = self.ffn(pre_norm(self.ffn_norm, x), mode=mode, rng=keys[2])
-        return x + dropout(h, self.dropout_rate, keys[3], train=train)
+        if self.attn is not None:
+            h = self.attn(self.attn_norm(x), mode=mode, rng=keys[0])
+            x = x + dropout(h, self.dropout_rate, keys[1], train=train)
+        if self.ffn is not None:
+            h = self.ffn(pre_norm(self.ffn_norm, x), mode=mode, rng=keys[2])
+            x = x + dropout(h, self.dropout_rate, keys[3], train=train)
+        return x
 
     def init_cache(self, batch: int, cache_len: int, dtype):
-        return {"attn": self.attn.init_cache(batch, cache_len, dtype),
-                "ffn": self.ffn.init_cache(batch, cache_len, dtype)}
+        return {"attn": {} if self.attn is None else self.attn.init_cache(batch, cache_len, dtype),
+                "ffn": {} if self.ffn is None else self.ffn.init_cache(batch, cache_len, dtype)}
 
     def decode(self, x, cache, index):
-        h, attn_cache = self.attn.decode(self.attn_norm(x), cache["attn"], index)
-        x = x + h
-        h, ffn_cache = self.ffn.decode(pre_norm(self.ffn_norm, x), cache["ffn"], index)
-        return x + h, {"attn": attn_cache, "ffn": ffn_cache}
+        attn_cache, ffn_cache = cache["attn"], cache["ffn"]
+        if self.attn is not None:
+            h, attn_cache = self.attn.decode(self.attn_norm(x), attn_cache, index)
+            x = x + h
+        if self.ffn is not None:
+            h, ffn_cache = self.ffn.decode(pre_norm(self.ffn_norm, x), ffn_cache, index)
+            x = x + h
+        return x, {"attn": attn_cache, "ffn": ffn_cache}

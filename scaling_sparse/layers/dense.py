@@ -34,3 +34,35 @@ class Dense(nnx.Module):
 
     def params_per_token(self) -> int:
         return self.kernel.size + (0 if self.bias is None else self.bias.size)
+
+
+class LowRankDense(nnx.Module):
+    """x @ a [d_in, r] @ b [r, d_out] + bias: a dense layer stored as two rank-r factors (SVD / ASVD
+    compression, docs/compression.md). Reads r (d_in + d_out) + d_out parameters per token instead of
+    d_in d_out + d_out. Freshly built, both factors are Glorot-uniform; `compress` fills them from a
+    trained model's matrices."""
+
+    def __init__(self, d_in: int, d_out: int, rank: int, *, rngs: nnx.Rngs, axes: tuple[str | None, str | None],
+                 use_bias: bool = True, param_dtype=jnp.float32):
+        a_key, b_key, bias_key = jax.random.split(rngs.params(), 3)
+        # The rank dimension is small and unsharded; each factor keeps its outer dimension's axis name.
+        self.a = param(glorot_uniform(a_key, (d_in, rank), param_dtype), axes[0], None)
+        self.b = param(glorot_uniform(b_key, (rank, d_out), param_dtype), None, axes[1])
+        self.bias = param(tiny_normal(bias_key, (d_out,), param_dtype), axes[1]) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = (x @ self.a[...].astype(x.dtype)) @ self.b[...].astype(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(x.dtype)
+        return y
+
+    def params_per_token(self) -> int:
+        return self.a.size + self.b.size + (0 if self.bias is None else self.bias.size)
+
+
+def make_linear(d_in: int, d_out: int, *, rank: int = 0, rngs: nnx.Rngs, axes, kernel_init=glorot_uniform,
+                param_dtype=jnp.float32) -> nnx.Module:
+    """Dense, or LowRankDense when `rank` > 0 (model.factor_rank_attn / factor_rank_ff)."""
+    if rank:
+        return LowRankDense(d_in, d_out, rank, rngs=rngs, axes=axes, param_dtype=param_dtype)
+    return Dense(d_in, d_out, rngs=rngs, axes=axes, kernel_init=kernel_init, param_dtype=param_dtype)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from scaling_sparse.layers.base import check_mode, no_cache
-from scaling_sparse.layers.dense import Dense
+from scaling_sparse.layers.dense import make_linear
 from scaling_sparse.layers.dropout import dropout
 
 
@@ -15,9 +15,10 @@ class DenseFF(nnx.Module):
     component = "ffn"
 
     def __init__(self, d_model: int, d_ff: int, *, rngs: nnx.Rngs, dropout_rate: float = 0.0,
-                 param_dtype=jnp.float32):
-        self.w_in = Dense(d_model, d_ff, rngs=rngs, axes=("embed", "mlp"), param_dtype=param_dtype)
-        self.w_out = Dense(d_ff, d_model, rngs=rngs, axes=("mlp", "embed"), param_dtype=param_dtype)
+                 param_dtype=jnp.float32, rank: int = 0):
+        # rank > 0: each matrix as two rank-r factors (SVD / ASVD, docs/compression.md).
+        self.w_in = make_linear(d_model, d_ff, rank=rank, rngs=rngs, axes=("embed", "mlp"), param_dtype=param_dtype)
+        self.w_out = make_linear(d_ff, d_model, rank=rank, rngs=rngs, axes=("mlp", "embed"), param_dtype=param_dtype)
         self.dropout_rate = dropout_rate
 
     def __call__(self, x: jax.Array, *, mode: str = "eval", rng=None) -> jax.Array:

@@ -16,20 +16,23 @@ import jax.numpy as jnp
 from flax import nnx
 
 from scaling_sparse.layers.base import no_cache
-from scaling_sparse.layers.dense import Dense, glorot_uniform
+from scaling_sparse.layers.dense import glorot_uniform, make_linear
 
 
 class DenseQKV(nnx.Module):
     component = "attention"
 
     def __init__(self, d_model: int, *, rngs: nnx.Rngs, shared_qk: bool = False, init: str = "reference",
-                 param_dtype=jnp.float32):
+                 param_dtype=jnp.float32, d_inner: int | None = None, rank: int = 0):
         """init (model.qkv_init): "reference" = Glorot-uniform over each [d, d]; "fused" = the limits of
-        one Glorot-uniform [d, 3d], sqrt(2) smaller (docs/semantics.md §5b)."""
+        one Glorot-uniform [d, 3d], sqrt(2) smaller (docs/semantics.md §5b). d_inner: the heads' total
+        width (default d_model; a CoFi-pruned model's differs); rank > 0: each projection as two rank-r
+        factors (SVD / ASVD, docs/compression.md)."""
+        d_inner = d_model if d_inner is None else d_inner
         kernel_init = glorot_uniform if init == "reference" else nnx.initializers.variance_scaling(
             0.5, "fan_avg", "uniform")  # [d, d]'s fan_avg d, a [d, 3d]'s 2d
-        dense = lambda: Dense(d_model, d_model, rngs=rngs, axes=("embed", "heads"),  # noqa: E731
-                              kernel_init=kernel_init, param_dtype=param_dtype)
+        dense = lambda: make_linear(d_model, d_inner, rank=rank, rngs=rngs, axes=("embed", "heads"),  # noqa: E731
+                                    kernel_init=kernel_init, param_dtype=param_dtype)
         self.q = dense()
         self.k = None if shared_qk else dense()
         self.v = dense()

@@ -12,7 +12,7 @@ from scaling_sparse.layers.block import DecoderBlock
 
 class StandardStack(nnx.Module):
     def __init__(self, m, *, rngs: nnx.Rngs):
-        self.blocks = nnx.List([DecoderBlock(m, rngs=rngs) for _ in range(m.n_layers)])
+        self.blocks = nnx.List([DecoderBlock(m, rngs=rngs, layer=i) for i in range(m.n_layers)])
 
     def __call__(self, x, *, mode: str = "eval", rng=None):
         for i, block in enumerate(self.blocks):
