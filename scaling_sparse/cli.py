@@ -7,6 +7,10 @@ Usage:
                                     [--max_new_tokens=N] [--temperature=T] [--top_k=K] [--seed=S] [--step=N]
   python -m scaling_sparse params   --config=CONFIG.py [--json]
   python -m scaling_sparse config   --config=CONFIG.py [--config.FIELD=VALUE ...] [--json]
+  python -m scaling_sparse compress --workdir=TRAINED --out=NEW --method=svd|asvd (--rank=R | --keep=F)
+                                    [--calibration_batches=N]  |  --method=cofi [--target_sparsity=S] [--steps=N]
+  With --workdir and no --config, every command uses the config stored in WORKDIR/config.json (the
+  run's own); --config.FIELD=VALUE overrides still apply.
   Several processes (one per host): add --coordinator_address=HOST:PORT --num_processes=N --process_id=I
   (none of them under SLURM or on a multi-host TPU VM: JAX detects the cluster).
 
@@ -22,6 +26,10 @@ Commands:
             or sampled with a temperature and optionally top-k. The whole loop runs jitted with a
             KV cache. --max_new_tokens defaults to as many as fit in model.max_len, at most 64.
   params    Parameter counts: total and read per decoded token, per component (no weights built).
+  compress  Make a smaller model from a trained dense one (docs/compression.md): SVD or activation-aware
+            SVD factorisation of every attention and FFN matrix (--keep: fraction of each matrix's parameters,
+            or --rank), or CoFi structured pruning with distillation to --target_sparsity in --steps steps.
+            Writes NEW as an ordinary workdir (eval, generate, params, train take it without --config).
   config    Every config field with its value (after the --config.FIELD overrides), by section, with
             its meaning and the base default where the preset changes it: the list of what
             --config.SECTION.FIELD=VALUE can set.
@@ -47,7 +55,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-COMMANDS = ("train", "eval", "generate", "params", "config")
+COMMANDS = ("train", "eval", "generate", "params", "config", "compress")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. experiments/configs/stdlib.py; override fields with --config.a.b=v "
@@ -66,6 +74,16 @@ _SEED = flags.DEFINE_integer("seed", None, "generate: sampling seed. Default: co
 _JSON = flags.DEFINE_bool("json", False, "eval, params, config: print JSON instead of text.")
 _STEP = flags.DEFINE_integer("step", None, "train: the checkpoint step to resume from; eval, generate: the "
                              "checkpoint step to load (default: the latest).")
+# compress (scaling_sparse/compress/).
+_OUT = flags.DEFINE_string("out", None, "compress: the new workdir for the compressed model (must not exist).")
+_METHOD = flags.DEFINE_enum("method", None, ["svd", "asvd", "cofi"], "compress: svd | asvd | cofi.")
+_RANK = flags.DEFINE_integer("rank", None, "compress svd/asvd: the rank of every factor pair.")
+_KEEP = flags.DEFINE_float("keep", None, "compress svd/asvd: the fraction of each matrix's parameters kept (0..1].")
+_TARGET = flags.DEFINE_float("target_sparsity", 0.5, "compress cofi: the fraction of attention and FFN "
+                             "parameters to prune.")
+_STEPS = flags.DEFINE_integer("steps", 200, "compress cofi: pruning (distillation) steps.")
+_CALIBRATION = flags.DEFINE_integer("calibration_batches", 8, "compress asvd: training batches for the "
+                                    "activation statistics.")
 # Multi-process runs (scaling_sparse/distributed.py): all three, or none under SLURM / on a TPU VM slice.
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "HOST:PORT of process 0's coordinator, for a run of several processes.")
@@ -85,7 +103,8 @@ def _config():
 
     config = _CONFIG.value
     if config is None:
-        raise UsageError("--config is required, e.g. --config=experiments/configs/stdlib.py")
+        raise UsageError("--config is required, e.g. --config=experiments/configs/stdlib.py (or give the "
+                         "--workdir of a training run without --config to use the config stored there)")
     try:
         config.model  # config_flags defers a failed load to the first access
     except OSError as e:
@@ -170,10 +189,18 @@ def cmd_generate(config, workdir) -> int:
     return 0
 
 
+def _config_name() -> str:
+    """The config file's stem, or the workdir's name when the config is the one stored there."""
+    filename = config_flags.get_config_filename(flags.FLAGS["config"])
+    if pathlib.Path(filename).name == STORED_CONFIG.name and _WORKDIR.value:
+        return pathlib.Path(_WORKDIR.value).name
+    return pathlib.Path(filename).stem
+
+
 def cmd_params(config) -> int:
     from scaling_sparse.params import format_report, report_params
 
-    name = pathlib.Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem
+    name = _config_name()
     report = report_params(config, name=name)
     print(json.dumps(report, indent=2) if _JSON.value else format_report(report))
     return 0
@@ -242,6 +269,51 @@ def cmd_config(config) -> int:
     return 0
 
 
+def _check_compress_flags() -> None:
+    """compress's flags, before anything is read: each error names the flag and the fix."""
+    method = _METHOD.value
+    if method is None:
+        raise UsageError("compress needs --method=svd | asvd | cofi")
+    if not _OUT.value:
+        raise UsageError("compress needs --out=NEW: a new directory for the compressed model")
+    if pathlib.Path(_OUT.value).resolve() == pathlib.Path(_workdir()).resolve():
+        raise UsageError("--out is the same directory as --workdir: give a new directory for the compressed model")
+    out = pathlib.Path(_OUT.value)
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"--out={out} already holds files: choose a new --out, or delete that directory")
+    if method in ("svd", "asvd"):
+        if (_RANK.value is None) == (_KEEP.value is None):
+            raise UsageError(f"--method={method} needs exactly one of --rank=R or --keep=F (e.g. --keep=0.5)")
+        if _RANK.value is not None and _RANK.value < 1:
+            raise UsageError(f"--rank must be >= 1, got {_RANK.value}")
+        if _KEEP.value is not None and not 0.0 < _KEEP.value <= 1.0:
+            raise UsageError(f"--keep must be in (0, 1] (the fraction of each matrix's parameters), got {_KEEP.value}")
+        if _CALIBRATION.value < 1:
+            raise UsageError(f"--calibration_batches must be >= 1, got {_CALIBRATION.value}")
+    else:
+        if _RANK.value is not None or _KEEP.value is not None:
+            raise UsageError("--rank and --keep are for svd / asvd; cofi takes --target_sparsity and --steps")
+        if not 0.0 <= _TARGET.value < 1.0:
+            raise UsageError(f"--target_sparsity must be in [0, 1), got {_TARGET.value}")
+        if _STEPS.value < 1:
+            raise UsageError(f"--steps must be >= 1, got {_STEPS.value}")
+
+
+def cmd_compress(config, workdir) -> int:
+    from scaling_sparse.compress import run_compress
+
+    summary = run_compress(config, workdir, _OUT.value, method=_METHOD.value, rank=_RANK.value, keep=_KEEP.value,
+                           target_sparsity=_TARGET.value, steps=_STEPS.value,
+                           calibration_batches=_CALIBRATION.value, step=_STEP.value, echo=print)
+    if _JSON.value:
+        print(json.dumps(summary))
+    else:
+        print(f"compressed ({summary['method']}): {summary['per_token_before']:,} -> {summary['per_token_after']:,} "
+              f"parameters read per token, {summary['total_before']:,} -> {summary['total_after']:,} in all; "
+              f"wrote {summary['out']}")
+    return 0
+
+
 def main(argv) -> int:
     from scaling_sparse.config import ConfigError
 
@@ -254,6 +326,8 @@ def main(argv) -> int:
             raise UsageError(f"give exactly one command of {', '.join(COMMANDS)} (got {commands or 'none'}); "
                              "see --help")
         command = commands[0]
+        if command == "compress":
+            _check_compress_flags()
         config = _config()
         if command == "config":
             return cmd_config(config)
@@ -264,7 +338,8 @@ def main(argv) -> int:
         if command == "params":
             return cmd_params(config)
         workdir = _workdir()
-        return {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate}[command](config, workdir)
+        return {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
+                "compress": cmd_compress}[command](config, workdir)
     except (ConfigError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -281,8 +356,36 @@ def main(argv) -> int:
         return code
 
 
+STORED_CONFIG = pathlib.Path(__file__).resolve().parent / "stored_config.py"
+
+
+def _with_stored_config(argv: list[str]) -> list[str]:
+    """argv with --config=stored_config.py:WORKDIR added when --workdir is given and --config is not,
+    so the workdir's own config.json is loaded by config_flags and --config.FIELD overrides apply."""
+    if any(a == "--config" or a.startswith("--config=") for a in argv):
+        return argv
+    workdir = None
+    for i, a in enumerate(argv):
+        if a.startswith("--workdir="):
+            workdir = a.split("=", 1)[1]
+        elif a == "--workdir" and i + 1 < len(argv):
+            workdir = argv[i + 1]
+    if not workdir:
+        return argv
+    from scaling_sparse import stored_config
+    from scaling_sparse.config import ConfigError
+
+    try:  # here, so a missing or damaged config.json reads as one line, not config_flags' traceback
+        stored_config.get_config(workdir)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    return [argv[0], f"--config={STORED_CONFIG}:{workdir}", *argv[1:]]
+
+
 def _parse_flags(argv):
     """absl's parser, with bad flags and config overrides reported in one line, not a traceback."""
+    argv = _with_stored_config(list(argv))
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
