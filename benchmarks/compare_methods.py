@@ -67,7 +67,7 @@ def entries(args) -> list[Entry]:
         sparse = [Entry("sparse_ff", "sparse", base, ("model.ff_sparsity=64", "model.d_ff=1536")),
                   Entry("sparse_ffqkv", "sparse", sparse_preset, ("model.loss_sparsity=0",)),
                   Entry("sparse_all", "sparse", sparse_preset)]
-        keeps, sparsities = (0.75, 0.5, 0.25), (0.3, 0.5, 0.7)
+        keeps, sparsities = (0.5, 0.25, 0.1), (0.3, 0.5, 0.7)
     out = [Entry("dense", "dense", base), *sparse]
     for method in ("svd", "asvd"):
         out += [Entry(f"{method}_keep{keep:g}", method, compress=(f"--method={method}", f"--keep={keep}"))
