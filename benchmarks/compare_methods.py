@@ -39,7 +39,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` and the checkout importable
     sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 
 from benchmarks import machine, reporting  # noqa: E402
 

@@ -14,7 +14,6 @@ from scaling_sparse.compress import svd
 from scaling_sparse.compress.calibration import input_abs_means
 from scaling_sparse.compress.workdir import check_dense_source
 from scaling_sparse.config import ConfigError, ModelConfig, validate
-from scaling_sparse.model import build_model
 from scaling_sparse.sharding import single_device_mesh
 from scaling_sparse.state import init_params, model_spec
 

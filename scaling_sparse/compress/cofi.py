@@ -27,7 +27,6 @@ import optax
 from scaling_sparse.compress import hard_concrete as hc
 from scaling_sparse.compress import masked_forward as mf
 from scaling_sparse.compress import workdir as wd
-from scaling_sparse.config import ModelConfig
 
 MASKS = ("head", "attn", "int", "ffn", "hidden")
 TEMPERATURE = 2.0        # prediction distillation temperature (CoFi's distill_temp)

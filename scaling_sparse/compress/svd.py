@@ -72,11 +72,6 @@ def factorise_params(params: dict, m, *, rank_attn: int, rank_ff: int, scales: d
     return traverse_util.unflatten_dict(flat)
 
 
-def _block_key_type(params):
-    """Block indices as the params dict stores them (int or str keys)."""
-    return type(next(iter(params["stack"]["blocks"])))
-
-
 def compress_svd(config, workdir, out, *, method: str, rank: int | None, keep: float | None,
                  calibration_batches: int = 8, step: int | None = None, echo=print) -> dict:
     m = wd.check_dense_source(config)
@@ -104,9 +99,7 @@ def compress_svd(config, workdir, out, *, method: str, rank: int | None, keep: f
         echo(f"asvd: activation statistics over {calibration_batches} calibration batches "
              f"({sum(b['inputs'].size for b in batches):,} tokens)")
         means = input_abs_means(graphdef, params, batches)
-        key = _block_key_type(params)
-        scales = {path: means[tuple(key(p) if isinstance(p, int) else p for p in path)]
-                  for _, path in linear_paths(params, m)}
+        scales = {path: means[path] for _, path in linear_paths(params, m)}
     elif method != "svd":
         raise ValueError(f"unknown factorisation method {method!r}: svd | asvd")
     new_params = factorise_params(params, m, rank_attn=rank_attn, rank_ff=rank_ff, scales=scales)
