@@ -132,7 +132,7 @@ def load_entry(workdir: pathlib.Path):
 
 
 def measure(args, todo: list[Entry], root: pathlib.Path) -> list[dict]:
-    from benchmarks.decode_latency import DecodeTimer
+    from benchmarks.decode_latency import DecodeTimer, run_timers
     from scaling_sparse.decode import Decoder
     from scaling_sparse.params import report_params
     from scaling_sparse.sharding import single_device_mesh
@@ -164,9 +164,7 @@ def measure(args, todo: list[Entry], root: pathlib.Path) -> list[dict]:
         print(f"  {entry.name}: eval loss {metrics['eval_loss']:.4f}, {report['params_per_token']:,} parameters "
               f"per token", flush=True)
     print(f"timing {len(timers)} models, {args.repeats} interleaved repeats of {args.tokens} tokens", flush=True)
-    for _ in range(args.repeats):
-        for timer in timers:
-            timer.loop_once()
+    run_timers(timers, argparse.Namespace(repeats=args.repeats, per_call_repeats=0))
     for row, timer in zip(rows, timers):
         loop = timer.loop
         row.update({"ms_per_token": statistics.median(loop), "ms_per_token_min": min(loop),

@@ -276,11 +276,13 @@ def _check_compress_flags() -> None:
         raise UsageError("compress needs --method=svd | asvd | cofi")
     if not _OUT.value:
         raise UsageError("compress needs --out=NEW: a new directory for the compressed model")
-    if pathlib.Path(_OUT.value).resolve() == pathlib.Path(_workdir()).resolve():
-        raise UsageError("--out is the same directory as --workdir: give a new directory for the compressed model")
-    out = pathlib.Path(_OUT.value)
-    if out.exists() and any(out.iterdir()):
-        raise UsageError(f"--out={out} already holds files: choose a new --out, or delete that directory")
+    from scaling_sparse.checkpoint import CheckpointError
+    from scaling_sparse.compress.workdir import check_out
+
+    try:  # the same check compress makes, here before any config or checkpoint is read
+        check_out(_workdir(), _OUT.value)
+    except CheckpointError as e:
+        raise UsageError(str(e)) from None
     if method in ("svd", "asvd"):
         if (_RANK.value is None) == (_KEEP.value is None):
             raise UsageError(f"--method={method} needs exactly one of --rank=R or --keep=F (e.g. --keep=0.5)")

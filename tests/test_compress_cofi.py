@@ -71,11 +71,13 @@ def test_the_lagrangian_drives_expected_sparsity_to_the_target():
     tx = cofi.make_optimizer()
     trainable = cofi.init_trainable(jax.tree.map(jnp.asarray, params), m)
     opt_state = tx.init(trainable)
-    step = cofi.make_step(m, jax.tree.map(jnp.asarray, params), tx)
+    teacher = jax.tree.map(jnp.asarray, params)
+    step = cofi.make_step(m, tx)
     batch = {"inputs": TOKENS, "weights": jnp.ones(TOKENS.shape)}
     start = float(cofi.expected_sparsity(trainable["log_alpha"], m))
     for i in range(60):
-        trainable, opt_state, metrics = step(trainable, opt_state, batch, jax.random.PRNGKey(i), jnp.float32(0.5))
+        trainable, opt_state, metrics = step(trainable, opt_state, teacher, batch, jax.random.PRNGKey(i),
+                                             jnp.float32(0.5))
     assert start < 0.1 and float(metrics["expected_sparsity"]) > 0.3
     assert float(trainable["lambdas"][0]) != 0.0
 
@@ -103,3 +105,13 @@ def test_end_to_end_pruned_workdir(tmp_path):
     out = np.asarray(decoder.generate(TOKENS[:1, :5], 1))
     full = nnx.merge(graphdef, params)(TOKENS[:1, :5])
     assert out[0, 0] == int(jnp.argmax(full[0, -1]))
+
+
+def test_a_layer_without_heads_or_units_loses_its_sub_layer_gate():
+    _, m, _, _ = _dense()
+    log_alpha = {k: np.full(s, 3.0, np.float32) for k, s in cofi.mask_shapes(m).items()}
+    log_alpha["head"][1] = -10.0  # every head of layer 1 expected off
+    log_alpha["int"][0] = -10.0   # every unit of layer 0 expected off
+    z = cofi.deterministic_masks(log_alpha)
+    assert (z["head"][1] == 0).all() and z["attn"][1] == 0 and z["attn"][0] != 0
+    assert (z["int"][0] == 0).all() and z["ffn"][0] == 0 and z["ffn"][1] != 0

@@ -37,7 +37,7 @@ def test_full_rank_reproduces_the_dense_logits(method):
     scales = None
     if method == "asvd":
         means = input_abs_means(graphdef, params, [{"inputs": np.asarray(tokens)}])
-        scales = {path: means[path] for _, path in svd.linear_paths(params, m)}
+        scales = {path: means[path] for _, path in svd.linear_paths(m)}
     full = svd.factorise_params(params, m, rank_attn=32, rank_ff=32, scales=scales)
     np.testing.assert_allclose(_logits(dict(factor_rank_attn=32, factor_rank_ff=32), full, tokens),
                                nnx.merge(graphdef, params)(tokens), atol=1e-4)

@@ -72,13 +72,18 @@ def size_of_masks(z: dict, m) -> float:
 
 
 def deterministic_masks(log_alpha: dict) -> dict:
-    """Eval-time masks: heads and FFN units per layer, sub-layers and hidden dimensions each as one
-    group (hard_concrete.deterministic)."""
+    """Eval-time masks: heads and FFN units per layer, the sub-layer gates of all layers and the
+    hidden dimensions each as one group (hard_concrete.deterministic; CoFi decides each layer's
+    sub-layer gates on its own, docs/compression.md). A layer whose heads (units) are all zero gets its
+    attention (FFN) gate zero too: pruning removes that sub-layer with its output bias, and the masked
+    model must do the same."""
     out = {}
     for name, value in log_alpha.items():
         value = np.asarray(value)
         out[name] = (np.stack([hc.deterministic(row) for row in value]) if name in ("head", "int")
                      else hc.deterministic(value))
+    for gate, units in (("attn", "head"), ("ffn", "int")):
+        out[gate] = np.where((out[units] != 0).any(axis=1), out[gate], 0.0).astype(np.float32)
     return out
 
 
@@ -104,8 +109,10 @@ def _layer_loss(student_hidden, teacher_hidden, layer_map):
     return jnp.take_along_axis(mse, choice[:, None], axis=1).mean(), choice
 
 
-def make_step(m, teacher_params, tx):
-    def loss_fn(trainable, batch, key, target):
+def make_step(m, tx):
+    """The jitted pruning step. The teacher's weights are an argument: closed over, jit would bake
+    every array into the program as a constant."""
+    def loss_fn(trainable, teacher_params, batch, key, target):
         params, log_alpha, layer_map, lambdas = (trainable["params"], trainable["log_alpha"],
                                                  trainable["layer_map"], trainable["lambdas"])
         keys = jax.random.split(key, len(MASKS))
@@ -122,8 +129,8 @@ def make_step(m, teacher_params, tx):
             "lagrangian": lagrangian, "expected_sparsity": s, "target": target, "layer_choice": choice}
 
     @jax.jit
-    def step(trainable, opt_state, batch, key, target):
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(trainable, batch, key, target)
+    def step(trainable, opt_state, teacher_params, batch, key, target):
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(trainable, teacher_params, batch, key, target)
         grads["lambdas"] = -grads["lambdas"]  # ascent: the multipliers maximise the Lagrangian
         updates, opt_state = tx.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, metrics
@@ -219,7 +226,7 @@ def compress_cofi(config, workdir, out, *, target_sparsity: float, steps: int, s
     tx = make_optimizer()
     trainable = init_trainable(teacher, m)
     opt_state = tx.init(trainable)
-    train_step = make_step(m, teacher, tx)
+    train_step = make_step(m, tx)
     key = jax.random.PRNGKey(int(config.train.seed) + 17)
     log_every = max(1, steps // 10)
     history = []
@@ -227,8 +234,8 @@ def compress_cofi(config, workdir, out, *, target_sparsity: float, steps: int, s
     for i in range(1, steps + 1):
         batch = {k: jnp.asarray(v) for k, v in next(data.train).items()}
         target = target_at(i, steps, target_sparsity)
-        trainable, opt_state, metrics = train_step(trainable, opt_state, batch, jax.random.fold_in(key, i),
-                                                   jnp.float32(target))
+        trainable, opt_state, metrics = train_step(trainable, opt_state, teacher, batch,
+                                                   jax.random.fold_in(key, i), jnp.float32(target))
         bar.update(1)
         if i % log_every == 0 or i == steps:
             row = {k: float(v) for k, v in metrics.items() if k != "layer_choice"}

@@ -45,7 +45,7 @@ def asvd_scale(abs_mean: np.ndarray, alpha: float = ALPHA) -> np.ndarray:
     return np.maximum(s, SCALE_FLOOR * max(float(s.max()), 1e-30))
 
 
-def linear_paths(params: dict, m) -> list[tuple[str, tuple]]:
+def linear_paths(m) -> list[tuple[str, tuple]]:
     """[(kind "attn" | "ffn", path of the Dense layer's dict)] for every matrix to factorise."""
     out = []
     for i in range(m.n_layers):
@@ -64,7 +64,7 @@ def _get(tree, path):
 def factorise_params(params: dict, m, *, rank_attn: int, rank_ff: int, scales: dict | None = None) -> dict:
     """The dense params with every attention / FFN {kernel, bias} replaced by {a, b, bias}."""
     flat = dict(traverse_util.flatten_dict(params))
-    for kind, path in linear_paths(params, m):
+    for kind, path in linear_paths(m):
         kernel = np.asarray(flat.pop((*path, "kernel")))
         scale = None if scales is None else asvd_scale(scales[path])
         a, b = factorise(kernel, rank_attn if kind == "attn" else rank_ff, scale)
@@ -99,7 +99,7 @@ def compress_svd(config, workdir, out, *, method: str, rank: int | None, keep: f
         echo(f"asvd: activation statistics over {calibration_batches} calibration batches "
              f"({sum(b['inputs'].size for b in batches):,} tokens)")
         means = input_abs_means(graphdef, params, batches)
-        scales = {path: means[path] for _, path in linear_paths(params, m)}
+        scales = {path: means[path] for _, path in linear_paths(m)}
     elif method != "svd":
         raise ValueError(f"unknown factorisation method {method!r}: svd | asvd")
     new_params = factorise_params(params, m, rank_attn=rank_attn, rank_ff=rank_ff, scales=scales)

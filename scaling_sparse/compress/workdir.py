@@ -66,9 +66,10 @@ def check_out(src, out) -> pathlib.Path:
     """`out` must be new (or empty) and not the source: nothing already written is touched."""
     src, out = pathlib.Path(src).resolve(), pathlib.Path(out).resolve()
     if out == src:
-        raise CheckpointError(f"--out {out} is the source workdir. Fix: give a new directory for the compressed model")
+        raise CheckpointError(f"--out {out} is the same directory as --workdir. Fix: give a new directory for the "
+                              "compressed model")
     if out.exists() and any(out.iterdir()):
-        raise CheckpointError(f"--out {out} already holds files. Fix: choose a new --out, or delete that directory")
+        raise CheckpointError(f"--out={out} already holds files. Fix: choose a new --out, or delete that directory")
     return out
 
 
