@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from scaling_sparse.layers.argmax import first_argmax
 from scaling_sparse.state import cast_floating
 
 
@@ -48,7 +49,7 @@ def check_request(prompt_len: int, max_new_tokens: int, max_len: int, *, prompt_
 def sample_logits(logits: jax.Array, rng, *, temperature: float = 0.0, top_k: int = 0) -> jax.Array:
     """logits [batch, vocab] -> token ids [batch]. temperature 0 = greedy."""
     if temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return first_argmax(logits, axis=-1)
     logits = logits / temperature
     if top_k:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]

@@ -116,6 +116,7 @@ def main(out_dir: str) -> None:
             layout, state, loss, per_device, total, grads = one_step(config, mesh)
             report["steps"][f"{name}/{mesh_name}"] = {
                 "loss": loss, "ref_loss": ref_loss, "max_grad_diff": max_diff(grads, ref_grads),
+                "grad_scale": float(max(np.abs(np.asarray(g)).max() for g in jax.tree.leaves(ref_grads))),
                 "max_param_diff": max_update_diff(state["params"], ref_params, ref_grads),
                 "per_device_bytes": per_device, "total_bytes": total}
             if name == "sparse_all" and mesh_name == "fsdp=8":

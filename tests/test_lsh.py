@@ -11,6 +11,7 @@ from flax import nnx
 from conftest import make_model, random_tokens, tiny_config
 from scaling_sparse.config import ConfigError
 from scaling_sparse.layers import lsh
+from scaling_sparse.layers.attention import merge_heads_into_batch
 from scaling_sparse.layers.lsh import LSHAttention, length_normalized
 
 # Jitted once per static setting: eager op-by-op dispatch would dominate these tests' runtime.
@@ -81,7 +82,9 @@ def test_attend_cache_matches_one_chunk_lsh():
     q, v = _qv(5, length=12)
     k = length_normalized(q)
     full = lsh_attention(q, v, chunk_len=12, n_buckets=2, key=jax.random.PRNGKey(0))
-    steps = [attend_cache(q[:, t:t + 1], k, v, jnp.array([t])) for t in range(12)]
+    # The cache in its layouts (attention.py): keys transposed [b*h, dh, S], values [b*h, S, dh].
+    k_t, v_c = merge_heads_into_batch(k).transpose(0, 2, 1), merge_heads_into_batch(v)
+    steps = [attend_cache(q[:, t:t + 1], k_t, v_c, jnp.array([t])) for t in range(12)]
     np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 

@@ -49,8 +49,8 @@ def test_lsh_logits_match_the_reference_formula_on_a_hand_built_input():
         want = np.exp(row - row.max()) / np.exp(row - row.max()).sum()
         np.testing.assert_allclose(out[i], want, atol=1e-6)
     # Decoding scores the cache with the same formula.
-    k_all = lsh.length_normalized(qk)[None, :, None, :]
-    step = lsh.attend_cache(qk[None, 2:3, None, :], k_all, v[None], jnp.array([2]))[0, 0, 0, :3]
+    k_t = lsh.length_normalized(qk).T[None]                   # the cache layout [b*h, dh, S]
+    step = lsh.attend_cache(qk[None, 2:3, None, :], k_t, v[None, :, 0], jnp.array([2]))[0, 0, 0, :3]
     np.testing.assert_allclose(step, out[2], atol=1e-6)
 
 

@@ -37,8 +37,11 @@ MESHES = ("data=8", "fsdp=8", "tensor=2,fsdp=4", "data=2,fsdp=2,tensor=2")
 def test_sharded_train_step_equals_unsharded(report, model, mesh):
     r = report["steps"][f"{model}/{mesh}"]
     assert r["loss"] == pytest.approx(r["ref_loss"], rel=1e-5)
-    # Float reordering only; the encoder-decoder Terraformer chains two reversible recomputations.
-    assert r["max_grad_diff"] < (3e-5 if model == "terraformer_encdec" else 1e-5)
+    # Float reordering only, relative to the largest gradient (float32 sums over a different partition
+    # differ by ~1e-6 of their size: 1.25e-5 at a gradient of 15 on an AMD EPYC host); the encoder-decoder
+    # Terraformer chains two reversible recomputations.
+    tolerance = 6e-6 if model == "terraformer_encdec" else 2e-6
+    assert r["max_grad_diff"] < tolerance * max(r["grad_scale"], 1.0)
     assert r["max_param_diff"] < 1e-5
 
 

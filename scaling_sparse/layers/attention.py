@@ -20,6 +20,38 @@ def dot_product_attention(q, k, v, mask, *, dropout_rate=0.0, rng=None, train=Fa
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
+def merge_heads_into_batch(x):
+    """[b, T, h, dh] -> [b*h, T, dh]: the decode caches' leading axis (see init_cache)."""
+    b, t, h, dh = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b * h, t, dh)
+
+
+def split_heads_from_batch(x, batch: int):
+    """[b*h, T, dh] -> [b, T, h, dh]."""
+    n, t, dh = x.shape
+    return x.reshape(batch, n // batch, t, dh).transpose(0, 2, 1, 3)
+
+
+def update_cache(k_t, v, k, vals, index):
+    """Writes T new keys and values ([b, T, h, dh]) at `index` into the caches (keys transposed
+    k_t [b*h, dh, S], values v [b*h, S, dh]) -> (k_t, v)."""
+    k_t = jax.lax.dynamic_update_slice(k_t, merge_heads_into_batch(k).transpose(0, 2, 1).astype(k_t.dtype),
+                                       (0, 0, index))
+    v = jax.lax.dynamic_update_slice(v, merge_heads_into_batch(vals).astype(v.dtype), (0, index, 0))
+    return k_t, v
+
+
+def cached_attention(q, k_t, v, q_pos, *, scale: float):
+    """Decoding: q [b, T, h, dh] at positions q_pos [T] over the cache (keys transposed
+    k_t [b*h, dh, S], values v [b*h, S, dh], this step's tokens written in) -> [b, T, h, dh]; the same
+    sums as dot_product_attention with the causal mask."""
+    logits = jnp.einsum("nqd,ndk->nqk", merge_heads_into_batch(q), k_t).astype(jnp.float32) * scale
+    k_pos = jnp.arange(k_t.shape[-1])
+    logits = jnp.where(k_pos[None, :] <= q_pos[:, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return split_heads_from_batch(jnp.einsum("nqk,nkd->nqd", probs, v), q.shape[0])
+
+
 class CausalSelfAttention(nnx.Module):
     component = "attention"
 
@@ -72,8 +104,13 @@ class CausalSelfAttention(nnx.Module):
         return self._project_out(o)
 
     def init_cache(self, batch: int, cache_len: int, dtype):
-        shape = (batch, cache_len, self.n_heads, self.d_head)
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+        """Caches in the layouts the two attention dots read, batch and heads merged into one leading
+        axis (docs/benchmarks.md, "Decode at the memory floor"): keys transposed [b*h, dh, L], values
+        [b*h, L, dh]. With token-major [b, L, h, dh] caches XLA's CPU backend copied both whole caches
+        into the dots' layouts at every decoded token, and with [b, h, ...] caches it duplicated the
+        cache update to drop the batch axis; either took as long as a sparse layer's weight reads."""
+        n, dh = batch * self.n_heads, self.d_head
+        return {"k": jnp.zeros((n, dh, cache_len), dtype), "v": jnp.zeros((n, cache_len, dh), dtype),
                 "qkv": self.qkv.init_cache(batch, cache_len, dtype)}
 
     def decode(self, x, cache, index):
@@ -83,17 +120,13 @@ class CausalSelfAttention(nnx.Module):
             k = self.lsh.key(q)
         else:
             q, k = self._heads(q), self._heads(k)
-        v = self._heads(v)
-        k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
-        v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
+        k_t, v_all = update_cache(cache["k"], cache["v"], k, self._heads(v), index)
         q_pos = index + jnp.arange(x.shape[1])
-        k_pos = jnp.arange(k_all.shape[1])
         if self.lsh is not None:  # full attention over the cache with LSH's scoring (see lsh.py)
-            o = self.lsh.attend_cache(q, k_all, v_all, q_pos)
+            o = self.lsh.attend_cache(q, k_t, v_all, q_pos)
         else:
-            mask = k_pos[None, :] <= q_pos[:, None]
-            o = dot_product_attention(q, k_all, v_all, mask)
-        return self._project_out(o), {"k": k_all, "v": v_all, "qkv": qkv_cache}
+            o = cached_attention(q, k_t, v_all, q_pos, scale=self.d_head ** -0.5)
+        return self._project_out(o), {"k": k_t, "v": v_all, "qkv": qkv_cache}
 
     def params_per_token(self) -> int:
         return self.qkv.params_per_token() + (0 if self.out is None else self.out.params_per_token())

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from scaling_sparse.layers.attention import merge_heads_into_batch, split_heads_from_batch
 from scaling_sparse.layers.dropout import dropout
 
 MASK_VALUE = -1e9       # a key the query must not see (future, or outside the two chunks)
@@ -63,7 +64,11 @@ def hash_buckets(x: jax.Array, n_buckets: int, n_hashes: int, key) -> jax.Array:
 def _masked_scores(q, k, q_pos, k_pos, visible):
     """q.k in float32 (k already unit-length: no 1/sqrt(d_k) here) with the causal mask, the self-mask
     and `visible` applied."""
-    scores = jnp.einsum("...qd,...kd->...qk", q, k).astype(jnp.float32)
+    return _mask_scores(jnp.einsum("...qd,...kd->...qk", q, k).astype(jnp.float32), q_pos, k_pos, visible)
+
+
+def _mask_scores(scores, q_pos, k_pos, visible):
+    """The causal mask, the self-mask and `visible` on scores [..., q, k]."""
     allowed = (k_pos[..., None, :] <= q_pos[..., :, None]) & visible
     scores = jnp.where(allowed, scores, MASK_VALUE)
     is_self = (k_pos[..., None, :] == q_pos[..., :, None]) & visible
@@ -133,14 +138,15 @@ def lsh_attention(q: jax.Array, v: jax.Array, *, chunk_len: int, n_buckets: int 
     return out.transpose(0, 2, 1, 3)[:, :length]
 
 
-def attend_cache(q: jax.Array, k_all: jax.Array, v_all: jax.Array, q_pos: jax.Array) -> jax.Array:
+def attend_cache(q: jax.Array, k_t: jax.Array, v: jax.Array, q_pos: jax.Array) -> jax.Array:
     """Decoding: q [b, T, h, dh] at positions q_pos [T] over the whole cache (normalised keys
-    k_all, values v_all [b, S, h, dh]) with LSH's causal and self masks -> [b, T, h, dh]."""
-    k_pos = jnp.arange(k_all.shape[1], dtype=jnp.int32)
-    qh, kh, vh = (a.transpose(0, 2, 1, 3) for a in (q, k_all, v_all))
-    scores = _masked_scores(qh, kh, q_pos.astype(jnp.int32), k_pos, jnp.ones((), bool))
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_all.dtype)
-    return jnp.einsum("bhqk,bhkd->bhqd", probs, vh).transpose(0, 2, 1, 3)
+    transposed k_t [b*h, dh, S], values v [b*h, S, dh]: attention.py's layouts) with LSH's causal and
+    self masks -> [b, T, h, dh]."""
+    k_pos = jnp.arange(k_t.shape[-1], dtype=jnp.int32)
+    scores = jnp.einsum("nqd,ndk->nqk", merge_heads_into_batch(q), k_t).astype(jnp.float32)
+    scores = _mask_scores(scores, q_pos.astype(jnp.int32), k_pos, jnp.ones((), bool))
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return split_heads_from_batch(jnp.einsum("nqk,nkd->nqd", probs, v), q.shape[0])
 
 
 class LSHAttention(nnx.Module):
@@ -175,5 +181,5 @@ class LSHAttention(nnx.Module):
         """The cached key of a token: its normalised shared qk."""
         return length_normalized(qk)
 
-    def attend_cache(self, q, k_all, v_all, q_pos):
-        return attend_cache(q, k_all, v_all, q_pos)
+    def attend_cache(self, q, k_t, v, q_pos):
+        return attend_cache(q, k_t, v, q_pos)

@@ -104,11 +104,23 @@ class ModuleConv(nnx.Module):
         x = constrain(x, "batch", None, None, None)
         half = (self.module_kernel - 1) // 2
         padded = jnp.pad(x, ((0, 0), (0, 0), (half, half), (0, 0))) if half else x
-        neighbours = jnp.concatenate([padded[:, :, j:j + self.n_modules] for j in range(self.module_kernel)], axis=-1)
-        kernel = self.kernel[...].astype(x.dtype).reshape(self.length_kernel, self.module_kernel * self.d_module,
-                                                          self.d_module)
         length = x.shape[1] - self.history
-        y = sum(neighbours[:, i:i + length] @ kernel[i] for i in range(self.length_kernel))
+        if length == 1:
+            # Decoding one token: every (length tap, module neighbour) pair becomes input channels of
+            # one matmul with the whole kernel viewed as [kl*ks*M, M] (a free reshape). Per-tap
+            # matmuls made XLA's CPU backend copy each [ks*M, M] kernel slice and run kl small dots:
+            # 9 dots and 9 weight copies per sparse-QKV layer instead of 3 dots (docs/benchmarks.md,
+            # "Decode at the memory floor").
+            taps = jnp.concatenate([padded[:, i:i + 1, j:j + self.n_modules] for i in range(self.length_kernel)
+                                    for j in range(self.module_kernel)], axis=-1)
+            kernel = self.kernel[...].astype(x.dtype).reshape(-1, self.d_module)
+            y = taps @ kernel
+        else:
+            neighbours = jnp.concatenate([padded[:, :, j:j + self.n_modules] for j in range(self.module_kernel)],
+                                         axis=-1)
+            kernel = self.kernel[...].astype(x.dtype).reshape(self.length_kernel, self.module_kernel * self.d_module,
+                                                              self.d_module)
+            y = sum(neighbours[:, i:i + length] @ kernel[i] for i in range(self.length_kernel))
         return constrain(y + self.bias[...].astype(x.dtype), "batch", None, None, None)
 
     def params_per_token(self) -> int:

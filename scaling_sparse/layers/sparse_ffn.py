@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from scaling_sparse.layers.argmax import first_argmax
 from scaling_sparse.layers.base import check_mode, no_cache, param
 from scaling_sparse.layers.dense import tiny_normal
 from scaling_sparse.layers.dropout import dropout
@@ -64,7 +65,7 @@ class SparseFF(nnx.Module):
 
     def choose(self, x: jax.Array) -> jax.Array:
         """The deterministic choice: unit index per block, [..., B] int32."""
-        return jnp.argmax(self.controller_logits(x), axis=-1).astype(jnp.int32)
+        return first_argmax(self.controller_logits(x), axis=-1)
 
     def _log_p(self, x):
         return jax.nn.log_softmax(self.controller_logits(x).astype(jnp.float32), axis=-1)
