@@ -222,10 +222,10 @@ def prepare_preset(name: str, args, *, backend: str, capacity_bytes: int, config
     return meta, timer
 
 
-def finish_preset(meta: dict, timer: DecodeTimer, bandwidth_gb_per_s: float) -> dict:
+def finish_preset(meta: dict, timer: DecodeTimer, bandwidth: dict) -> dict:
     timing = timer.summary()
-    return {**meta, **reporting.bandwidth_figures(meta["bytes_per_token"], timing["ms_per_token"],
-                                                  bandwidth_gb_per_s), **timing}
+    return {**meta, **reporting.bandwidth_figures(meta["bytes_per_token"], timing["ms_per_token"], bandwidth),
+            **timing}
 
 
 def run_timers(timers: list[DecodeTimer], args) -> None:
@@ -422,7 +422,7 @@ def run_paper_rows(args, info: dict, backend: str, bandwidth: dict) -> tuple[lis
                 prepared.append((meta, timer))
                 continue
             run_timers([timer], gargs)
-            rows_out.append(finish_preset(meta, timer, bandwidth["gb_per_s"]))
+            rows_out.append(finish_preset(meta, timer, bandwidth))
             print(reporting.decode_line(rows_out[-1]), flush=True)
             del timer, meta
             gc.collect()
@@ -430,7 +430,7 @@ def run_paper_rows(args, info: dict, backend: str, bandwidth: dict) -> tuple[lis
             print(f"timing {len(prepared)} models, {gargs.repeats} interleaved repeats ...", flush=True)
             run_timers([timer for _, timer in prepared], gargs)
             for meta, timer in prepared:
-                rows_out.append(finish_preset(meta, timer, bandwidth["gb_per_s"]))
+                rows_out.append(finish_preset(meta, timer, bandwidth))
                 print(reporting.decode_line(rows_out[-1]), flush=True)
             del prepared
             gc.collect()
@@ -482,6 +482,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bandwidth_mb", type=int, default=None,
                    help="array size of the bandwidth probe in MiB (default 1024 on CPU, 4096 on GPU, 256 quick)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--xla_flags", default="",
+                   help="XLA flags for this run (e.g. --xla_cpu_multi_thread_eigen=false), added to XLA_FLAGS before "
+                        "JAX starts and recorded in the JSON (settings.xla_flags); none by default: on the 2-core "
+                        "CPU that flag with --xla_cpu_enable_concurrency_optimized_scheduler=false made dense and "
+                        "sparse decoding slower (docs/benchmarks.md)")
     p.add_argument("--sequential", action="store_true",
                    help="time one preset at a time even when all fit memory (default: interleave the repeats)")
     p.add_argument("--paper_rows", action="store_true",
@@ -523,6 +528,9 @@ def resolve_presets(spec: str) -> list[str]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.xla_flags and args.xla_flags not in os.environ.get("XLA_FLAGS", ""):
+        raise SystemExit("--xla_flags is read when JAX starts: give it on this script's command line "
+                         "(python benchmarks/decode_latency.py --xla_flags=...), or set XLA_FLAGS yourself")
     backend = jax.default_backend()
     args.dtype_forced = args.dtype is not None
     args.dtype = args.dtype or ("float32" if backend == "cpu" else "bfloat16")
@@ -554,7 +562,7 @@ def main(argv=None) -> dict:
             prepared.append((meta, timer))
             continue
         run_timers([timer], args)
-        results.append(finish_preset(meta, timer, bandwidth["gb_per_s"]))
+        results.append(finish_preset(meta, timer, bandwidth))
         print(reporting.decode_line(results[-1]), flush=True)
         del timer
         gc.collect()
@@ -562,7 +570,7 @@ def main(argv=None) -> dict:
         print(f"timing {len(prepared)} presets, {args.repeats} interleaved repeats ...", flush=True)
         run_timers([timer for _, timer in prepared], args)
         for meta, timer in prepared:
-            results.append(finish_preset(meta, timer, bandwidth["gb_per_s"]))
+            results.append(finish_preset(meta, timer, bandwidth))
             print(reporting.decode_line(results[-1]), flush=True)
     reporting.add_speedups(results)
 
@@ -574,7 +582,7 @@ def main(argv=None) -> dict:
     report = {
         **reporting.run_header("unbatched greedy decode latency", info),
         "bandwidth": bandwidth,
-        "settings": {**settings, "init": models.INIT},
+        "settings": {**settings, "init": models.INIT, "xla_flags": os.environ.get("XLA_FLAGS", "")},
         "schedule": "interleaved" if interleave else "sequential",
         "results": results,
     }
@@ -626,7 +634,20 @@ PAPER_ROWS_XLA_FLAG = ("--xla_cpu_enable_concurrency_optimized_scheduler=false "
                        "--xla_disable_hlo_passes=while-loop-invariant-code-motion")
 
 
+def xla_flags_from_argv(argv: list[str]) -> str:
+    """The --xla_flags value on a command line ('' if absent), read before argparse: XLA parses
+    XLA_FLAGS when JAX starts its backend, which main() does first."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--xla_flags="):
+            return arg.split("=", 1)[1]
+        if arg == "--xla_flags" and i + 1 < len(argv):
+            return argv[i + 1]
+    return ""
+
+
 if __name__ == "__main__":
+    if xla_flags_from_argv(sys.argv[1:]):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags_from_argv(sys.argv[1:])}".strip()
     if "--paper_rows" in sys.argv[1:]:
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {PAPER_ROWS_XLA_FLAG}".strip()
     main()

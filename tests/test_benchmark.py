@@ -107,6 +107,11 @@ def test_end_to_end_tiny_writes_json_and_plot(tmp_path):
     assert r["speedup_vs_dense"] == pytest.approx(1.0)
     assert r["bandwidth_fraction"] == pytest.approx(
         reporting.bandwidth_fraction(r["bytes_per_token"], r["ms_per_token"], data["bandwidth"]["gb_per_s"]))
+    # Decoding only reads weights: the read bandwidth gives the floor it is compared with.
+    read = data["bandwidth"]["read_gb_per_s"]
+    assert r["read_floor_ms_per_token"] == pytest.approx(r["bytes_per_token"] / (read * 1e9) * 1e3)
+    assert r["read_bandwidth_fraction"] == pytest.approx(r["read_floor_ms_per_token"] / r["ms_per_token"])
+    assert "xla_flags" in data["settings"]
     assert r["per_call_matches_loop"]  # greedy: both decoding modes produce the same tokens
     assert report["results"][0]["preset"] == "tiny"
 
