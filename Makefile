@@ -14,7 +14,10 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+# The compiled CPU decode kernels (docs/kernels.md): rebuilt when their sources or jaxlib change; a
+# machine without a C++ compiler gets a message and decodes with the pure-JAX path.
 install: $(VENV)/.installed
+	-@$(PY) -m scaling_sparse.kernels.build --quiet
 
 # Train the stdlib demo model on the embedded corpus (no download), then sample from it.
 demo: install

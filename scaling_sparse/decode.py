@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from scaling_sparse.kernels import cpu as cpu_kernels
 from scaling_sparse.layers.argmax import first_argmax
 from scaling_sparse.state import cast_floating
 
@@ -64,7 +65,11 @@ class Decoder:
     (benchmarks time them); `generate` and `sample` use the parameters the Decoder holds."""
 
     def __init__(self, graphdef, params, *, max_len: int, temperature: float = 0.0, top_k: int = 0,
-                 dtype=None, mesh=None):
+                 dtype=None, mesh=None, cpu_kernels: bool | None = None):
+        """cpu_kernels: use the compiled CPU decode kernels (docs/kernels.md). None (default): when they
+        are loaded, JAX's default backend is the CPU and the parameters are not sharded (mesh None);
+        True: require them (ValueError naming why they cannot be used); False: the pure-JAX path."""
+        self.cpu_kernels = self._choose_kernels(cpu_kernels, mesh)
         self.graphdef = graphdef
         self.params = params if dtype is None else cast_floating(params, dtype)
         self.max_len = max_len
@@ -79,20 +84,37 @@ class Decoder:
         # A decoder-only LM prefills the prompt into the decoder; an encoder-decoder encodes it.
         self.prompt_in_decoder = bool(getattr(self._model(self.params), "prompt_in_decoder", True))
 
+    @staticmethod
+    def _choose_kernels(requested: bool | None, mesh) -> bool:
+        if requested is False:
+            return False
+        why_not = (None if jax.default_backend() == "cpu" else f"JAX's default backend is {jax.default_backend()}")
+        why_not = why_not or (None if mesh is None else "the parameters are sharded over a mesh")
+        why_not = why_not or (None if cpu_kernels.available() else cpu_kernels.status()["reason"])
+        if requested and why_not:
+            raise ValueError(f"cpu_kernels=True, but the CPU decode kernels cannot be used: {why_not}")
+        return why_not is None
+
     def _model(self, params):
         return nnx.merge(self.graphdef, params)
+
+    def _kernels(self):
+        """The context every traced decode function runs in: the layers read it when traced."""
+        return cpu_kernels.use_kernels(self.cpu_kernels)
 
     def _init_cache(self, params, batch, cache_len):
         return self._model(params).init_cache(batch, cache_len)
 
     def _prefill(self, params, prompt, cache, rng):
         """prompt [batch, P] -> (first sampled token [batch], cache)."""
-        logits, cache = self._model(params).decode(prompt, cache, 0)
+        with self._kernels():
+            logits, cache = self._model(params).decode(prompt, cache, 0)
         return self.sample_fn(logits[:, -1], rng), cache
 
     def _step(self, params, cache, token, index, rng):
         """One token at absolute position `index` -> (next token, cache)."""
-        logits, cache = self._model(params).decode(token[:, None], cache, index)
+        with self._kernels():
+            logits, cache = self._model(params).decode(token[:, None], cache, index)
         return self.sample_fn(logits[:, -1], rng), cache
 
     def _loop(self, params, cache, token, index, rng, num_tokens: int):
@@ -102,7 +124,8 @@ class Decoder:
 
         def body(i, carry):
             token, cache, out = carry
-            logits, cache = model.decode(token[:, None], cache, index + i)
+            with self._kernels():
+                logits, cache = model.decode(token[:, None], cache, index + i)
             token = self.sample_fn(logits[:, -1], jax.random.fold_in(rng, i))
             return token, cache, out.at[:, i].set(token)
 
@@ -114,7 +137,8 @@ class Decoder:
         """Prefill then the loop, as one program -> [batch, max_new_tokens]. The model's `prefill`
         says where the loop continues (after the prompt, or after an encoder-decoder's start token)."""
         prefill_rng, rng = jax.random.split(rng)
-        logits, cache, index = self._model(params).prefill(prompt, cache_len)
+        with self._kernels():
+            logits, cache, index = self._model(params).prefill(prompt, cache_len)
         first = self.sample_fn(logits, prefill_rng)
         if max_new_tokens == 1:
             return first[:, None]

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from scaling_sparse.kernels import cpu as cpu_kernels
 from scaling_sparse.layers.argmax import first_argmax
 from scaling_sparse.layers.base import check_mode, no_cache, param
 from scaling_sparse.layers.dense import tiny_normal
@@ -125,7 +126,12 @@ class SparseFF(nnx.Module):
     init_cache = staticmethod(no_cache)
 
     def decode(self, x: jax.Array, cache, index):
-        """Reads only the chosen row of each block: 2 B d main weights per token."""
+        """Reads only the chosen row of each block: 2 B d main weights per token. Traced by a Decoder
+        that uses the CPU kernels (scaling_sparse/kernels), the same computation is one kernel call."""
+        weights = (self.c1, self.c2, self.cb, self.w1, self.w2, self.b2)
+        if cpu_kernels.active() and x.dtype == jnp.float32 and all(w[...].dtype == jnp.float32 for w in weights):
+            y, _ = cpu_kernels.sparse_ffn_decode(x, *(w[...] for w in weights), n_elements=self.n_elements)
+            return y, cache
         rows = self.choose(x) + jnp.arange(self.n_blocks, dtype=jnp.int32) * self.n_elements  # [..., B]
         flat = (self.n_blocks * self.n_elements, self.d_model)  # a free reshape of the [B, N, d] arrays
         # Indices are in range by construction, so skip the gather's bounds handling.

@@ -1,0 +1,91 @@
+"""Loads the compiled CPU decode kernels (docs/kernels.md) and says when decoding uses them.
+
+`status()`: whether the library is loaded, and if not why (not built, stale build, disabled by
+SCALING_SPARSE_CPU_KERNELS=0, a load error). Nothing here needs the library to import, so GPU images
+and machines without a compiler run the pure-JAX path.
+
+Whether a traced decode uses a kernel is decided when it is traced: `Decoder` traces its functions
+inside `use_kernels(True)` when it runs on the CPU backend, unsharded, with the library loaded
+(`decode.Decoder.cpu_kernels`); layers ask `active()`. Eval, training and everything traced outside
+that context run the JAX path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import ctypes
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scaling_sparse.kernels import build
+
+ENV_SWITCH = "SCALING_SPARSE_CPU_KERNELS"  # "0" disables the kernels
+FFN_TARGET = "scaling_sparse_ffn_decode"
+# The sparse FFN kernel splits its blocks into this many tasks on XLA's intra-op thread pool (the
+# calling thread runs any a pool thread has not started). 2 reads the weights at about the machine's
+# bandwidth on the 2-core benchmark machine; a fixed count keeps the sums' order, so the result, the
+# same on every machine.
+FFN_PARTS = 2
+
+_active = contextvars.ContextVar("scaling_sparse_cpu_kernels", default=False)
+
+
+@functools.lru_cache(maxsize=1)
+def status() -> dict:
+    """{"available": bool, "reason": str, "library": path or None}; loads and registers the kernels once."""
+    path = build.LIB_DIR / build.LIB_NAME
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return {"available": False, "reason": f"disabled ({ENV_SWITCH}=0)", "library": None}
+    if not path.exists():
+        return {"available": False, "reason": "not built (run `make install` or `python -m "
+                "scaling_sparse.kernels.build`)", "library": None}
+    if not build.up_to_date():
+        return {"available": False, "reason": "stale build (sources, jaxlib or flags changed since it was built: "
+                "run `python -m scaling_sparse.kernels.build`)", "library": str(path)}
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(path))
+        jax.ffi.register_ffi_target(FFN_TARGET, jax.ffi.pycapsule(lib.ScalingSparseFfnDecode), platform="cpu")
+    except (OSError, AttributeError, ValueError, RuntimeError) as e:
+        return {"available": False, "reason": f"load failed: {e}", "library": str(path)}
+    return {"available": True, "reason": "loaded", "library": str(path)}
+
+
+def available() -> bool:
+    return status()["available"]
+
+
+@contextlib.contextmanager
+def use_kernels(on: bool):
+    """Layers traced inside this context use the kernels when `on` (and they are available)."""
+    token = _active.set(bool(on) and available())
+    try:
+        yield
+    finally:
+        _active.reset(token)
+
+
+def active() -> bool:
+    """True while tracing inside use_kernels(True) with the library loaded."""
+    return _active.get()
+
+
+def sparse_ffn_decode(x, c1, c2, cb, w1, w2, b2, *, n_elements: int):
+    """The sparse FFN's decode (layers/sparse_ffn.py `SparseFF.decode`) as one kernel call.
+
+    x [..., d]; c1 [d, r]; c2 [r, B, N]; cb [B, N]; w1, w2 [B, N, d]; b2 [d], all float32.
+    Returns (y [..., d], units [..., B] int32: the unit chosen in each block)."""
+    lead, d = x.shape[:-1], x.shape[-1]
+    rows = int(np.prod(lead)) if lead else 1
+    f = w1.shape[0] * w1.shape[1]
+    blocks = f // n_elements
+    y, units = jax.ffi.ffi_call(
+        FFN_TARGET,
+        (jax.ShapeDtypeStruct((rows, d), jnp.float32), jax.ShapeDtypeStruct((rows, blocks), jnp.int32)),
+    )(x.reshape(rows, d), c1, c2.reshape(c2.shape[0], f), cb.reshape(f), w1.reshape(f, d), w2.reshape(f, d), b2,
+      n_elements=np.int64(n_elements), parts=np.int64(FFN_PARTS))
+    return y.reshape(*lead, d), units.reshape(*lead, blocks)

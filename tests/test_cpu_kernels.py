@@ -1,0 +1,137 @@
+"""The compiled CPU decode kernels (scaling_sparse/kernels, docs/kernels.md) against the pure-JAX
+path they replace: the sparse FFN kernel alone on random inputs, and whole models decoded with and
+without the kernels (tokens equal, logits to rounding), for every variant with a sparse FFN. Skipped,
+with the reason, where the kernels are not built; `make install` builds them."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import VARIANTS, make_model, random_tokens
+from scaling_sparse.decode import Decoder
+from scaling_sparse.kernels import build, cpu
+from scaling_sparse.layers.sparse_ffn import SparseFF
+
+needs_kernels = pytest.mark.skipif(not cpu.available(), reason=f"CPU kernels: {cpu.status()['reason']}")
+SPARSE_FF_VARIANTS = sorted(name for name, fields in VARIANTS.items() if fields.get("ff_sparsity"))
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(1, 1), (3, 1), (2, 5)])
+def test_sparse_ffn_kernel_equals_jax_decode(shape):
+    ffn = SparseFF(48, 96, 8, lowrank=6, rngs=nnx.Rngs(shape[0] * 10 + shape[1]))
+    # Controller weights large enough that the choices differ from token to token.
+    ffn.c2[...] = ffn.c2[...] * 30
+    x = jax.random.normal(jax.random.PRNGKey(sum(shape)), (*shape, 48))
+    want, _ = ffn.decode(x, {}, 0)
+    y, units = jax.jit(lambda x: cpu.sparse_ffn_decode(
+        x, ffn.c1[...], ffn.c2[...], ffn.cb[...], ffn.w1[...], ffn.w2[...], ffn.b2[...], n_elements=8))(x)
+    np.testing.assert_array_equal(units, ffn.choose(x))
+    assert len(np.unique(np.asarray(units).reshape(-1, 12), axis=0)) > 1 or shape == (1, 1)
+    np.testing.assert_allclose(y, want, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+def test_first_maximum_wins_ties():
+    """Tied logits pick the first unit, as jnp.argmax: a controller of zeros ties every unit."""
+    ffn = SparseFF(16, 32, 8, lowrank=4, rngs=nnx.Rngs(0))
+    ffn.c1[...] = jnp.zeros_like(ffn.c1[...])
+    ffn.cb[...] = jnp.zeros_like(ffn.cb[...])
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, 1, 16))
+    y, units = cpu.sparse_ffn_decode(x, ffn.c1[...], ffn.c2[...], ffn.cb[...], ffn.w1[...], ffn.w2[...],
+                                     ffn.b2[...], n_elements=8)
+    np.testing.assert_array_equal(units, np.zeros((1, 1, 4)))
+    np.testing.assert_allclose(y, ffn.decode(x, {}, 0)[0], atol=1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", SPARSE_FF_VARIANTS)
+def test_decoder_with_kernels_equals_jax_path(name):
+    model = make_model(**VARIANTS[name])
+    graphdef, params = nnx.split(model, nnx.Param)
+    params = params.to_pure_dict()
+    with_kernels = Decoder(graphdef, params, max_len=model.max_len)
+    without = Decoder(graphdef, params, max_len=model.max_len, cpu_kernels=False)
+    assert with_kernels.cpu_kernels and not without.cpu_kernels
+    prompt = random_tokens(3, (2, 5))
+    np.testing.assert_array_equal(with_kernels.generate(prompt, 10), without.generate(prompt, 10))
+    # Logits of a prefill-sized decode call (5 tokens), traced with and without the kernels.
+    def logits(use):
+        def f(p, t, c):
+            with cpu.use_kernels(use):
+                return nnx.merge(graphdef, p).decode(t, c, 0)[0]
+        return jax.jit(f)(params, prompt, model.init_cache(2, 16))
+    np.testing.assert_allclose(logits(True), logits(False), atol=1e-4, rtol=1e-4)
+
+
+@needs_kernels
+def test_kernels_are_not_used_outside_a_decoder_or_when_switched_off():
+    model = make_model(**VARIANTS["sparse_ff"])
+    graphdef, params = nnx.split(model, nnx.Param)
+    hlo = lambda use: jax.jit(lambda p, t, c: _decode_with(use, graphdef, p, t, c)).lower(
+        params.to_pure_dict(), random_tokens(0, (1, 1)), model.init_cache(1, 4)).as_text()
+    assert cpu.FFN_TARGET in hlo(True)
+    assert cpu.FFN_TARGET not in hlo(False)
+
+
+def _decode_with(use, graphdef, params, tokens, cache):
+    with cpu.use_kernels(use):
+        return nnx.merge(graphdef, params).decode(tokens, cache, 0)
+
+
+def test_cpu_kernels_true_without_library_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(cpu, "available", lambda: False)
+    monkeypatch.setattr(cpu, "status", lambda: {"available": False, "reason": "not built (run make install)"})
+    model = make_model(**VARIANTS["sparse_ff"])
+    graphdef, params = nnx.split(model, nnx.Param)
+    with pytest.raises(ValueError, match="not built"):
+        Decoder(graphdef, params.to_pure_dict(), max_len=model.max_len, cpu_kernels=True)
+    assert not Decoder(graphdef, params.to_pure_dict(), max_len=model.max_len).cpu_kernels
+
+
+def test_switch_and_stale_build_fall_back_to_jax(tmp_path, monkeypatch):
+    """SCALING_SPARSE_CPU_KERNELS=0 and a build whose stamp does not match the sources both report
+    unavailable, with the reason, in a fresh process (status() is computed once per process)."""
+    code = "import json; from scaling_sparse.kernels import cpu; print(json.dumps(cpu.status()))"
+    env = dict(os.environ, **{cpu.ENV_SWITCH: "0"})
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1])["reason"].startswith("disabled")
+    if not (build.LIB_DIR / build.LIB_NAME).exists():
+        pytest.skip("no built library to make stale")
+    stale = dict(build.expected_stamp(), sources_sha256="0" * 64)
+    monkeypatch.setattr(build, "expected_stamp", lambda: stale)
+    cpu.status.cache_clear()
+    try:
+        assert cpu.status()["reason"].startswith("stale build")
+    finally:
+        monkeypatch.undo()
+        cpu.status.cache_clear()
+        assert cpu.status()["available"]
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", SPARSE_FF_VARIANTS)
+def test_token_by_token_decode_with_kernels_equals_full_forward(name):
+    model = make_model(**VARIANTS[name])
+    graphdef, state = nnx.split(model)
+    tokens = random_tokens(4, (2, 9))
+    full = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t, mode="eval"))(state, tokens)
+    step = jax.jit(lambda s, t, c, i: _decode_at(graphdef, s, t, c, i))
+    cache, steps = model.init_cache(2, 12), []
+    for i in range(tokens.shape[1]):
+        logits, cache = step(state, tokens[:, i:i + 1], cache, jnp.int32(i))
+        steps.append(logits)
+    assert cpu.FFN_TARGET in step.lower(state, tokens[:, :1], cache, jnp.int32(0)).as_text()
+    np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=1e-4, rtol=1e-4)
+
+
+def _decode_at(graphdef, state, tokens, cache, index):
+    with cpu.use_kernels(True):
+        return nnx.merge(graphdef, state).decode(tokens, cache, index)
