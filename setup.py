@@ -30,7 +30,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["scaling_sparse", "scaling_sparse.*"]),
     # The CPU decode kernels' sources, compiled on the user's machine (`python -m scaling_sparse.kernels.build`).
-    package_data={"scaling_sparse.kernels": ["*.cc"]},
+    package_data={"scaling_sparse.kernels": ["*.cc", "*.h"]},
     install_requires=CORE,
     extras_require={"c4": C4, "test": TEST},
     entry_points={"console_scripts": ["scaling-sparse=scaling_sparse.cli:run"]},

@@ -1,6 +1,6 @@
 """Builds the CPU decode kernels: `python -m scaling_sparse.kernels.build` (`make install` runs it).
 
-Compiles every `*.cc` next to this file into `lib/libscaling_sparse_cpu.so` with g++ (C++17, -O3,
+Compiles every `*.cc` next to this file (they include the `*.h` here) into `lib/libscaling_sparse_cpu.so` with g++ (C++17, -O3,
 -march=native: the library is built for, and loaded on, the machine that runs it) against the XLA
 FFI headers of the installed jaxlib (`jax.ffi.include_dir()`), and writes `lib/build_stamp.json`:
 a hash of the sources, the jaxlib version and the flags. `cpu.py` loads the library only when the
@@ -29,7 +29,8 @@ FLAGS = ("-std=c++17", "-O3", "-march=native", "-fPIC", "-shared", "-w")
 
 
 def sources() -> list[pathlib.Path]:
-    return sorted(HERE.glob("*.cc"))
+    """The compiled sources (*.cc) and the headers they include (*.h): all of them are hashed."""
+    return sorted(HERE.glob("*.cc")) + sorted(HERE.glob("*.h"))
 
 
 def expected_stamp() -> dict:
@@ -67,7 +68,7 @@ def build(lib_dir: pathlib.Path = LIB_DIR, *, verbose: bool = True) -> pathlib.P
     target = lib_dir / LIB_NAME
     with tempfile.NamedTemporaryFile(dir=lib_dir, suffix=".so.tmp", delete=False) as tmp:
         tmp_path = pathlib.Path(tmp.name)
-    cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, sources()), "-o", str(tmp_path)]
+    cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", *(str(p) for p in sources() if p.suffix == ".cc"), "-o", str(tmp_path)]
     if verbose:
         print(" ".join(cmd), flush=True)
     try:

@@ -1,0 +1,52 @@
+// Fork-join over XLA's intra-op thread pool for the CPU decode kernels (docs/kernels.md).
+#ifndef SCALING_SPARSE_KERNELS_PARALLEL_H_
+#define SCALING_SPARSE_KERNELS_PARALLEL_H_
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace scaling_sparse {
+
+// Runs fn(0) .. fn(parts - 1), each once, on the pool and the calling thread, and returns when all are
+// done. Whichever thread claims a part first runs it, so the caller never waits for a pool thread that
+// has not started (no deadlock when the pool is busy or has one thread). The state is shared with the
+// scheduled tasks: a task that starts after the call returned finds every part claimed and runs
+// nothing, so fn may refer to the caller's stack.
+inline void ForkJoin(xla::ffi::ThreadPool& pool, int64_t parts, std::function<void(int64_t)> fn) {
+  struct State {
+    std::function<void(int64_t)> run;
+    std::unique_ptr<std::atomic<int>[]> claimed;
+    std::atomic<int64_t> finished{0};
+    bool Claim(int64_t p) { return claimed[p].exchange(1) == 0; }
+    void RunPart(int64_t p) {
+      run(p);
+      finished.fetch_add(1, std::memory_order_release);
+    }
+  };
+  if (parts <= 1) {
+    if (parts == 1) fn(0);
+    return;
+  }
+  auto state = std::make_shared<State>();
+  state->run = std::move(fn);
+  state->claimed.reset(new std::atomic<int>[parts]);
+  for (int64_t p = 0; p < parts; ++p) state->claimed[p].store(0);
+  for (int64_t p = 1; p < parts; ++p) {
+    pool.Schedule([state, p] {
+      if (state->Claim(p)) state->RunPart(p);
+    });
+  }
+  for (int64_t p = 0; p < parts; ++p) {
+    if (state->Claim(p)) state->RunPart(p);
+  }
+  while (state->finished.load(std::memory_order_acquire) < parts) std::this_thread::yield();
+}
+
+}  // namespace scaling_sparse
+
+#endif  // SCALING_SPARSE_KERNELS_PARALLEL_H_
