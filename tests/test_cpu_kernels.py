@@ -135,3 +135,24 @@ def test_token_by_token_decode_with_kernels_equals_full_forward(name):
 def _decode_at(graphdef, state, tokens, cache, index):
     with cpu.use_kernels(True):
         return nnx.merge(graphdef, state).decode(tokens, cache, index)
+
+
+@needs_kernels
+@pytest.mark.parametrize("length_kernel", [1, 3])
+def test_sparse_qkv_kernel_equals_jax_decode(length_kernel):
+    from scaling_sparse.layers.sparse_qkv import SparseQKV
+
+    qkv = SparseQKV(48, 6, length_kernel=length_kernel, rngs=nnx.Rngs(length_kernel))
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 1, 48))
+    cache = {"history": jax.random.normal(jax.random.PRNGKey(1), (3, length_kernel - 1, 6, 8))}
+    want, want_cache = qkv.decode(x, cache, 0)
+
+    def with_kernels(x, cache):
+        with cpu.use_kernels(True):
+            return qkv.decode(x, cache, 0)
+
+    assert cpu.QKV_TARGET in jax.jit(with_kernels).lower(x, cache).as_text()
+    got, got_cache = jax.jit(with_kernels)(x, cache)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(got_cache["history"], want_cache["history"], atol=1e-5, rtol=1e-5)

@@ -26,11 +26,14 @@ from scaling_sparse.kernels import build
 
 ENV_SWITCH = "SCALING_SPARSE_CPU_KERNELS"  # "0" disables the kernels
 FFN_TARGET = "scaling_sparse_ffn_decode"
+QKV_TARGET = "scaling_sparse_qkv_decode"
 # The sparse FFN kernel splits its blocks into this many tasks on XLA's intra-op thread pool (the
 # calling thread runs any a pool thread has not started). 2 reads the weights at about the machine's
 # bandwidth on the 2-core benchmark machine; a fixed count keeps the sums' order, so the result, the
 # same on every machine.
 FFN_PARTS = 2
+# The sparse QKV kernel splits its modules into this many tasks the same way (compute-bound small matmuls).
+QKV_PARTS = 2
 
 _active = contextvars.ContextVar("scaling_sparse_cpu_kernels", default=False)
 
@@ -50,6 +53,7 @@ def status() -> dict:
     try:
         lib = ctypes.cdll.LoadLibrary(str(path))
         jax.ffi.register_ffi_target(FFN_TARGET, jax.ffi.pycapsule(lib.ScalingSparseFfnDecode), platform="cpu")
+        jax.ffi.register_ffi_target(QKV_TARGET, jax.ffi.pycapsule(lib.ScalingSparseQkvDecode), platform="cpu")
     except (OSError, AttributeError, ValueError, RuntimeError) as e:
         return {"available": False, "reason": f"load failed: {e}", "library": str(path)}
     return {"available": True, "reason": "loaded", "library": str(path)}
@@ -89,3 +93,16 @@ def sparse_ffn_decode(x, c1, c2, cb, w1, w2, b2, *, n_elements: int):
     )(x.reshape(rows, d), c1, c2.reshape(c2.shape[0], f), cb.reshape(f), w1.reshape(f, d), w2.reshape(f, d), b2,
       n_elements=np.int64(n_elements), parts=np.int64(FFN_PARTS))
     return y.reshape(*lead, d), units.reshape(*lead, blocks)
+
+
+def sparse_qkv_decode(x, gates, kernel, bias, history, conv_q, conv_k, conv_v):
+    """Sparse QKV's decode of one new position (layers/sparse_qkv.py `SparseQKV.decode`) as one call.
+
+    x [b, d]; gates [S, d]; kernel [d, M]; bias [d]; history [b, kl-1, S, M]; conv_* = (kernel
+    [kl, ks, M, M], bias [M]), all float32. Returns (q, k, v) each [b, d] and the new history."""
+    b, d = x.shape
+    out = jax.ShapeDtypeStruct((b, d), jnp.float32)
+    q, k, v, new_history = jax.ffi.ffi_call(
+        QKV_TARGET, (out, out, out, jax.ShapeDtypeStruct(history.shape, jnp.float32)),
+    )(x, gates, kernel, bias, history, *conv_q, *conv_k, *conv_v, parts=np.int64(QKV_PARTS))
+    return (q, k, v), new_history

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from scaling_sparse.kernels import cpu as cpu_kernels
 from scaling_sparse.layers.multiplicative import ModuleConv, MultiplicativeDense
 
 
@@ -50,7 +51,21 @@ class SparseQKV(nnx.Module):
         # Zeros equal the causal padding of the full pass, so a prefill at index 0 needs no special case.
         return {"history": jnp.zeros((batch, self.length_kernel - 1, self.n_modules, self.d_module), dtype)}
 
+    def _kernel_applies(self, x, history) -> bool:
+        """One new position, float32 throughout, traced by a Decoder using the CPU kernels."""
+        weights = [self.mult.gates, self.mult.kernel, self.mult.bias] + [
+            w for c in (self.conv_q, self.conv_k, self.conv_v) for w in (c.kernel, c.bias)]
+        return (cpu_kernels.active() and x.shape[1] == 1 and x.dtype == history.dtype == jnp.float32
+                and self.mult.bias is not None and all(w[...].dtype == jnp.float32 for w in weights))
+
     def decode(self, x: jax.Array, cache, index):
+        if self._kernel_applies(x, cache["history"]):
+            b = x.shape[0]
+            convs = [(c.kernel[...], c.bias[...]) for c in (self.conv_q, self.conv_k, self.conv_v)]
+            qkv, history = cpu_kernels.sparse_qkv_decode(x.reshape(b, self.d_model), self.mult.gates[...],
+                                                         self.mult.kernel[...], self.mult.bias[...],
+                                                         cache["history"], *convs)
+            return tuple(t.reshape(b, 1, self.d_model) for t in qkv), {"history": history}
         h = jnp.concatenate([cache["history"], self._shared(x).astype(cache["history"].dtype)], axis=1)
         h = h.astype(x.dtype)
         history = self.length_kernel - 1
