@@ -77,10 +77,10 @@ class Decoder:
         self.sample_fn = functools.partial(sample_logits, temperature=temperature, top_k=top_k)
         tokens_out = {} if mesh is None else {"out_shardings": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())}
         self.init_cache = jax.jit(self._init_cache, static_argnums=(1, 2))
-        self.prefill = jax.jit(self._prefill, donate_argnums=(2,))
-        self.step = jax.jit(self._step, donate_argnums=(1,))
-        self.loop = jax.jit(self._loop, static_argnums=(5,), donate_argnums=(1,))
-        self._generate = jax.jit(self._generate_tokens, static_argnums=(2, 3), **tokens_out)
+        self.prefill = jax.jit(self._traced(self._prefill), donate_argnums=(2,))
+        self.step = jax.jit(self._traced(self._step), donate_argnums=(1,))
+        self.loop = jax.jit(self._traced(self._loop), static_argnums=(5,), donate_argnums=(1,))
+        self._generate = jax.jit(self._traced(self._generate_tokens), static_argnums=(2, 3), **tokens_out)
         # A decoder-only LM prefills the prompt into the decoder; an encoder-decoder encodes it.
         self.prompt_in_decoder = bool(getattr(self._model(self.params), "prompt_in_decoder", True))
 
@@ -98,23 +98,26 @@ class Decoder:
     def _model(self, params):
         return nnx.merge(self.graphdef, params)
 
-    def _kernels(self):
-        """The context every traced decode function runs in: the layers read it when traced."""
-        return cpu_kernels.use_kernels(self.cpu_kernels)
+    def _traced(self, fn):
+        """fn traced with the CPU kernels switched on or off for this Decoder (layers read the switch
+        when they are traced, docs/kernels.md)."""
+        @functools.wraps(fn)
+        def traced(*args):
+            with cpu_kernels.use_kernels(self.cpu_kernels):
+                return fn(*args)
+        return traced
 
     def _init_cache(self, params, batch, cache_len):
         return self._model(params).init_cache(batch, cache_len)
 
     def _prefill(self, params, prompt, cache, rng):
         """prompt [batch, P] -> (first sampled token [batch], cache)."""
-        with self._kernels():
-            logits, cache = self._model(params).decode(prompt, cache, 0)
+        logits, cache = self._model(params).decode(prompt, cache, 0)
         return self.sample_fn(logits[:, -1], rng), cache
 
     def _step(self, params, cache, token, index, rng):
         """One token at absolute position `index` -> (next token, cache)."""
-        with self._kernels():
-            logits, cache = self._model(params).decode(token[:, None], cache, index)
+        logits, cache = self._model(params).decode(token[:, None], cache, index)
         return self.sample_fn(logits[:, -1], rng), cache
 
     def _loop(self, params, cache, token, index, rng, num_tokens: int):
@@ -124,8 +127,7 @@ class Decoder:
 
         def body(i, carry):
             token, cache, out = carry
-            with self._kernels():
-                logits, cache = model.decode(token[:, None], cache, index + i)
+            logits, cache = model.decode(token[:, None], cache, index + i)
             token = self.sample_fn(logits[:, -1], jax.random.fold_in(rng, i))
             return token, cache, out.at[:, i].set(token)
 
@@ -137,8 +139,7 @@ class Decoder:
         """Prefill then the loop, as one program -> [batch, max_new_tokens]. The model's `prefill`
         says where the loop continues (after the prompt, or after an encoder-decoder's start token)."""
         prefill_rng, rng = jax.random.split(rng)
-        with self._kernels():
-            logits, cache, index = self._model(params).prefill(prompt, cache_len)
+        logits, cache, index = self._model(params).prefill(prompt, cache_len)
         first = self.sample_fn(logits, prefill_rng)
         if max_new_tokens == 1:
             return first[:, None]

@@ -64,9 +64,7 @@ def test_decoder_with_kernels_equals_jax_path(name):
     np.testing.assert_array_equal(with_kernels.generate(prompt, 10), without.generate(prompt, 10))
     # Logits of a prefill-sized decode call (5 tokens), traced with and without the kernels.
     def logits(use):
-        def f(p, t, c):
-            with cpu.use_kernels(use):
-                return nnx.merge(graphdef, p).decode(t, c, 0)[0]
+        f = lambda p, t, c: _decode_at(graphdef, p, t, c, 0, use=use)[0]
         return jax.jit(f)(params, prompt, model.init_cache(2, 16))
     np.testing.assert_allclose(logits(True), logits(False), atol=1e-4, rtol=1e-4)
 
@@ -75,15 +73,10 @@ def test_decoder_with_kernels_equals_jax_path(name):
 def test_kernels_are_not_used_outside_a_decoder_or_when_switched_off():
     model = make_model(**VARIANTS["sparse_ff"])
     graphdef, params = nnx.split(model, nnx.Param)
-    hlo = lambda use: jax.jit(lambda p, t, c: _decode_with(use, graphdef, p, t, c)).lower(
+    hlo = lambda use: jax.jit(lambda p, t, c: _decode_at(graphdef, p, t, c, 0, use=use)).lower(
         params.to_pure_dict(), random_tokens(0, (1, 1)), model.init_cache(1, 4)).as_text()
     assert cpu.FFN_TARGET in hlo(True)
     assert cpu.FFN_TARGET not in hlo(False)
-
-
-def _decode_with(use, graphdef, params, tokens, cache):
-    with cpu.use_kernels(use):
-        return nnx.merge(graphdef, params).decode(tokens, cache, 0)
 
 
 def test_cpu_kernels_true_without_library_is_a_clear_error(monkeypatch):
@@ -132,8 +125,8 @@ def test_token_by_token_decode_with_kernels_equals_full_forward(name):
     np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=1e-4, rtol=1e-4)
 
 
-def _decode_at(graphdef, state, tokens, cache, index):
-    with cpu.use_kernels(True):
+def _decode_at(graphdef, state, tokens, cache, index, use=True):
+    with cpu.use_kernels(use):
         return nnx.merge(graphdef, state).decode(tokens, cache, index)
 
 

@@ -27,13 +27,11 @@ from scaling_sparse.kernels import build
 ENV_SWITCH = "SCALING_SPARSE_CPU_KERNELS"  # "0" disables the kernels
 FFN_TARGET = "scaling_sparse_ffn_decode"
 QKV_TARGET = "scaling_sparse_qkv_decode"
-# The sparse FFN kernel splits its blocks into this many tasks on XLA's intra-op thread pool (the
-# calling thread runs any a pool thread has not started). 2 reads the weights at about the machine's
-# bandwidth on the 2-core benchmark machine; a fixed count keeps the sums' order, so the result, the
-# same on every machine.
-FFN_PARTS = 2
-# The sparse QKV kernel splits its modules into this many tasks the same way (compute-bound small matmuls).
-QKV_PARTS = 2
+# Each kernel splits its work (the FFN's blocks, QKV's modules) into this many tasks on XLA's intra-op
+# thread pool; the calling thread runs any task a pool thread has not started. 2 uses both cores of
+# the benchmark machine. A fixed count fixes the order of the partial sums, so results do not depend on
+# the machine's thread count.
+PARTS = 2
 
 _active = contextvars.ContextVar("scaling_sparse_cpu_kernels", default=False)
 
@@ -91,7 +89,7 @@ def sparse_ffn_decode(x, c1, c2, cb, w1, w2, b2, *, n_elements: int):
         FFN_TARGET,
         (jax.ShapeDtypeStruct((rows, d), jnp.float32), jax.ShapeDtypeStruct((rows, blocks), jnp.int32)),
     )(x.reshape(rows, d), c1, c2.reshape(c2.shape[0], f), cb.reshape(f), w1.reshape(f, d), w2.reshape(f, d), b2,
-      n_elements=np.int64(n_elements), parts=np.int64(FFN_PARTS))
+      n_elements=np.int64(n_elements), parts=np.int64(PARTS))
     return y.reshape(*lead, d), units.reshape(*lead, blocks)
 
 
@@ -104,5 +102,5 @@ def sparse_qkv_decode(x, gates, kernel, bias, history, conv_q, conv_k, conv_v):
     out = jax.ShapeDtypeStruct((b, d), jnp.float32)
     q, k, v, new_history = jax.ffi.ffi_call(
         QKV_TARGET, (out, out, out, jax.ShapeDtypeStruct(history.shape, jnp.float32)),
-    )(x, gates, kernel, bias, history, *conv_q, *conv_k, *conv_v, parts=np.int64(QKV_PARTS))
+    )(x, gates, kernel, bias, history, *conv_q, *conv_k, *conv_v, parts=np.int64(PARTS))
     return (q, k, v), new_history

@@ -7,6 +7,7 @@
 #include <functional>
 #include <memory>
 #include <thread>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -45,6 +46,16 @@ inline void ForkJoin(xla::ffi::ThreadPool& pool, int64_t parts, std::function<vo
     if (state->Claim(p)) state->RunPart(p);
   }
   while (state->finished.load(std::memory_order_acquire) < parts) std::this_thread::yield();
+}
+
+// Per-thread scratch buffers, kept between calls: the kernels run once per layer per token, and a
+// task's buffers (tens of KB) would otherwise be allocated and freed on every call. `slot` names one
+// buffer of the calling thread; the contents are whatever the last user left.
+inline float* Scratch(int slot, size_t n) {
+  thread_local std::vector<float> buffers[8];
+  std::vector<float>& buffer = buffers[slot];
+  if (buffer.size() < n) buffer.resize(n);
+  return buffer.data();
 }
 
 }  // namespace scaling_sparse

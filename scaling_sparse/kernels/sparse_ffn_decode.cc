@@ -36,10 +36,11 @@ void FfnBlocks(const float* x, const float* low, const float* c2, const float* c
                const float* w2, int64_t d, int64_t r, int64_t f, int64_t n_elements, int64_t b0, int64_t b1,
                int32_t* units, float* y) {
   const int64_t col0 = b0 * n_elements, cols = (b1 - b0) * n_elements;
-  std::vector<float> logits(cb + col0, cb + col0 + cols);
-  for (int64_t k = 0; k < r; ++k) Axpy(low[k], c2 + k * f + col0, logits.data(), cols);
+  float* logits = scaling_sparse::Scratch(0, cols);
+  std::memcpy(logits, cb + col0, sizeof(float) * cols);
+  for (int64_t k = 0; k < r; ++k) Axpy(low[k], c2 + k * f + col0, logits, cols);
   for (int64_t b = b0; b < b1; ++b) {
-    const float* block = logits.data() + (b - b0) * n_elements;
+    const float* block = logits + (b - b0) * n_elements;
     int64_t best = 0;
     for (int64_t n = 1; n < n_elements; ++n) {
       if (block[n] > block[best]) best = n;

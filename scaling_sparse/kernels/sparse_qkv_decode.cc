@@ -73,15 +73,16 @@ ffi::Error SparseQkvDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
       const int64_t s0 = S * p / parts, s1 = S * (p + 1) / parts;
       const int64_t h0 = std::max<int64_t>(0, s0 - halo), h1 = std::min(S, s1 + halo);
       // The multiplicative layer for modules [h0, h1): gated inputs [h1-h0, d] times E [d, M].
-      std::vector<float> gated((h1 - h0) * d), h((h1 - h0) * M);
+      float* gated = scaling_sparse::Scratch(0, (h1 - h0) * d);
+      float* h = scaling_sparse::Scratch(1, (h1 - h0) * M);
       for (int64_t s = h0; s < h1; ++s) {
         for (int64_t i = 0; i < d; ++i) gated[(s - h0) * d + i] = xr[i] * pg[s * d + i];
-        std::memcpy(h.data() + (s - h0) * M, pb + s * M, sizeof(float) * M);
+        std::memcpy(h + (s - h0) * M, pb + s * M, sizeof(float) * M);
       }
-      Gemm(gated.data(), d, pe, M, h.data(), M, h1 - h0, d, M);
+      Gemm(gated, d, pe, M, h, M, h1 - h0, d, M);
       // Position i < hist of the window is history row i; position hist is the new h.
       auto window = [&](int64_t i, int64_t s) -> const float* {
-        return i < hist ? hr + (i * S + s) * M : h.data() + (s - h0) * M;
+        return i < hist ? hr + (i * S + s) * M : h + (s - h0) * M;
       };
       // The new history: rows 1.. of the window, for this task's modules.
       for (int64_t i = 0; i < hist; ++i) {
@@ -91,19 +92,20 @@ ffi::Error SparseQkvDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
         // taps [s1-s0, kl ks M]: for each output module, its (position, neighbour) inputs, zeros past the edges;
         // the kernel [kl, ks, M, M] read as [kl ks M, M] is then one matmul.
         const int64_t half = (c.ks - 1) / 2, width = kl * c.ks * M;
-        std::vector<float> taps((s1 - s0) * width, 0.0f);
+        float* taps = scaling_sparse::Scratch(2, (s1 - s0) * width);
+        std::fill(taps, taps + (s1 - s0) * width, 0.0f);
         for (int64_t s = s0; s < s1; ++s) {
           for (int64_t i = 0; i < kl; ++i) {
             for (int64_t j = 0; j < c.ks; ++j) {
               const int64_t src = s + j - half;
               if (src < 0 || src >= S) continue;
-              std::memcpy(taps.data() + (s - s0) * width + (i * c.ks + j) * M, window(i, src), sizeof(float) * M);
+              std::memcpy(taps + (s - s0) * width + (i * c.ks + j) * M, window(i, src), sizeof(float) * M);
             }
           }
         }
         float* out = c.out + row * d;
         for (int64_t s = s0; s < s1; ++s) std::memcpy(out + s * M, c.bias, sizeof(float) * M);
-        Gemm(taps.data(), width, c.kernel, M, out + s0 * M, M, s1 - s0, width, M);
+        Gemm(taps, width, c.kernel, M, out + s0 * M, M, s1 - s0, width, M);
       }
     });
   }

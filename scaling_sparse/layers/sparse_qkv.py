@@ -56,7 +56,7 @@ class SparseQKV(nnx.Module):
         weights = [self.mult.gates, self.mult.kernel, self.mult.bias] + [
             w for c in (self.conv_q, self.conv_k, self.conv_v) for w in (c.kernel, c.bias)]
         return (cpu_kernels.active() and x.shape[1] == 1 and x.dtype == history.dtype == jnp.float32
-                and self.mult.bias is not None and all(w[...].dtype == jnp.float32 for w in weights))
+                and all(w[...].dtype == jnp.float32 for w in weights))
 
     def decode(self, x: jax.Array, cache, index):
         if self._kernel_applies(x, cache["history"]):
