@@ -39,6 +39,8 @@ from flax import nnx  # noqa: E402
 
 from benchmarks import machine, models, reporting  # noqa: E402
 from scaling_sparse.config import ConfigError, load_config  # noqa: E402
+from scaling_sparse.decode import Decoder  # noqa: E402
+from scaling_sparse.kernels import cpu as cpu_kernels  # noqa: E402
 
 DEFAULT_PRESETS = ("medium_dense", "medium_sparse_ff", "medium_sparse_qkv", "medium_sparse_ffqkv",
                    "medium_sparse_all", "terraformer_medium")
@@ -71,6 +73,9 @@ class DecodeTimer:
         _, compile_loop = _seconds(lambda: self.decoder.loop(params, loop_cache, first, self.start_index, self.rng,
                                                              tokens))
         first, step_cache = self._prefilled()
+        # The kernels the compiled step really calls (none for a dense model, or off the CPU).
+        self.kernel_targets = cpu_kernels.targets_in(
+            self.decoder.step.lower(params, step_cache, first, self.start_index, self.rng).as_text())
         self.decoder.step(params, step_cache, first, self.start_index, self.rng)  # compiles the per-call step
         self.loop_once(record=False)
         self.compile_s = {"prefill": compile_prefill, "loop": compile_loop}
@@ -189,10 +194,9 @@ def prepare_preset(name: str, args, *, backend: str, capacity_bytes: int, config
             raise SystemExit(f"--prompt_len or --tokens exceed {name}'s model.max_len {m.max_len}: ask for fewer")
     elif args.prompt_len + max(args.tokens, args.per_call_tokens) > m.max_len:
         raise SystemExit(f"--prompt_len + --tokens exceed {name}'s model.max_len {m.max_len}: ask for fewer")
-    decoder, init_s = models.build_decoder(config, seed=args.seed)
-    timer = (EncDecTimer if encdec else DecodeTimer)(
-        decoder, vocab_size=m.vocab_size, prompt_len=args.prompt_len, tokens=args.tokens,
-        per_call_tokens=args.per_call_tokens, seed=args.seed)
+    decoder, init_s = models.build_decoder(config, seed=args.seed,
+                                           cpu_kernels=False if args.cpu_kernels == "off" else None)
+    timer = make_timer(decoder, config, args)
     cache_bytes = 2 * m.n_layers * (args.prompt_len + max(args.tokens, args.per_call_tokens)) * m.d_model
     if encdec:  # self-attention K/V over the decoder positions + the prompt's cross K/V (or prefix), per layer
         cache_bytes = 2 * m.n_layers * (timer.cache_len + args.prompt_len) * m.d_model
@@ -206,6 +210,9 @@ def prepare_preset(name: str, args, *, backend: str, capacity_bytes: int, config
         "dtype": args.dtype,
         "d_model": m.d_model, "d_ff": m.d_ff, "ff_sparsity": m.ff_sparsity, "attn_sparsity": m.attn_sparsity,
         "loss_sparsity": m.loss_sparsity, "reversible": bool(m.reversible),
+        # Which decode path ran: the compiled CPU kernels for the sparse layers, or pure JAX.
+        "decode_path": "cpu_kernels" if timer.kernel_targets else "jax",
+        "cpu_kernel_targets": timer.kernel_targets,
         "params_per_token": counts["params_per_token"],
         "total_params": counts["total_params"],
         "bytes_per_token": reporting.bytes_per_token(counts["params_per_token"], args.dtype),
@@ -220,6 +227,29 @@ def prepare_preset(name: str, args, *, backend: str, capacity_bytes: int, config
                      "prompt": "encoder input", "decode_start_index": timer.start_index,
                      "decode_cache_len": timer.cache_len})
     return meta, timer
+
+
+def make_timer(decoder, config, args) -> DecodeTimer:
+    """The compiled timer of one decoder (an encoder-decoder's or a decoder-only LM's)."""
+    m = config.model
+    timer = (EncDecTimer if m.arch == "encdec" else DecodeTimer)(
+        decoder, vocab_size=m.vocab_size, prompt_len=args.prompt_len, tokens=args.tokens,
+        per_call_tokens=args.per_call_tokens, seed=args.seed)
+    timer.config = config
+    return timer
+
+
+def jax_path_twin(name: str, meta: dict, timer: DecodeTimer, args) -> tuple[dict, DecodeTimer] | None:
+    """--cpu_kernels=compare: the same weights decoded on the pure-JAX path, timed beside the kernel
+    path in the same run (None where the preset did not use the kernels: dense, or none loaded)."""
+    if meta["decode_path"] != "cpu_kernels":
+        return None
+    kernel_decoder = timer.decoder
+    decoder = Decoder(kernel_decoder.graphdef, kernel_decoder.params, max_len=kernel_decoder.max_len,
+                      cpu_kernels=False)
+    print(f"preparing {name} on the pure-JAX path ...", flush=True)
+    twin = make_timer(decoder, timer.config, args)
+    return {**meta, "decode_path": "jax", "cpu_kernel_targets": twin.kernel_targets, "label": f"{name}@jax"}, twin
 
 
 def finish_preset(meta: dict, timer: DecodeTimer, bandwidth: dict) -> dict:
@@ -487,6 +517,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "JAX starts and recorded in the JSON (settings.xla_flags); none by default: on the 2-core "
                         "CPU that flag with --xla_cpu_enable_concurrency_optimized_scheduler=false made dense and "
                         "sparse decoding slower (docs/benchmarks.md)")
+    p.add_argument("--cpu_kernels", choices=("auto", "off", "compare"), default="auto",
+                   help="the compiled CPU decode kernels of the sparse layers (docs/kernels.md): auto (default) "
+                        "uses them where the Decoder does (CPU backend, library built); off: the pure-JAX path; "
+                        "compare: each preset that uses them is timed on the pure-JAX path too, same weights, "
+                        "same run (rows with decode_path \"jax\")")
     p.add_argument("--sequential", action="store_true",
                    help="time one preset at a time even when all fit memory (default: interleave the repeats)")
     p.add_argument("--paper_rows", action="store_true",
@@ -501,6 +536,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [g for g in args.paper_groups if g not in PAPER_GROUPS]
     if unknown:
         p.error(f"--paper_groups: unknown {', '.join(unknown)} (known: {', '.join(PAPER_GROUPS)})")
+    if args.paper_rows and args.cpu_kernels == "compare":
+        p.error("--cpu_kernels=compare times --presets: the paper rows take auto or off")
     if args.paper_rows and args.presets:
         p.error("--paper_rows times its own presets: leave out --presets")
     quick = args.quick
@@ -558,13 +595,17 @@ def main(argv=None) -> dict:
     for name in presets:
         print(f"preparing {name} ...", flush=True)
         meta, timer = prepare_preset(name, args, backend=backend, capacity_bytes=capacity)
+        pair = [(meta, timer)]
+        if args.cpu_kernels == "compare":
+            pair += [twin] if (twin := jax_path_twin(name, meta, timer, args)) else []
         if interleave:
-            prepared.append((meta, timer))
+            prepared += pair
             continue
-        run_timers([timer], args)
-        results.append(finish_preset(meta, timer, bandwidth))
-        print(reporting.decode_line(results[-1]), flush=True)
-        del timer
+        run_timers([t for _, t in pair], args)
+        for meta, timer in pair:
+            results.append(finish_preset(meta, timer, bandwidth))
+            print(reporting.decode_line(results[-1]), flush=True)
+        del timer, pair
         gc.collect()
     if interleave:
         print(f"timing {len(prepared)} presets, {args.repeats} interleaved repeats ...", flush=True)
@@ -582,7 +623,8 @@ def main(argv=None) -> dict:
     report = {
         **reporting.run_header("unbatched greedy decode latency", info),
         "bandwidth": bandwidth,
-        "settings": {**settings, "init": models.INIT, "xla_flags": os.environ.get("XLA_FLAGS", "")},
+        "settings": {**settings, "init": models.INIT, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                     "cpu_kernels_status": cpu_kernels.status()},
         "schedule": "interleaved" if interleave else "sequential",
         "results": results,
     }
@@ -605,6 +647,7 @@ def main_paper_rows(args, info: dict, backend: str, bandwidth: dict) -> dict:
     rows, groups = merge_previous(path, rows, groups)
     settings = {k: v for k, v in vars(args).items() if k not in ("out_dir", "presets", "dtype_forced")}
     settings["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+    settings["cpu_kernels_status"] = cpu_kernels.status()
     report = {
         **reporting.run_header("unbatched greedy decode latency, the paper's encoder-decoder rows", info),
         "protocol": ("batch 1, greedy, random weights; the prompt is the encoder input, the decoder starts from "

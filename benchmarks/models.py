@@ -149,9 +149,10 @@ def build(config, *, seed: int = 0):
         jax.config.update("jax_default_prng_impl", previous)
 
 
-def build_decoder(config, *, seed: int = 0) -> tuple[Decoder, float]:
-    """A greedy Decoder holding freshly initialised weights -> (decoder, seconds the weights took)."""
+def build_decoder(config, *, seed: int = 0, cpu_kernels: bool | None = None) -> tuple[Decoder, float]:
+    """A greedy Decoder holding freshly initialised weights -> (decoder, seconds the weights took).
+    cpu_kernels: the Decoder's choice of the compiled CPU decode kernels (None: automatic)."""
     start = time.perf_counter()
     graphdef, params = build(config, seed=seed)
     init_s = time.perf_counter() - start
-    return Decoder(graphdef, params, max_len=config.model.max_len), init_s
+    return Decoder(graphdef, params, max_len=config.model.max_len, cpu_kernels=cpu_kernels), init_s

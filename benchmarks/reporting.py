@@ -62,6 +62,10 @@ def add_speedups(results: list[dict]) -> list[dict]:
         r["per_call_speedup_vs_dense"] = (speedup(base["per_call_ms_per_token"], r["per_call_ms_per_token"])
                                           if base and r.get("per_call_ms_per_token") else None)
         r["byte_ratio_vs_dense"] = base["bytes_per_token"] / r["bytes_per_token"] if base else None
+    for r in results:  # --cpu_kernels=compare: the kernel row against its pure-JAX twin
+        twin = next((t for t in results if t.get("label") == f"{r['preset']}@jax"), None)
+        if r.get("decode_path") == "cpu_kernels" and twin:
+            r["speedup_vs_jax_path"] = speedup(twin["ms_per_token"], r["ms_per_token"])
     return results
 
 
@@ -86,16 +90,22 @@ def write_json(path, data: dict) -> pathlib.Path:
 # --------------------------------------------------------------------------------------------
 # Console
 
+def decode_label(r: dict) -> str:
+    """A decode row's name: the preset, marked when it is the pure-JAX twin of a kernel row
+    (decode_latency --cpu_kernels=compare)."""
+    return r.get("label", r["preset"])
+
+
 def decode_line(r: dict) -> str:
     """One preset's result as it finishes."""
-    return (f"  {r['preset']}: {r['ms_per_token']:.2f} ms/token in loop, {r['per_call_ms_per_token']:.2f} ms/token "
+    return (f"  {decode_label(r)} ({r.get('decode_path', 'jax')} path): {r['ms_per_token']:.2f} ms/token in loop, {r['per_call_ms_per_token']:.2f} ms/token "
             f"per call, prefill {r['prefill_ms']:.1f} ms, {100 * r['bandwidth_fraction']:.0f}% of copy bandwidth, "
             f"{100 * r['read_bandwidth_fraction']:.0f}% of read bandwidth "
             f"(init {r['init_s']:.1f} s, compile {r['compile_s']['loop']:.1f} s)")
 
 
 def format_decode_table(results: list[dict], bandwidth: dict) -> str:
-    head = (f"{'preset':<22}{'layers':>7}{'dtype':>9}{'Mparam/tok':>11}{'MB/tok':>9}{'ms/tok':>9}"
+    head = (f"{'preset':<26}{'path':>8}{'layers':>7}{'dtype':>9}{'Mparam/tok':>11}{'MB/tok':>9}{'ms/tok':>9}"
             f"{'spread':>15}{'per-call':>10}{'prefill':>9}{'tok/s':>8}{'GB/s':>7}{'%BW':>6}{'%read':>7}{'speedup':>9}"
             f"{'bytes x':>9}")
     lines = [f"memory bandwidth (copy, measured in this run): {bandwidth['gb_per_s']:.1f} GB/s "
@@ -105,7 +115,7 @@ def format_decode_table(results: list[dict], bandwidth: dict) -> str:
         br = "-" if r["byte_ratio_vs_dense"] is None else f"{r['byte_ratio_vs_dense']:.1f}x"
         layers = f"{r['n_layers']}/{r['full_n_layers']}" if r["n_layers"] != r["full_n_layers"] else str(r["n_layers"])
         lines.append(
-            f"{r['preset']:<22}{layers:>7}{r['dtype']:>9}{r['params_per_token'] / 1e6:>11.1f}"
+            f"{decode_label(r):<26}{r.get('decode_path', 'jax').replace('cpu_kernels', 'kernels'):>8}{layers:>7}{r['dtype']:>9}{r['params_per_token'] / 1e6:>11.1f}"
             f"{r['bytes_per_token'] / 1e6:>9.1f}{r['ms_per_token']:>9.2f}"
             f"{r['ms_per_token_min']:>7.2f}-{r['ms_per_token_max']:<7.2f}{r['per_call_ms_per_token']:>10.2f}"
             f"{r['prefill_ms']:>9.1f}{r['tokens_per_s']:>8.1f}{r['implied_gb_per_s']:>7.1f}"
@@ -118,7 +128,8 @@ def format_decode_table(results: list[dict], bandwidth: dict) -> str:
     if bad:
         lines.append(f"note: per-call tokens differ from in-loop tokens for {', '.join(bad)}: random weights "
                      "give near-tied argmaxes that flip between two compilations")
-    lines.append("ms/tok: median per token inside one jitted loop; spread: min-max over repeats; per-call: "
+    lines.append("path: the sparse layers' decode on the compiled CPU kernels or pure JAX (docs/kernels.md); "
+                 "ms/tok: median per token inside one jitted loop; spread: min-max over repeats; per-call: "
                  "one Python call per token; %BW, %read: weight bytes per token / time over the copy and the read "
                  "bandwidth (100% = at the floor); bytes x: dense weight bytes / this preset's (the memory-bound ideal)")
     return "\n".join(lines)
@@ -162,7 +173,7 @@ def plot_decode(results: list[dict], path, title: str) -> None:
     """Two panels: latency per token (in loop, per call, memory floor; log scale) and speedup vs
     dense (in loop, per call, weight-byte ratio)."""
     plt = _pyplot()
-    names = [r["preset"] for r in results]
+    names = [decode_label(r) for r in results]
     x = np.arange(len(names))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(10, 1.6 * len(names)), 4.8))
     ax1.bar(x - 0.2, [r["ms_per_token"] for r in results], 0.4, label="in jitted loop",

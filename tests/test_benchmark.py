@@ -8,6 +8,7 @@ import pytest
 from benchmarks import decode_latency as bench
 from benchmarks import models, reporting
 from scaling_sparse.config import load_config
+from scaling_sparse.kernels import cpu as cpu_kernels
 
 
 def test_bytes_per_token_from_parameter_counts():
@@ -87,6 +88,8 @@ def test_unknown_preset_fails_before_timing():
 def test_bad_flag_values_are_rejected():
     with pytest.raises(SystemExit):
         bench.parse_args(["--tokens=0"])
+    with pytest.raises(SystemExit):  # the paper rows have no pure-JAX twins
+        bench.parse_args(["--paper_rows", "--cpu_kernels=compare"])
 
 
 def test_end_to_end_tiny_writes_json_and_plot(tmp_path):
@@ -114,6 +117,29 @@ def test_end_to_end_tiny_writes_json_and_plot(tmp_path):
     assert "xla_flags" in data["settings"]
     assert r["per_call_matches_loop"]  # greedy: both decoding modes produce the same tokens
     assert report["results"][0]["preset"] == "tiny"
+    # A dense model has no sparse layer to run on the CPU kernels, whatever the Decoder may use.
+    assert r["decode_path"] == "jax" and r["cpu_kernel_targets"] == []
+    assert data["settings"]["cpu_kernels"] == "auto"
+    assert data["settings"]["cpu_kernels_status"]["available"] == cpu_kernels.available()
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU decode kernels are not built")
+def test_cpu_kernels_compare_times_the_pure_jax_path_beside_the_kernels(tmp_path):
+    bench.main(["--presets=tiny_terraformer", "--cpu_kernels=compare", "--quick", "--tokens=4", "--repeats=2",
+                "--per_call_tokens=3", "--prompt_len=4", "--bandwidth_mb=16", "--no_plot", f"--out_dir={tmp_path}"])
+    kernel, jax_path = json.loads((tmp_path / "decode_cpu.json").read_text())["results"]
+    assert kernel["decode_path"] == "cpu_kernels" and kernel["preset"] == "tiny_terraformer"
+    assert set(kernel["cpu_kernel_targets"]) == {cpu_kernels.FFN_TARGET, cpu_kernels.QKV_TARGET}
+    assert jax_path["decode_path"] == "jax" and jax_path["cpu_kernel_targets"] == []
+    assert jax_path["label"] == "tiny_terraformer@jax" and jax_path["bytes_per_token"] == kernel["bytes_per_token"]
+    assert kernel["speedup_vs_jax_path"] == pytest.approx(jax_path["ms_per_token"] / kernel["ms_per_token"])
+
+
+def test_cpu_kernels_off_decodes_on_the_pure_jax_path(tmp_path):
+    bench.main(["--presets=tiny_terraformer", "--cpu_kernels=off", "--quick", "--tokens=2", "--repeats=1",
+                "--per_call_tokens=2", "--prompt_len=4", "--bandwidth_mb=16", "--no_plot", f"--out_dir={tmp_path}"])
+    (r,) = json.loads((tmp_path / "decode_cpu.json").read_text())["results"]
+    assert r["decode_path"] == "jax" and r["cpu_kernel_targets"] == []
 
 
 def test_benchmark_weights_are_the_state_builders_in_the_target_dtype():

@@ -76,6 +76,12 @@ def active() -> bool:
     return _active.get()
 
 
+def targets_in(program_text: str) -> list[str]:
+    """The kernels a lowered program calls (text of `jax.jit(f).lower(...)`): what a benchmark
+    reports as the decode path actually taken, whatever was asked for."""
+    return [target for target in (FFN_TARGET, QKV_TARGET) if target in program_text]
+
+
 def sparse_ffn_decode(x, c1, c2, cb, w1, w2, b2, *, n_elements: int):
     """The sparse FFN's decode (layers/sparse_ffn.py `SparseFF.decode`) as one kernel call.
 
