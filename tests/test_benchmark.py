@@ -117,8 +117,12 @@ def test_end_to_end_tiny_writes_json_and_plot(tmp_path):
     assert "xla_flags" in data["settings"]
     assert r["per_call_matches_loop"]  # greedy: both decoding modes produce the same tokens
     assert report["results"][0]["preset"] == "tiny"
-    # A dense model has no sparse layer to run on the CPU kernels, whatever the Decoder may use.
-    assert r["decode_path"] == "jax" and r["cpu_kernel_targets"] == []
+    # A dense model has no sparse layer, but decodes its attention with the attention kernel where built:
+    # the dense baseline gets the same care as the sparse models.
+    if cpu_kernels.available():
+        assert r["decode_path"] == "cpu_kernels" and r["cpu_kernel_targets"] == [cpu_kernels.ATTENTION_TARGET]
+    else:
+        assert r["decode_path"] == "jax" and r["cpu_kernel_targets"] == []
     assert data["settings"]["cpu_kernels"] == "auto"
     assert data["settings"]["cpu_kernels_status"]["available"] == cpu_kernels.available()
 
@@ -129,7 +133,8 @@ def test_cpu_kernels_compare_times_the_pure_jax_path_beside_the_kernels(tmp_path
                 "--per_call_tokens=3", "--prompt_len=4", "--bandwidth_mb=16", "--no_plot", f"--out_dir={tmp_path}"])
     kernel, jax_path = json.loads((tmp_path / "decode_cpu.json").read_text())["results"]
     assert kernel["decode_path"] == "cpu_kernels" and kernel["preset"] == "tiny_terraformer"
-    assert set(kernel["cpu_kernel_targets"]) == {cpu_kernels.FFN_TARGET, cpu_kernels.QKV_TARGET}
+    assert set(kernel["cpu_kernel_targets"]) == {cpu_kernels.FFN_TARGET, cpu_kernels.QKV_TARGET,
+                                                 cpu_kernels.ATTENTION_TARGET}
     assert jax_path["decode_path"] == "jax" and jax_path["cpu_kernel_targets"] == []
     assert jax_path["label"] == "tiny_terraformer@jax" and jax_path["bytes_per_token"] == kernel["bytes_per_token"]
     assert kernel["speedup_vs_jax_path"] == pytest.approx(jax_path["ms_per_token"] / kernel["ms_per_token"])

@@ -21,6 +21,8 @@ from scaling_sparse.layers.sparse_ffn import SparseFF
 
 needs_kernels = pytest.mark.skipif(not cpu.available(), reason=f"CPU kernels: {cpu.status()['reason']}")
 SPARSE_FF_VARIANTS = sorted(name for name, fields in VARIANTS.items() if fields.get("ff_sparsity"))
+# Every variant decodes one position's attention with the attention kernel; these also have sparse layers.
+ALL_VARIANTS = sorted(VARIANTS)
 
 
 @needs_kernels
@@ -52,7 +54,7 @@ def test_first_maximum_wins_ties():
 
 
 @needs_kernels
-@pytest.mark.parametrize("name", SPARSE_FF_VARIANTS)
+@pytest.mark.parametrize("name", ALL_VARIANTS)
 def test_decoder_with_kernels_equals_jax_path(name):
     model = make_model(**VARIANTS[name])
     graphdef, params = nnx.split(model, nnx.Param)
@@ -98,7 +100,9 @@ def test_switch_and_stale_build_fall_back_to_jax(tmp_path, monkeypatch):
     assert json.loads(out.stdout.strip().splitlines()[-1])["reason"].startswith("disabled")
     if not (build.LIB_DIR / build.LIB_NAME).exists():
         pytest.skip("no built library to make stale")
+    available_before = cpu.status()["available"]  # False when this run itself has the switch off
     stale = dict(build.expected_stamp(), sources_sha256="0" * 64)
+    monkeypatch.delenv(cpu.ENV_SWITCH, raising=False)
     monkeypatch.setattr(build, "expected_stamp", lambda: stale)
     cpu.status.cache_clear()
     try:
@@ -106,11 +110,11 @@ def test_switch_and_stale_build_fall_back_to_jax(tmp_path, monkeypatch):
     finally:
         monkeypatch.undo()
         cpu.status.cache_clear()
-        assert cpu.status()["available"]
+        assert cpu.status()["available"] == available_before
 
 
 @needs_kernels
-@pytest.mark.parametrize("name", SPARSE_FF_VARIANTS)
+@pytest.mark.parametrize("name", ALL_VARIANTS)
 def test_token_by_token_decode_with_kernels_equals_full_forward(name):
     model = make_model(**VARIANTS[name])
     graphdef, state = nnx.split(model)
@@ -121,7 +125,8 @@ def test_token_by_token_decode_with_kernels_equals_full_forward(name):
     for i in range(tokens.shape[1]):
         logits, cache = step(state, tokens[:, i:i + 1], cache, jnp.int32(i))
         steps.append(logits)
-    assert cpu.FFN_TARGET in step.lower(state, tokens[:, :1], cache, jnp.int32(0)).as_text()
+    called = cpu.targets_in(step.lower(state, tokens[:, :1], cache, jnp.int32(0)).as_text())
+    assert cpu.ATTENTION_TARGET in called and (cpu.FFN_TARGET in called) == (name in SPARSE_FF_VARIANTS)
     np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=1e-4, rtol=1e-4)
 
 
@@ -149,3 +154,46 @@ def test_sparse_qkv_kernel_equals_jax_decode(length_kernel):
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(got_cache["history"], want_cache["history"], atol=1e-5, rtol=1e-5)
+
+
+def _cache_with_step(seed, n, dh, length):
+    """Random caches k_t [n, dh, L], v [n, L, dh] and a query q [b=1... folded as n heads]."""
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((1, 1, n, dh)), jnp.float32)
+    k_t = jnp.asarray(rng.standard_normal((n, dh, length)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((n, length, dh)), jnp.float32)
+    return q, k_t, v
+
+
+@needs_kernels
+@pytest.mark.parametrize("position", [0, 1, 6, 11])
+@pytest.mark.parametrize("core", ["dot_product", "lsh"])
+def test_attention_kernel_equals_jax_cached_attention(position, core):
+    """One query at `position` over a 12-long cache: positions after it are ignored (their cache rows
+    hold random values here, not zeros), LSH's self-mask leaves the query itself only at position 0."""
+    from scaling_sparse.layers import attention, lsh
+
+    q, k_t, v = _cache_with_step(position, 6, 8, 12)
+    if core == "lsh":
+        f = lsh.attend_cache
+    else:
+        f = lambda q, k_t, v, q_pos: attention.cached_attention(q, k_t, v, q_pos, scale=8 ** -0.5)
+    q_pos = jnp.asarray([position], jnp.int32)
+
+    def run(use):
+        with cpu.use_kernels(use):  # a new function each time: jit caches traces by function
+            program = jax.jit(lambda *args: f(*args))
+            return program(q, k_t, v, q_pos), cpu.targets_in(program.lower(q, k_t, v, q_pos).as_text())
+
+    (got, called), (want, jax_called) = run(True), run(False)
+    assert called == [cpu.ATTENTION_TARGET] and jax_called == []
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    if position == 0:  # only the query itself is visible: the output is its own value row
+        np.testing.assert_allclose(got[0, 0], v[:, 0], atol=1e-6)
+
+
+@needs_kernels
+def test_attention_kernel_rejects_a_position_outside_the_cache():
+    q, k_t, v = _cache_with_step(0, 2, 4, 5)
+    with pytest.raises(Exception, match="index outside the cache"):
+        jax.block_until_ready(cpu.cached_attention_decode(q[0, 0], k_t, v, 5, scale=1.0))

@@ -27,6 +27,7 @@ from scaling_sparse.kernels import build
 ENV_SWITCH = "SCALING_SPARSE_CPU_KERNELS"  # "0" disables the kernels
 FFN_TARGET = "scaling_sparse_ffn_decode"
 QKV_TARGET = "scaling_sparse_qkv_decode"
+ATTENTION_TARGET = "scaling_sparse_cached_attention_decode"
 # Each kernel splits its work (the FFN's blocks, QKV's modules) into this many tasks on XLA's intra-op
 # thread pool; the calling thread runs any task a pool thread has not started. 2 uses both cores of
 # the benchmark machine. A fixed count fixes the order of the partial sums, so results do not depend on
@@ -52,6 +53,8 @@ def status() -> dict:
         lib = ctypes.cdll.LoadLibrary(str(path))
         jax.ffi.register_ffi_target(FFN_TARGET, jax.ffi.pycapsule(lib.ScalingSparseFfnDecode), platform="cpu")
         jax.ffi.register_ffi_target(QKV_TARGET, jax.ffi.pycapsule(lib.ScalingSparseQkvDecode), platform="cpu")
+        jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.ScalingSparseCachedAttentionDecode),
+                                    platform="cpu")
     except (OSError, AttributeError, ValueError, RuntimeError) as e:
         return {"available": False, "reason": f"load failed: {e}", "library": str(path)}
     return {"available": True, "reason": "loaded", "library": str(path)}
@@ -79,7 +82,7 @@ def active() -> bool:
 def targets_in(program_text: str) -> list[str]:
     """The kernels a lowered program calls (text of `jax.jit(f).lower(...)`): what a benchmark
     reports as the decode path actually taken, whatever was asked for."""
-    return [target for target in (FFN_TARGET, QKV_TARGET) if target in program_text]
+    return [target for target in (FFN_TARGET, QKV_TARGET, ATTENTION_TARGET) if target in program_text]
 
 
 def sparse_ffn_decode(x, c1, c2, cb, w1, w2, b2, *, n_elements: int):
@@ -110,3 +113,15 @@ def sparse_qkv_decode(x, gates, kernel, bias, history, conv_q, conv_k, conv_v):
         QKV_TARGET, (out, out, out, jax.ShapeDtypeStruct(history.shape, jnp.float32)),
     )(x, gates, kernel, bias, history, *conv_q, *conv_k, *conv_v, parts=np.int64(PARTS))
     return (q, k, v), new_history
+
+
+def cached_attention_decode(q, k_t, v, index, *, scale: float, self_value: float | None = None):
+    """One query position's attention over the decode caches (layers/attention.py `cached_attention`,
+    layers/lsh.py `attend_cache`) as one call.
+
+    q [n, dh] (n = batch x heads) at position `index`; k_t [n, dh, L], v [n, L, dh] holding this
+    step's key and value; positions after `index` are masked; `self_value`: the score that replaces
+    the query's own (LSH's self-mask), None for none. Returns o [n, dh], float32."""
+    return jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
+        q, k_t, v, jnp.asarray(index, jnp.int32), scale=np.float32(scale), self_mask=self_value is not None,
+        self_value=np.float32(0.0 if self_value is None else self_value))

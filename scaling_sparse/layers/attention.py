@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from scaling_sparse.kernels import cpu as cpu_kernels
 from scaling_sparse.layers.base import check_mode
 from scaling_sparse.layers.dropout import dropout
 
@@ -41,10 +42,24 @@ def update_cache(k_t, v, k, vals, index):
     return k_t, v
 
 
+def attention_kernel_applies(q, k_t, v) -> bool:
+    """One query position, float32, traced by a Decoder using the CPU kernels (docs/kernels.md)."""
+    return cpu_kernels.active() and q.shape[1] == 1 and q.dtype == k_t.dtype == v.dtype == jnp.float32
+
+
+def attention_kernel(q, k_t, v, q_pos, *, scale: float, self_value: float | None = None):
+    """cached_attention (or LSH's attend_cache, with its `self_value`) for one query as one CPU kernel."""
+    o = cpu_kernels.cached_attention_decode(merge_heads_into_batch(q)[:, 0], k_t, v, q_pos[0], scale=scale,
+                                            self_value=self_value)
+    return split_heads_from_batch(o[:, None], q.shape[0])
+
+
 def cached_attention(q, k_t, v, q_pos, *, scale: float):
     """Decoding: q [b, T, h, dh] at positions q_pos [T] over the cache (keys transposed
     k_t [b*h, dh, S], values v [b*h, S, dh], this step's tokens written in) -> [b, T, h, dh]; the same
     sums as dot_product_attention with the causal mask."""
+    if attention_kernel_applies(q, k_t, v):
+        return attention_kernel(q, k_t, v, q_pos, scale=scale)
     logits = jnp.einsum("nqd,ndk->nqk", merge_heads_into_batch(q), k_t).astype(jnp.float32) * scale
     k_pos = jnp.arange(k_t.shape[-1])
     logits = jnp.where(k_pos[None, :] <= q_pos[:, None], logits, jnp.finfo(jnp.float32).min)
