@@ -46,6 +46,9 @@ def op_origins(hlo_text: str) -> dict[str, str]:
         op = re.search(r'op_name="([^"]+)"', line)
         origins[m.group(1)] = (re.sub(r"^jit\([^)]*\)/(while/body/)?(closed_call/)?", "", op.group(1)) if op
                                else m.group(2))
+        target = re.search(r'custom_call_target="([^"]+)"', line)
+        if target:  # name a kernel call by its kernel (docs/kernels.md), not by "ffi_call"
+            origins[m.group(1)] = f"{origins[m.group(1)]}:{target.group(1)}"
     return origins
 
 

@@ -124,4 +124,4 @@ def cached_attention_decode(q, k_t, v, index, *, scale: float, self_value: float
     the query's own (LSH's self-mask), None for none. Returns o [n, dh], float32."""
     return jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
         q, k_t, v, jnp.asarray(index, jnp.int32), scale=np.float32(scale), self_mask=self_value is not None,
-        self_value=np.float32(0.0 if self_value is None else self_value))
+        self_value=np.float32(0.0 if self_value is None else self_value), parts=np.int64(PARTS))

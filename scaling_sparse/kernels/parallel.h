@@ -48,6 +48,24 @@ inline void ForkJoin(xla::ffi::ThreadPool& pool, int64_t parts, std::function<vo
   while (state->finished.load(std::memory_order_acquire) < parts) std::this_thread::yield();
 }
 
+// Reads one float of every cache line of part `part` of `parts` of [data, data + bytes), eight
+// independent lines at a time. A kernel whose tasks all read the same weights (sparse QKV's E and
+// convolution kernels) has each task pull a disjoint share from memory at full memory-level
+// parallelism before computing, instead of every task stalling on the same lines one row at a time;
+// software prefetches pulled much less (docs/kernels.md).
+inline void TouchShare(const void* data, size_t bytes, int64_t part, int64_t parts) {
+  const char* base = static_cast<const char*>(data);
+  const size_t begin = bytes * part / parts & ~size_t{63}, end = bytes * (part + 1) / parts;
+  float sink = 0.0f;
+  for (size_t at = begin; at + 512 <= end; at += 512) {
+    sink += *reinterpret_cast<const float*>(base + at) + *reinterpret_cast<const float*>(base + at + 64) +
+            *reinterpret_cast<const float*>(base + at + 128) + *reinterpret_cast<const float*>(base + at + 192) +
+            *reinterpret_cast<const float*>(base + at + 256) + *reinterpret_cast<const float*>(base + at + 320) +
+            *reinterpret_cast<const float*>(base + at + 384) + *reinterpret_cast<const float*>(base + at + 448);
+  }
+  asm volatile("" : : "x"(sink));
+}
+
 // Per-thread scratch buffers, kept between calls: the kernels run once per layer per token, and a
 // task's buffers (tens of KB) would otherwise be allocated and freed on every call. `slot` names one
 // buffer of the calling thread; the contents are whatever the last user left.

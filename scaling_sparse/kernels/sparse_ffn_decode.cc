@@ -38,7 +38,10 @@ void FfnBlocks(const float* x, const float* low, const float* c2, const float* c
   const int64_t col0 = b0 * n_elements, cols = (b1 - b0) * n_elements;
   float* logits = scaling_sparse::Scratch(0, cols);
   std::memcpy(logits, cb + col0, sizeof(float) * cols);
-  for (int64_t k = 0; k < r; ++k) Axpy(low[k], c2 + k * f + col0, logits, cols);
+  // Four rows of C2 per pass: four memory streams in flight (measured ~10% faster than one, docs/kernels.md).
+  int64_t k = 0;
+  for (; k + 4 <= r; k += 4) scaling_sparse::Axpy4(low + k, c2 + k * f + col0, f, logits, cols);
+  for (; k < r; ++k) Axpy(low[k], c2 + k * f + col0, logits, cols);
   for (int64_t b = b0; b < b1; ++b) {
     const float* block = logits + (b - b0) * n_elements;
     int64_t best = 0;
@@ -85,13 +88,22 @@ ffi::Error SparseFfnDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   }
   const int64_t blocks = f / n_elements;
   parts = std::max<int64_t>(1, std::min(parts, blocks));
-  std::vector<float> low(r), shares(parts * d);
+  std::vector<float> low(r), low_shares(parts * r), shares(parts * d);
   for (int64_t row = 0; row < rows; ++row) {
     const float* xr = x.typed_data() + row * d;
     int32_t* ur = units->typed_data() + row * blocks;
-    // The controller's first matmul ([d] x [d, r], small): C1's rows scaled by x, read once, in order.
+    // The controller's first matmul ([d] x [d, r]): each task reads its share of C1's rows, the shares
+    // are added in part order (C1 is ~0.4 MB at the medium size: one thread alone took ~25 us for it).
+    std::fill(low_shares.begin(), low_shares.end(), 0.0f);
+    scaling_sparse::ForkJoin(pool, parts, [&](int64_t p) {
+      const int64_t i0 = d * p / parts, i1 = d * (p + 1) / parts;
+      float* share = low_shares.data() + p * r;
+      int64_t i = i0;
+      for (; i + 4 <= i1; i += 4) scaling_sparse::Axpy4(xr + i, c1.typed_data() + i * r, r, share, r);
+      for (; i < i1; ++i) Axpy(xr[i], c1.typed_data() + i * r, share, r);
+    });
     std::fill(low.begin(), low.end(), 0.0f);
-    for (int64_t i = 0; i < d; ++i) Axpy(xr[i], c1.typed_data() + i * r, low.data(), r);
+    for (int64_t p = 0; p < parts; ++p) Axpy(1.0f, low_shares.data() + p * r, low.data(), r);
     std::fill(shares.begin(), shares.end(), 0.0f);
     scaling_sparse::ForkJoin(pool, parts, [&](int64_t p) {
       FfnBlocks(xr, low.data(), c2.typed_data(), cb.typed_data(), w1.typed_data(), w2.typed_data(), d, r, f,

@@ -72,6 +72,8 @@ ffi::Error SparseQkvDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
     scaling_sparse::ForkJoin(pool, parts, [&](int64_t p) {
       const int64_t s0 = S * p / parts, s1 = S * (p + 1) / parts;
       const int64_t h0 = std::max<int64_t>(0, s0 - halo), h1 = std::min(S, s1 + halo);
+      scaling_sparse::TouchShare(pe, sizeof(float) * d * M, p, parts);
+      for (const Conv& c : convs) scaling_sparse::TouchShare(c.kernel, sizeof(float) * kl * c.ks * M * M, p, parts);
       // The multiplicative layer for modules [h0, h1): gated inputs [h1-h0, d] times E [d, M].
       float* gated = scaling_sparse::Scratch(0, (h1 - h0) * d);
       float* h = scaling_sparse::Scratch(1, (h1 - h0) * M);

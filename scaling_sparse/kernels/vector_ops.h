@@ -3,6 +3,7 @@
 #ifndef SCALING_SPARSE_KERNELS_VECTOR_OPS_H_
 #define SCALING_SPARSE_KERNELS_VECTOR_OPS_H_
 
+#include <cmath>
 #include <cstdint>
 
 namespace scaling_sparse {
@@ -46,6 +47,62 @@ inline void Axpy(float s, const float* __restrict v, float* __restrict out, int6
   for (; j < n; ++j) out[j] += s * v[j];
 }
 
+// out[j] += s[0] v[j] + s[1] v[ld + j] + s[2] v[2 ld + j] + s[3] v[3 ld + j], j < n: four rows at once,
+// so four memory streams are in flight and `out` is loaded and stored once per four rows.
+inline void Axpy4(const float* s, const float* __restrict v, int64_t ld, float* __restrict out, int64_t n) {
+  const __m256 s0 = _mm256_set1_ps(s[0]), s1 = _mm256_set1_ps(s[1]), s2 = _mm256_set1_ps(s[2]),
+               s3 = _mm256_set1_ps(s[3]);
+  const float *v0 = v, *v1 = v + ld, *v2 = v + 2 * ld, *v3 = v + 3 * ld;
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m256 o = _mm256_loadu_ps(out + j);
+    o = _mm256_fmadd_ps(s0, _mm256_loadu_ps(v0 + j), o);
+    o = _mm256_fmadd_ps(s1, _mm256_loadu_ps(v1 + j), o);
+    o = _mm256_fmadd_ps(s2, _mm256_loadu_ps(v2 + j), o);
+    o = _mm256_fmadd_ps(s3, _mm256_loadu_ps(v3 + j), o);
+    _mm256_storeu_ps(out + j, o);
+  }
+  for (; j < n; ++j) out[j] = (((out[j] + s[0] * v0[j]) + s[1] * v1[j]) + s[2] * v2[j]) + s[3] * v3[j];
+}
+
+// x[j] = exp(x[j] - shift) for j < n; returns their sum. The Cephes single-precision polynomial (the
+// one XLA's CPU backend also vectorises, to ~1 ulp); arguments below -87.3 give exactly 0, as a masked
+// score does on the JAX path.
+inline float ExpShiftedSum(float* x, int64_t n, float shift) {
+  const __m256 lo = _mm256_set1_ps(-87.3f), log2e = _mm256_set1_ps(1.44269504088896341f);
+  const __m256 c1 = _mm256_set1_ps(0.693359375f), c2 = _mm256_set1_ps(-2.12194440e-4f);
+  const __m256 one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f), sh = _mm256_set1_ps(shift);
+  const __m256 p0 = _mm256_set1_ps(1.9875691500e-4f), p1 = _mm256_set1_ps(1.3981999507e-3f),
+               p2 = _mm256_set1_ps(8.3334519073e-3f), p3 = _mm256_set1_ps(4.1665795894e-2f),
+               p4 = _mm256_set1_ps(1.6666665459e-1f), p5 = _mm256_set1_ps(5.0000001201e-1f);
+  __m256 total = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 a = _mm256_sub_ps(_mm256_loadu_ps(x + j), sh);
+    const __m256 masked = _mm256_cmp_ps(a, lo, _CMP_LT_OQ);
+    const __m256 t = _mm256_min_ps(_mm256_max_ps(a, lo), _mm256_set1_ps(88.3f));
+    const __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(t, log2e, half));
+    __m256 r = _mm256_fnmadd_ps(fx, c1, t);
+    r = _mm256_fnmadd_ps(fx, c2, r);
+    __m256 y = _mm256_fmadd_ps(p0, r, p1);
+    y = _mm256_fmadd_ps(y, r, p2);
+    y = _mm256_fmadd_ps(y, r, p3);
+    y = _mm256_fmadd_ps(y, r, p4);
+    y = _mm256_fmadd_ps(y, r, p5);
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, one));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    y = _mm256_andnot_ps(masked, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+    _mm256_storeu_ps(x + j, y);
+    total = _mm256_add_ps(total, y);
+  }
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(total), _mm256_extractf128_ps(total, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  float sum = _mm_cvtss_f32(h);
+  for (; j < n; ++j) sum += (x[j] = std::exp(x[j] - shift));
+  return sum;
+}
+
 #else  // portable: eight interleaved partial sums, which compilers vectorise
 
 inline float Dot(const float* __restrict a, const float* __restrict b, int64_t n) {
@@ -62,6 +119,16 @@ inline float Dot(const float* __restrict a, const float* __restrict b, int64_t n
 
 inline void Axpy(float s, const float* __restrict v, float* __restrict out, int64_t n) {
   for (int64_t j = 0; j < n; ++j) out[j] += s * v[j];
+}
+
+inline float ExpShiftedSum(float* x, int64_t n, float shift) {
+  float sum = 0.0f;
+  for (int64_t j = 0; j < n; ++j) sum += (x[j] = std::exp(x[j] - shift));
+  return sum;
+}
+
+inline void Axpy4(const float* s, const float* __restrict v, int64_t ld, float* __restrict out, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) out[j] = (((out[j] + s[0] * v[j]) + s[1] * v[ld + j]) + s[2] * v[2 * ld + j]) + s[3] * v[3 * ld + j];
 }
 
 #endif
