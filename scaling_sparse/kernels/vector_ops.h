@@ -5,11 +5,13 @@
 
 #include <cmath>
 #include <cstdint>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>  // outside the namespace: its declarations belong to the global one
+#endif
 
 namespace scaling_sparse {
 
 #if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
 
 // sum_i a[i] * b[i]: four 8-lane FMA chains, then the tail.
 inline float Dot(const float* __restrict a, const float* __restrict b, int64_t n) {
