@@ -3,6 +3,7 @@
 #ifndef SCALING_SPARSE_KERNELS_VECTOR_OPS_H_
 #define SCALING_SPARSE_KERNELS_VECTOR_OPS_H_
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #if defined(__AVX2__) && defined(__FMA__)
@@ -135,45 +136,66 @@ inline void Axpy4(const float* s, const float* __restrict v, int64_t ld, float* 
 
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__)
+// C[MR rows, 16 columns] += A[MR, k] . B[k, 16]: 2 MR accumulators stay in registers while B's rows
+// stream; MR = 6 uses 12 of the 16 vector registers, enough independent FMA chains to hide their latency.
+template <int MR>
+inline void GemmTile(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t k) {
+  __m256 c0[MR], c1[MR];
+  for (int r = 0; r < MR; ++r) {
+    c0[r] = _mm256_loadu_ps(C + r * ldc);
+    c1[r] = _mm256_loadu_ps(C + r * ldc + 8);
+  }
+  for (int64_t t = 0; t < k; ++t) {
+    const __m256 b0 = _mm256_loadu_ps(B + t * ldb), b1 = _mm256_loadu_ps(B + t * ldb + 8);
+    for (int r = 0; r < MR; ++r) {
+      const __m256 a = _mm256_broadcast_ss(A + r * lda + t);
+      c0[r] = _mm256_fmadd_ps(a, b0, c0[r]);
+      c1[r] = _mm256_fmadd_ps(a, b1, c1[r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    _mm256_storeu_ps(C + r * ldc, c0[r]);
+    _mm256_storeu_ps(C + r * ldc + 8, c1[r]);
+  }
+}
+#endif
+
 // C[rows, n] += A[rows, k] . B[k, n] (row-major, leading dimensions lda, ldb, ldc). The small matmuls of
-// the sparse QKV decode (16 x 1024 x 64 and 16 x 576 x 64 at the medium size) are compute-bound: blocks
-// of 4 rows x 16 columns keep 8 accumulators in registers while B's rows stream from cache.
+// the sparse QKV decode (8-9 x 1024 x 64 and 8 x 576 x 64 per task at the medium size) are
+// bound by reading B from the outer caches: k runs in L1-sized chunks of B that every 6 x 16 tile
+// reuses (the sparse QKV kernel went from ~90 to ~55 us per layer, docs/kernels.md). Each C element's
+// sum still runs over k in order, whatever the tiling.
 inline void Gemm(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t rows,
                  int64_t k, int64_t n) {
-  int64_t i = 0;
+  int64_t j_done = 0;
 #if defined(__AVX2__) && defined(__FMA__)
-  for (; i + 4 <= rows; i += 4) {
-    int64_t j = 0;
-    for (; j + 16 <= n; j += 16) {
-      __m256 c00 = _mm256_loadu_ps(C + (i + 0) * ldc + j), c01 = _mm256_loadu_ps(C + (i + 0) * ldc + j + 8);
-      __m256 c10 = _mm256_loadu_ps(C + (i + 1) * ldc + j), c11 = _mm256_loadu_ps(C + (i + 1) * ldc + j + 8);
-      __m256 c20 = _mm256_loadu_ps(C + (i + 2) * ldc + j), c21 = _mm256_loadu_ps(C + (i + 2) * ldc + j + 8);
-      __m256 c30 = _mm256_loadu_ps(C + (i + 3) * ldc + j), c31 = _mm256_loadu_ps(C + (i + 3) * ldc + j + 8);
-      for (int64_t t = 0; t < k; ++t) {
-        const __m256 b0 = _mm256_loadu_ps(B + t * ldb + j), b1 = _mm256_loadu_ps(B + t * ldb + j + 8);
-        __m256 a = _mm256_broadcast_ss(A + (i + 0) * lda + t);
-        c00 = _mm256_fmadd_ps(a, b0, c00), c01 = _mm256_fmadd_ps(a, b1, c01);
-        a = _mm256_broadcast_ss(A + (i + 1) * lda + t);
-        c10 = _mm256_fmadd_ps(a, b0, c10), c11 = _mm256_fmadd_ps(a, b1, c11);
-        a = _mm256_broadcast_ss(A + (i + 2) * lda + t);
-        c20 = _mm256_fmadd_ps(a, b0, c20), c21 = _mm256_fmadd_ps(a, b1, c21);
-        a = _mm256_broadcast_ss(A + (i + 3) * lda + t);
-        c30 = _mm256_fmadd_ps(a, b0, c30), c31 = _mm256_fmadd_ps(a, b1, c31);
-      }
-      _mm256_storeu_ps(C + (i + 0) * ldc + j, c00), _mm256_storeu_ps(C + (i + 0) * ldc + j + 8, c01);
-      _mm256_storeu_ps(C + (i + 1) * ldc + j, c10), _mm256_storeu_ps(C + (i + 1) * ldc + j + 8, c11);
-      _mm256_storeu_ps(C + (i + 2) * ldc + j, c20), _mm256_storeu_ps(C + (i + 2) * ldc + j + 8, c21);
-      _mm256_storeu_ps(C + (i + 3) * ldc + j, c30), _mm256_storeu_ps(C + (i + 3) * ldc + j + 8, c31);
-    }
-    for (int64_t r = i; r < i + 4; ++r) {  // leftover columns
-      for (int64_t t = 0; t < k; ++t) {
-        for (int64_t jj = j; jj < n; ++jj) C[r * ldc + jj] += A[r * lda + t] * B[t * ldb + jj];
+  // k in chunks whose rows of B fit the L1 cache: every tile reuses a chunk from L1, so B is read from
+  // the outer caches once, not once per row tile.
+  const int64_t kc = std::max<int64_t>(1, 16384 / (static_cast<int64_t>(sizeof(float)) * std::max<int64_t>(n, 1)));
+  j_done = n / 16 * 16;
+  for (int64_t k0 = 0; k0 < k; k0 += kc) {
+    const int64_t kk = std::min(kc, k - k0);
+    for (int64_t j = 0; j < j_done; j += 16) {
+      int64_t i = 0;
+      for (; i + 6 <= rows; i += 6) GemmTile<6>(A + i * lda + k0, lda, B + k0 * ldb + j, ldb, C + i * ldc + j, ldc, kk);
+      const float *a = A + i * lda + k0, *b = B + k0 * ldb + j;
+      float* c = C + i * ldc + j;
+      switch (rows - i) {
+        case 5: GemmTile<5>(a, lda, b, ldb, c, ldc, kk); break;
+        case 4: GemmTile<4>(a, lda, b, ldb, c, ldc, kk); break;
+        case 3: GemmTile<3>(a, lda, b, ldb, c, ldc, kk); break;
+        case 2: GemmTile<2>(a, lda, b, ldb, c, ldc, kk); break;
+        case 1: GemmTile<1>(a, lda, b, ldb, c, ldc, kk); break;
+        default: break;
       }
     }
   }
 #endif
-  for (; i < rows; ++i) {  // leftover rows (all rows without AVX2): one row at a time
-    for (int64_t t = 0; t < k; ++t) Axpy(A[i * lda + t], B + t * ldb, C + i * ldc, n);
+  for (int64_t i = 0; i < rows; ++i) {  // leftover columns (all columns without AVX2)
+    for (int64_t t = 0; t < k; ++t) {
+      for (int64_t jj = j_done; jj < n; ++jj) C[i * ldc + jj] += A[i * lda + t] * B[t * ldb + jj];
+    }
   }
 }
 
