@@ -128,7 +128,7 @@ def format_decode_table(results: list[dict], bandwidth: dict) -> str:
     if bad:
         lines.append(f"note: per-call tokens differ from in-loop tokens for {', '.join(bad)}: random weights "
                      "give near-tied argmaxes that flip between two compilations")
-    lines.append("path: the sparse layers' decode on the compiled CPU kernels or pure JAX (docs/kernels.md); "
+    lines.append("path: decoded with the compiled CPU kernels or on pure JAX (docs/kernels.md); "
                  "ms/tok: median per token inside one jitted loop; spread: min-max over repeats; per-call: "
                  "one Python call per token; %BW, %read: weight bytes per token / time over the copy and the read "
                  "bandwidth (100% = at the floor); bytes x: dense weight bytes / this preset's (the memory-bound ideal)")
