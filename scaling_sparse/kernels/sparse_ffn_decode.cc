@@ -18,7 +18,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <vector>
 
 #include "parallel.h"
 #include "vector_ops.h"
@@ -88,30 +87,33 @@ ffi::Error SparseFfnDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   }
   const int64_t blocks = f / n_elements;
   parts = std::max<int64_t>(1, std::min(parts, blocks));
-  std::vector<float> low(r), low_shares(parts * r), shares(parts * d);
+  // The calling thread's scratch (slots the tasks, which use slot 0, leave alone): no allocation per call.
+  float* low = scaling_sparse::Scratch(5, r);
+  float* low_shares = scaling_sparse::Scratch(6, parts * r);
+  float* shares = scaling_sparse::Scratch(7, parts * d);
   for (int64_t row = 0; row < rows; ++row) {
     const float* xr = x.typed_data() + row * d;
     int32_t* ur = units->typed_data() + row * blocks;
     // The controller's first matmul ([d] x [d, r]): each task reads its share of C1's rows, the shares
     // are added in part order (C1 is ~0.4 MB at the medium size: one thread alone took ~25 us for it).
-    std::fill(low_shares.begin(), low_shares.end(), 0.0f);
+    std::fill(low_shares, low_shares + parts * r, 0.0f);
     scaling_sparse::ForkJoin(pool, parts, [&](int64_t p) {
       const int64_t i0 = d * p / parts, i1 = d * (p + 1) / parts;
-      float* share = low_shares.data() + p * r;
+      float* share = low_shares + p * r;
       int64_t i = i0;
       for (; i + 4 <= i1; i += 4) scaling_sparse::Axpy4(xr + i, c1.typed_data() + i * r, r, share, r);
       for (; i < i1; ++i) Axpy(xr[i], c1.typed_data() + i * r, share, r);
     });
-    std::fill(low.begin(), low.end(), 0.0f);
-    for (int64_t p = 0; p < parts; ++p) Axpy(1.0f, low_shares.data() + p * r, low.data(), r);
-    std::fill(shares.begin(), shares.end(), 0.0f);
+    std::fill(low, low + r, 0.0f);
+    for (int64_t p = 0; p < parts; ++p) Axpy(1.0f, low_shares + p * r, low, r);
+    std::fill(shares, shares + parts * d, 0.0f);
     scaling_sparse::ForkJoin(pool, parts, [&](int64_t p) {
-      FfnBlocks(xr, low.data(), c2.typed_data(), cb.typed_data(), w1.typed_data(), w2.typed_data(), d, r, f,
-                n_elements, blocks * p / parts, blocks * (p + 1) / parts, ur, shares.data() + p * d);
+      FfnBlocks(xr, low, c2.typed_data(), cb.typed_data(), w1.typed_data(), w2.typed_data(), d, r, f,
+                n_elements, blocks * p / parts, blocks * (p + 1) / parts, ur, shares + p * d);
     });
     float* yr = y->typed_data() + row * d;
     std::memcpy(yr, b2.typed_data(), sizeof(float) * d);
-    for (int64_t p = 0; p < parts; ++p) Axpy(1.0f, shares.data() + p * d, yr, d);
+    for (int64_t p = 0; p < parts; ++p) Axpy(1.0f, shares + p * d, yr, d);
   }
   return ffi::Error::Success();
 }
