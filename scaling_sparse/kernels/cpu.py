@@ -28,7 +28,7 @@ ENV_SWITCH = "SCALING_SPARSE_CPU_KERNELS"  # "0" disables the kernels
 FFN_TARGET = "scaling_sparse_ffn_decode"
 QKV_TARGET = "scaling_sparse_qkv_decode"
 ATTENTION_TARGET = "scaling_sparse_cached_attention_decode"
-# Each kernel splits its work (the FFN's C1 rows and blocks, QKV's modules, attention's head rows) into
+# Each kernel splits its work (the FFN's C1 rows and blocks, QKV's modules and columns, attention's head rows) into
 # this many tasks on XLA's intra-op thread pool; the calling thread runs any task a pool thread has not
 # started. 2 uses both cores of the benchmark machine. A fixed count fixes the order of the partial sums,
 # so results do not depend on the machine's thread count.

@@ -13,57 +13,65 @@
 
 namespace scaling_sparse {
 
-// Runs fn(0) .. fn(parts - 1), each once, on the pool and the calling thread, and returns when all are
-// done. Whichever thread claims a part first runs it, so the caller never waits for a pool thread that
-// has not started (no deadlock when the pool is busy or has one thread). The state is shared with the
-// scheduled tasks: a task that starts after the call returned finds every part claimed and runs
-// nothing, so fn may refer to the caller's stack.
-inline void ForkJoin(xla::ffi::ThreadPool& pool, int64_t parts, std::function<void(int64_t)> fn) {
+// A spin-wait hint (the x86 `pause` instruction) where there is one.
+inline void Pause() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+// Runs fn(phase, part) for every part of phase 0, then for every part of phase 1, and so on, on the pool
+// and the calling thread, and returns when all are done. No part of a phase starts before every part of
+// the one before has finished, so a phase may read what the previous one wrote (one fork for several
+// dependent steps, instead of one per step). A thread claims whichever part of the current phase is
+// still free and runs it; a thread that finds them all claimed waits only for parts another thread is
+// running, never for a pool thread that has not started (no deadlock when the pool is busy or has one
+// thread). The state is shared with the scheduled tasks: a task that starts after the call returned
+// finds every part claimed and runs nothing, so fn may refer to the caller's stack.
+inline void ForkJoinPhases(xla::ffi::ThreadPool& pool, int64_t parts, int phases,
+                           std::function<void(int, int64_t)> fn) {
   struct State {
-    std::function<void(int64_t)> run;
-    std::unique_ptr<std::atomic<int>[]> claimed;
-    std::atomic<int64_t> finished{0};
-    bool Claim(int64_t p) { return claimed[p].exchange(1) == 0; }
-    void RunPart(int64_t p) {
-      run(p);
-      finished.fetch_add(1, std::memory_order_release);
+    std::function<void(int, int64_t)> run;
+    int64_t parts = 0;
+    int phases = 0;
+    std::unique_ptr<std::atomic<int64_t>[]> next, finished;  // per phase: next free part, parts done
+    void Work() {
+      for (int phase = 0; phase < phases; ++phase) {
+        for (int64_t p; (p = next[phase].fetch_add(1, std::memory_order_relaxed)) < parts;) {
+          run(phase, p);
+          finished[phase].fetch_add(1, std::memory_order_release);
+        }
+        for (int spins = 0; finished[phase].load(std::memory_order_acquire) < parts; ++spins) {
+          if (spins < 4096) {
+            Pause();
+          } else {
+            std::this_thread::yield();
+          }
+        }
+      }
     }
   };
   if (parts <= 1) {
-    if (parts == 1) fn(0);
+    for (int phase = 0; phase < phases && parts == 1; ++phase) fn(phase, 0);
     return;
   }
   auto state = std::make_shared<State>();
   state->run = std::move(fn);
-  state->claimed.reset(new std::atomic<int>[parts]);
-  for (int64_t p = 0; p < parts; ++p) state->claimed[p].store(0);
-  for (int64_t p = 1; p < parts; ++p) {
-    pool.Schedule([state, p] {
-      if (state->Claim(p)) state->RunPart(p);
-    });
+  state->parts = parts;
+  state->phases = phases;
+  state->next.reset(new std::atomic<int64_t>[phases]);
+  state->finished.reset(new std::atomic<int64_t>[phases]);
+  for (int phase = 0; phase < phases; ++phase) {
+    state->next[phase].store(0);
+    state->finished[phase].store(0);
   }
-  for (int64_t p = 0; p < parts; ++p) {
-    if (state->Claim(p)) state->RunPart(p);
-  }
-  while (state->finished.load(std::memory_order_acquire) < parts) std::this_thread::yield();
+  for (int64_t p = 1; p < parts; ++p) pool.Schedule([state] { state->Work(); });
+  state->Work();
 }
 
-// Reads one float of every cache line of part `part` of `parts` of [data, data + bytes), eight
-// independent lines at a time. A kernel whose tasks all read the same weights (sparse QKV's E and
-// convolution kernels) has each task pull a disjoint share from memory at full memory-level
-// parallelism before computing, instead of every task stalling on the same lines one row at a time;
-// software prefetches pulled much less (docs/kernels.md).
-inline void TouchShare(const void* data, size_t bytes, int64_t part, int64_t parts) {
-  const char* base = static_cast<const char*>(data);
-  const size_t begin = bytes * part / parts & ~size_t{63}, end = bytes * (part + 1) / parts;
-  float sink = 0.0f;
-  for (size_t at = begin; at + 512 <= end; at += 512) {
-    sink += *reinterpret_cast<const float*>(base + at) + *reinterpret_cast<const float*>(base + at + 64) +
-            *reinterpret_cast<const float*>(base + at + 128) + *reinterpret_cast<const float*>(base + at + 192) +
-            *reinterpret_cast<const float*>(base + at + 256) + *reinterpret_cast<const float*>(base + at + 320) +
-            *reinterpret_cast<const float*>(base + at + 384) + *reinterpret_cast<const float*>(base + at + 448);
-  }
-  asm volatile("" : : "x"(sink));
+// Runs fn(0) .. fn(parts - 1), each once: ForkJoinPhases with one phase.
+inline void ForkJoin(xla::ffi::ThreadPool& pool, int64_t parts, std::function<void(int64_t)> fn) {
+  ForkJoinPhases(pool, parts, 1, [&fn](int, int64_t p) { fn(p); });
 }
 
 // Per-thread scratch buffers, kept between calls: the kernels run once per layer per token, and a

@@ -87,27 +87,31 @@ ffi::Error SparseFfnDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   }
   const int64_t blocks = f / n_elements;
   parts = std::max<int64_t>(1, std::min(parts, blocks));
-  // The calling thread's scratch (slots the tasks, which use slot 0, leave alone): no allocation per call.
-  float* low = scaling_sparse::Scratch(5, r);
+  // The calling thread's scratch (slots the tasks, which use slots 0 and 1, leave alone): no allocation
+  // per call.
   float* low_shares = scaling_sparse::Scratch(6, parts * r);
   float* shares = scaling_sparse::Scratch(7, parts * d);
   for (int64_t row = 0; row < rows; ++row) {
     const float* xr = x.typed_data() + row * d;
     int32_t* ur = units->typed_data() + row * blocks;
-    // The controller's first matmul ([d] x [d, r]): each task reads its share of C1's rows, the shares
-    // are added in part order (C1 is ~0.4 MB at the medium size: one thread alone took ~25 us for it).
     std::fill(low_shares, low_shares + parts * r, 0.0f);
-    scaling_sparse::ForkJoin(pool, parts, [&](int64_t p) {
-      const int64_t i0 = d * p / parts, i1 = d * (p + 1) / parts;
-      float* share = low_shares + p * r;
-      int64_t i = i0;
-      for (; i + 4 <= i1; i += 4) scaling_sparse::Axpy4(xr + i, c1.typed_data() + i * r, r, share, r);
-      for (; i < i1; ++i) Axpy(xr[i], c1.typed_data() + i * r, share, r);
-    });
-    std::fill(low, low + r, 0.0f);
-    for (int64_t p = 0; p < parts; ++p) Axpy(1.0f, low_shares + p * r, low, r);
     std::fill(shares, shares + parts * d, 0.0f);
-    scaling_sparse::ForkJoin(pool, parts, [&](int64_t p) {
+    // One fork, two phases (parallel.h ForkJoinPhases).
+    scaling_sparse::ForkJoinPhases(pool, parts, 2, [&](int phase, int64_t p) {
+      if (phase == 0) {
+        // The controller's first matmul ([d] x [d, r]): each task reads its share of C1's rows (C1 is
+        // ~0.4 MB at the medium size: one thread alone took ~25 us for it).
+        const int64_t i0 = d * p / parts, i1 = d * (p + 1) / parts;
+        float* share = low_shares + p * r;
+        int64_t i = i0;
+        for (; i + 4 <= i1; i += 4) scaling_sparse::Axpy4(xr + i, c1.typed_data() + i * r, r, share, r);
+        for (; i < i1; ++i) Axpy(xr[i], c1.typed_data() + i * r, share, r);
+        return;
+      }
+      // Every task adds the shares in part order itself (r floats; no third phase for it).
+      float* low = scaling_sparse::Scratch(1, r);
+      std::fill(low, low + r, 0.0f);
+      for (int64_t q = 0; q < parts; ++q) Axpy(1.0f, low_shares + q * r, low, r);
       FfnBlocks(xr, low, c2.typed_data(), cb.typed_data(), w1.typed_data(), w2.typed_data(), d, r, f,
                 n_elements, blocks * p / parts, blocks * (p + 1) / parts, ur, shares + p * d);
     });

@@ -6,15 +6,15 @@
 //   H          = [history (kl-1 rows) ; h]                           [kl, S, M]
 //   out_c[s]   = bias_c + sum_{i < kl, j < ks} H[i, s + j - (ks-1)/2] . K_c[i, j]   (zero past the edges)
 // for c in (q, k, v), each K_c [kl, ks_c, M, M], and the new history H[1:]. The JAX path
-// (SparseQKV.decode) runs this as ~25 XLA ops whose small matmuls each run on one core; here the
-// modules are split into `parts` tasks (parallel.h). A task computes h for its modules and the
-// (ks-1)/2 neighbours on each side (recomputed, so tasks need no barrier), then its rows of q, k, v.
+// (SparseQKV.decode) runs this as ~25 XLA ops whose small matmuls each run on one core; here it is one
+// fork of `parts` tasks in three phases (parallel.h ForkJoinPhases): the gated inputs (modules split),
+// h (columns split), q, k, v (columns split; each convolution tap one matmul, no tap matrix built).
 // Float32 only; results match the JAX path to rounding (tests/test_cpu_kernels.py).
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <vector>
+#include <utility>
 
 #include "parallel.h"
 #include "vector_ops.h"
@@ -54,60 +54,66 @@ ffi::Error SparseQkvDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
                    {kk.typed_data(), bk.typed_data(), 0, k->typed_data()},
                    {kv.typed_data(), bv.typed_data(), 0, v->typed_data()}};
   const ffi::Buffer<ffi::F32>* kernels[3] = {&kq, &kk, &kv};
-  int64_t halo = 0;
   for (int c = 0; c < 3; ++c) {
     const auto kd = kernels[c]->dimensions();
     if (kd.size() != 4 || kd[0] != kl || kd[2] != M || kd[3] != M || kd[1] % 2 != 1) {
       return ffi::Error::InvalidArgument("sparse_qkv_decode: conv kernels must be [kl, ks (odd), M, M]");
     }
     convs[c].ks = kd[1];
-    halo = std::max(halo, (kd[1] - 1) / 2);
   }
-  parts = std::max<int64_t>(1, std::min(parts, S));
+  // Columns of h and of q, k, v split into `parts` tasks, in whole 16-column tiles where M allows (the
+  // Gemm's fast path). A task reads only its columns of E and of the convolution kernels, so each core
+  // streams half of the weights once; the rows (modules) are not split, so no module is computed twice.
+  const int64_t tile = M % 16 == 0 ? 16 : 1;
+  parts = std::max<int64_t>(1, std::min(parts, M / tile));
+  auto columns = [&](int64_t p) { return std::make_pair(M / tile * p / parts * tile, M / tile * (p + 1) / parts * tile); };
   const float *pg = gates.typed_data(), *pe = kernel.typed_data(), *pb = bias.typed_data();
+  // Shared by the tasks of one row: the calling thread's scratch slots 3 and 4, which no kernel's tasks use.
+  float* gated = scaling_sparse::Scratch(3, S * d);  // [S, d]: x times each module's gates
+  float* h = scaling_sparse::Scratch(4, S * M);      // [S, M]: the multiplicative layer's output
   for (int64_t row = 0; row < rows; ++row) {
     const float* xr = x.typed_data() + row * d;
     const float* hr = history.typed_data() + row * hist * d;  // [hist, S, M]
     float* nh = new_history->typed_data() + row * hist * d;
-    scaling_sparse::ForkJoin(pool, parts, [&](int64_t p) {
-      const int64_t s0 = S * p / parts, s1 = S * (p + 1) / parts;
-      const int64_t h0 = std::max<int64_t>(0, s0 - halo), h1 = std::min(S, s1 + halo);
-      scaling_sparse::TouchShare(pe, sizeof(float) * d * M, p, parts);
-      for (const Conv& c : convs) scaling_sparse::TouchShare(c.kernel, sizeof(float) * kl * c.ks * M * M, p, parts);
-      // The multiplicative layer for modules [h0, h1): gated inputs [h1-h0, d] times E [d, M].
-      float* gated = scaling_sparse::Scratch(0, (h1 - h0) * d);
-      float* h = scaling_sparse::Scratch(1, (h1 - h0) * M);
-      for (int64_t s = h0; s < h1; ++s) {
-        for (int64_t i = 0; i < d; ++i) gated[(s - h0) * d + i] = xr[i] * pg[s * d + i];
-        std::memcpy(h + (s - h0) * M, pb + s * M, sizeof(float) * M);
-      }
-      Gemm(gated, d, pe, M, h, M, h1 - h0, d, M);
-      // Position i < hist of the window is history row i; position hist is the new h.
-      auto window = [&](int64_t i, int64_t s) -> const float* {
-        return i < hist ? hr + (i * S + s) * M : h + (s - h0) * M;
-      };
-      // The new history: rows 1.. of the window, for this task's modules.
-      for (int64_t i = 0; i < hist; ++i) {
-        for (int64_t s = s0; s < s1; ++s) std::memcpy(nh + (i * S + s) * M, window(i + 1, s), sizeof(float) * M);
-      }
-      for (const Conv& c : convs) {
-        // taps [s1-s0, kl ks M]: for each output module, its (position, neighbour) inputs, zeros past the edges;
-        // the kernel [kl, ks, M, M] read as [kl ks M, M] is then one matmul.
-        const int64_t half = (c.ks - 1) / 2, width = kl * c.ks * M;
-        float* taps = scaling_sparse::Scratch(2, (s1 - s0) * width);
-        std::fill(taps, taps + (s1 - s0) * width, 0.0f);
+    // Window position i < hist is history row i, position hist the new h; each [S, M].
+    auto window = [&](int64_t i) -> const float* { return i < hist ? hr + i * d : h; };
+    scaling_sparse::ForkJoinPhases(pool, parts, 3, [&](int phase, int64_t p) {
+      if (phase == 0) {  // gated rows of this task's share of the modules; history rows 1.. move up by one
+        const int64_t s0 = S * p / parts, s1 = S * (p + 1) / parts;
         for (int64_t s = s0; s < s1; ++s) {
-          for (int64_t i = 0; i < kl; ++i) {
-            for (int64_t j = 0; j < c.ks; ++j) {
-              const int64_t src = s + j - half;
-              if (src < 0 || src >= S) continue;
-              std::memcpy(taps + (s - s0) * width + (i * c.ks + j) * M, window(i, src), sizeof(float) * M);
-            }
+          for (int64_t i = 0; i < d; ++i) gated[s * d + i] = xr[i] * pg[s * d + i];
+        }
+        for (int64_t i = 0; i + 1 < hist; ++i) {
+          std::memcpy(nh + i * d + s0 * M, hr + (i + 1) * d + s0 * M, sizeof(float) * (s1 - s0) * M);
+        }
+        return;
+      }
+      const auto [c0, c1] = columns(p);
+      if (phase == 1) {  // h[:, c0:c1] = bias + gated . E[:, c0:c1]; it is also the new history's last row
+        for (int64_t s = 0; s < S; ++s) std::memcpy(h + s * M + c0, pb + s * M + c0, sizeof(float) * (c1 - c0));
+        Gemm(gated, d, pe + c0, M, h + c0, M, S, d, c1 - c0);
+        if (hist > 0) {
+          for (int64_t s = 0; s < S; ++s) {
+            std::memcpy(nh + (hist - 1) * d + s * M + c0, h + s * M + c0, sizeof(float) * (c1 - c0));
           }
         }
+        return;
+      }
+      // phase 2: out[s, c0:c1] = bias_c + sum over window position i and neighbour j of
+      // window(i)[s + j - half] . K_c[i, j][:, c0:c1]: for each (i, j) one matmul over the modules whose
+      // neighbour exists (the others get zero from that tap), added in (i, j, m) order as the JAX path.
+      for (const Conv& c : convs) {
+        const int64_t half = (c.ks - 1) / 2;
         float* out = c.out + row * d;
-        for (int64_t s = s0; s < s1; ++s) std::memcpy(out + s * M, c.bias, sizeof(float) * M);
-        Gemm(taps, width, c.kernel, M, out + s0 * M, M, s1 - s0, width, M);
+        for (int64_t s = 0; s < S; ++s) std::memcpy(out + s * M + c0, c.bias + c0, sizeof(float) * (c1 - c0));
+        for (int64_t i = 0; i < kl; ++i) {
+          for (int64_t j = 0; j < c.ks; ++j) {
+            const int64_t shift = j - half, lo = std::max<int64_t>(0, -shift), hi = std::min(S, S - shift);
+            if (hi <= lo) continue;
+            Gemm(window(i) + (lo + shift) * M, M, c.kernel + (i * c.ks + j) * M * M + c0, M, out + lo * M + c0, M,
+                 hi - lo, M, c1 - c0);
+          }
+        }
       }
     });
   }
