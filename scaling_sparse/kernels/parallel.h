@@ -30,18 +30,23 @@ inline void Pause() {
 // finds every part claimed and runs nothing, so fn may refer to the caller's stack.
 inline void ForkJoinPhases(xla::ffi::ThreadPool& pool, int64_t parts, int phases,
                            std::function<void(int, int64_t)> fn) {
+  struct Phase {
+    std::atomic<int64_t> next{0};      // the next part no thread has claimed
+    std::atomic<int64_t> finished{0};  // parts done
+  };
   struct State {
     std::function<void(int, int64_t)> run;
     int64_t parts = 0;
     int phases = 0;
-    std::unique_ptr<std::atomic<int64_t>[]> next, finished;  // per phase: next free part, parts done
+    std::unique_ptr<Phase[]> phase_state;
     void Work() {
       for (int phase = 0; phase < phases; ++phase) {
-        for (int64_t p; (p = next[phase].fetch_add(1, std::memory_order_relaxed)) < parts;) {
+        Phase& at = phase_state[phase];
+        for (int64_t p; (p = at.next.fetch_add(1, std::memory_order_relaxed)) < parts;) {
           run(phase, p);
-          finished[phase].fetch_add(1, std::memory_order_release);
+          at.finished.fetch_add(1, std::memory_order_release);
         }
-        for (int spins = 0; finished[phase].load(std::memory_order_acquire) < parts; ++spins) {
+        for (int spins = 0; at.finished.load(std::memory_order_acquire) < parts; ++spins) {
           if (spins < 4096) {
             Pause();
           } else {
@@ -59,12 +64,7 @@ inline void ForkJoinPhases(xla::ffi::ThreadPool& pool, int64_t parts, int phases
   state->run = std::move(fn);
   state->parts = parts;
   state->phases = phases;
-  state->next.reset(new std::atomic<int64_t>[phases]);
-  state->finished.reset(new std::atomic<int64_t>[phases]);
-  for (int phase = 0; phase < phases; ++phase) {
-    state->next[phase].store(0);
-    state->finished[phase].store(0);
-  }
+  state->phase_state.reset(new Phase[phases]);
   for (int64_t p = 1; p < parts; ++p) pool.Schedule([state] { state->Work(); });
   state->Work();
 }

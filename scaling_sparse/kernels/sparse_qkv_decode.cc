@@ -64,9 +64,9 @@ ffi::Error SparseQkvDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   // Columns of h and of q, k, v split into `parts` tasks, in whole 16-column tiles where M allows (the
   // Gemm's fast path). A task reads only its columns of E and of the convolution kernels, so each core
   // streams half of the weights once; the rows (modules) are not split, so no module is computed twice.
-  const int64_t tile = M % 16 == 0 ? 16 : 1;
-  parts = std::max<int64_t>(1, std::min(parts, M / tile));
-  auto columns = [&](int64_t p) { return std::make_pair(M / tile * p / parts * tile, M / tile * (p + 1) / parts * tile); };
+  const int64_t tile = M % 16 == 0 ? 16 : 1, tiles = M / tile;
+  parts = std::max<int64_t>(1, std::min(parts, tiles));
+  auto columns = [&](int64_t p) { return std::make_pair(tiles * p / parts * tile, tiles * (p + 1) / parts * tile); };
   const float *pg = gates.typed_data(), *pe = kernel.typed_data(), *pb = bias.typed_data();
   // Shared by the tasks of one row: the calling thread's scratch slots 3 and 4, which no kernel's tasks use.
   float* gated = scaling_sparse::Scratch(3, S * d);  // [S, d]: x times each module's gates
