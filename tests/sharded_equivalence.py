@@ -1,7 +1,8 @@
 """Run in a subprocess with 8 virtual CPU devices (tests/test_sharding.py): sharded paths against
-the unsharded ones. Prints one JSON object with every measured figure; the test asserts on it.
+the unsharded ones, for one model per run (a run stays within the test's timeout on two busy cores).
+Prints one JSON object with every measured figure; the test asserts on it.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_equivalence.py OUT_DIR
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_equivalence.py OUT_DIR MODEL
 """
 
 import json
@@ -102,55 +103,57 @@ def max_diff(a, b) -> float:
                                                                                     jax.tree.leaves(b))))
 
 
-def main(out_dir: str) -> None:
+def main(out_dir: str, name: str) -> None:
+    if name not in MODELS:
+        sys.exit(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
     out_dir = pathlib.Path(out_dir)
     report = {"devices": jax.device_count(), "steps": {}, "checkpoint": {}, "decode": {}}
     single = sharding.single_device_mesh()
-    for name, model in MODELS.items():
-        config = config_of(model, dict(data=1, fsdp=1, tensor=1))
-        _, ref_state, ref_loss, _, _, ref_grads = one_step(config, single)
-        ref_params = jax.device_get(ref_state["params"])
-        for mesh_name, mesh_fields in MESHES.items():
-            config = config_of(model, mesh_fields)
-            mesh = sharding.make_mesh(config.mesh)
-            layout, state, loss, per_device, total, grads = one_step(config, mesh)
-            report["steps"][f"{name}/{mesh_name}"] = {
-                "loss": loss, "ref_loss": ref_loss, "max_grad_diff": max_diff(grads, ref_grads),
-                "grad_scale": float(max(np.abs(np.asarray(g)).max() for g in jax.tree.leaves(ref_grads))),
-                "max_param_diff": max_update_diff(state["params"], ref_params, ref_grads),
-                "per_device_bytes": per_device, "total_bytes": total}
-            if name == "sparse_all" and mesh_name == "fsdp=8":
-                # Saved on fsdp=8, restored on 2x2x2 and on one device: the same values.
-                with Checkpointer(out_dir / "ckpt") as ckpt:
-                    ckpt.save(1, state, {})
-                saved = jax.device_get(state)
-                for target_name, target in (("data=2,fsdp=2,tensor=2", MESHES["data=2,fsdp=2,tensor=2"]),
-                                            ("single", None)):
-                    target_config = config_of(model, target or dict(data=1, fsdp=1, tensor=1))
-                    target_mesh = single if target is None else sharding.make_mesh(target_config.mesh)
-                    with Checkpointer(out_dir / "ckpt", read_only=True) as ckpt:
-                        target_layout, restored, _, _ = restore_train_state(target_config, target_mesh, ckpt)
-                        _, params_only, step = restore_params(target_config, target_mesh, ckpt)
-                    embed = restored["params"]["token_embed"]
-                    report["checkpoint"][target_name] = {
-                        "max_diff": max_diff(restored, saved), "params_only_diff": max_diff(params_only, saved["params"]),
-                        "step": step, "sharding_matches": all(
-                            leaf.sharding == want for leaf, want in zip(
-                                jax.tree.leaves(restored["params"]), jax.tree.leaves(target_layout.param_shardings))),
-                        "embed_shards": len({str(s.index) for s in embed.addressable_shards})}
-        # Decoding on a tensor-parallel x fsdp mesh gives the unsharded model's tokens.
-        config = config_of(model, MESHES["tensor=2,fsdp=4"])
+    model = MODELS[name]
+    config = config_of(model, dict(data=1, fsdp=1, tensor=1))
+    _, ref_state, ref_loss, _, _, ref_grads = one_step(config, single)
+    ref_params = jax.device_get(ref_state["params"])
+    for mesh_name, mesh_fields in MESHES.items():
+        config = config_of(model, mesh_fields)
         mesh = sharding.make_mesh(config.mesh)
-        decode_layout, sharded_state = init_train_state(config, mesh)
-        _, single_state = init_train_state(config_of(model, dict(data=1, fsdp=1, tensor=1)), single)
-        prompt = batch_of(config, seed=3)["inputs"][1:3, :5]  # unpadded rows
-        tokens = {}
-        for label, params, m in (("sharded", sharded_state["params"], mesh), ("single", single_state["params"], single)):
-            decoder = Decoder(decode_layout.graphdef, params, max_len=config.model.max_len, mesh=m)
-            tokens[label] = decoder.generate(prompt, 8).tolist()
-        report["decode"][name] = tokens
+        layout, state, loss, per_device, total, grads = one_step(config, mesh)
+        report["steps"][f"{name}/{mesh_name}"] = {
+            "loss": loss, "ref_loss": ref_loss, "max_grad_diff": max_diff(grads, ref_grads),
+            "grad_scale": float(max(np.abs(np.asarray(g)).max() for g in jax.tree.leaves(ref_grads))),
+            "max_param_diff": max_update_diff(state["params"], ref_params, ref_grads),
+            "per_device_bytes": per_device, "total_bytes": total}
+        if name == "sparse_all" and mesh_name == "fsdp=8":
+            # Saved on fsdp=8, restored on 2x2x2 and on one device: the same values.
+            with Checkpointer(out_dir / "ckpt") as ckpt:
+                ckpt.save(1, state, {})
+            saved = jax.device_get(state)
+            for target_name, target in (("data=2,fsdp=2,tensor=2", MESHES["data=2,fsdp=2,tensor=2"]),
+                                        ("single", None)):
+                target_config = config_of(model, target or dict(data=1, fsdp=1, tensor=1))
+                target_mesh = single if target is None else sharding.make_mesh(target_config.mesh)
+                with Checkpointer(out_dir / "ckpt", read_only=True) as ckpt:
+                    target_layout, restored, _, _ = restore_train_state(target_config, target_mesh, ckpt)
+                    _, params_only, step = restore_params(target_config, target_mesh, ckpt)
+                embed = restored["params"]["token_embed"]
+                report["checkpoint"][target_name] = {
+                    "max_diff": max_diff(restored, saved), "params_only_diff": max_diff(params_only, saved["params"]),
+                    "step": step, "sharding_matches": all(
+                        leaf.sharding == want for leaf, want in zip(
+                            jax.tree.leaves(restored["params"]), jax.tree.leaves(target_layout.param_shardings))),
+                    "embed_shards": len({str(s.index) for s in embed.addressable_shards})}
+    # Decoding on a tensor-parallel x fsdp mesh gives the unsharded model's tokens.
+    config = config_of(model, MESHES["tensor=2,fsdp=4"])
+    mesh = sharding.make_mesh(config.mesh)
+    decode_layout, sharded_state = init_train_state(config, mesh)
+    _, single_state = init_train_state(config_of(model, dict(data=1, fsdp=1, tensor=1)), single)
+    prompt = batch_of(config, seed=3)["inputs"][1:3, :5]  # unpadded rows
+    tokens = {}
+    for label, params, m in (("sharded", sharded_state["params"], mesh), ("single", single_state["params"], single)):
+        decoder = Decoder(decode_layout.graphdef, params, max_len=config.model.max_len, mesh=m)
+        tokens[label] = decoder.generate(prompt, 8).tolist()
+    report["decode"][name] = tokens
     print(json.dumps(report))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

@@ -24,18 +24,29 @@ def run_on_8_devices(script: str, *args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    return run_on_8_devices("sharded_equivalence.py", tmp_path_factory.mktemp("sharded"))
-
-
 MESHES = ("data=8", "fsdp=8", "tensor=2,fsdp=4", "data=2,fsdp=2,tensor=2")
+# One subprocess per model (each takes minutes on two cores); every test of a model is in one xdist
+# group, so one worker runs that model's subprocess once (`--dist loadgroup`, Makefile).
+MODELS = [pytest.param(m, marks=pytest.mark.xdist_group(f"sharded_{m}"))
+          for m in ("dense", "sparse_all", "terraformer", "encdec", "terraformer_encdec", "compressed")]
 
 
-@pytest.mark.parametrize("model", ["dense", "sparse_all", "terraformer", "encdec", "terraformer_encdec", "compressed"])
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    """model -> its sharded_equivalence.py report, run on first use."""
+    done = {}
+
+    def report_of(model: str) -> dict:
+        if model not in done:
+            done[model] = run_on_8_devices("sharded_equivalence.py", tmp_path_factory.mktemp("sharded"), model)
+        return done[model]
+    return report_of
+
+
+@pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("mesh", MESHES)
-def test_sharded_train_step_equals_unsharded(report, model, mesh):
-    r = report["steps"][f"{model}/{mesh}"]
+def test_sharded_train_step_equals_unsharded(reports, model, mesh):
+    r = reports(model)["steps"][f"{model}/{mesh}"]
     assert r["loss"] == pytest.approx(r["ref_loss"], rel=1e-5)
     # Float reordering only, relative to the largest gradient (float32 sums over a different partition
     # differ by ~1e-6 of their size: 1.25e-5 at a gradient of 15 on an AMD EPYC host); the encoder-decoder
@@ -45,9 +56,9 @@ def test_sharded_train_step_equals_unsharded(report, model, mesh):
     assert r["max_param_diff"] < 1e-5
 
 
-@pytest.mark.parametrize("model", ["dense", "sparse_all", "terraformer", "encdec", "terraformer_encdec", "compressed"])
-def test_parameters_and_optimizer_state_really_are_sharded(report, model):
-    steps = report["steps"]
+@pytest.mark.parametrize("model", MODELS)
+def test_parameters_and_optimizer_state_really_are_sharded(reports, model):
+    steps = reports(model)["steps"]
     for part in ("params", "opt_state"):
         fraction = {m: steps[f"{model}/{m}"]["per_device_bytes"][part] / steps[f"{model}/{m}"]["total_bytes"][part]
                     for m in MESHES}
@@ -62,16 +73,17 @@ def test_parameters_and_optimizer_state_really_are_sharded(report, model):
         assert fraction["data=2,fsdp=2,tensor=2"] < 0.55
 
 
-def test_checkpoint_saved_on_one_mesh_restores_on_another(report):
+@pytest.mark.xdist_group("sharded_sparse_all")
+def test_checkpoint_saved_on_one_mesh_restores_on_another(reports):
     for target, shards in (("data=2,fsdp=2,tensor=2", 4), ("single", 1)):
-        r = report["checkpoint"][target]
+        r = reports("sparse_all")["checkpoint"][target]
         assert r["max_diff"] == 0.0 and r["params_only_diff"] == 0.0 and r["step"] == 1
         assert r["sharding_matches"] and r["embed_shards"] == shards
 
 
-@pytest.mark.parametrize("model", ["dense", "sparse_all", "terraformer", "encdec", "terraformer_encdec", "compressed"])
-def test_tensor_parallel_decoding_gives_the_unsharded_tokens(report, model):
-    tokens = report["decode"][model]
+@pytest.mark.parametrize("model", MODELS)
+def test_tensor_parallel_decoding_gives_the_unsharded_tokens(reports, model):
+    tokens = reports(model)["decode"][model]
     assert tokens["sharded"] == tokens["single"]
 
 
