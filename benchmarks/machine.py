@@ -29,6 +29,9 @@ def machine_info() -> dict:
     info = {
         "platform": jax.default_backend(),
         "processor": platform.processor() or uname.machine,
+        # The CPU's model name: decode latency depends on it (caches, AVX-512 in the CPU kernels), and
+        # one VM's "x86_64" may be an AMD EPYC one day and an Intel Xeon the next.
+        "cpu_model": cpu_model(),
         "uname": f"{uname.system} {uname.release} {uname.machine}",
         "hostname": uname.node,
         "cpu_count": os.cpu_count(),
@@ -42,6 +45,18 @@ def machine_info() -> dict:
     if limit:
         info["device_memory_bytes"] = limit
     return info
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else platform.processor()."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def machine_kind(backend: str | None = None) -> str:

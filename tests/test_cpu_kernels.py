@@ -137,12 +137,16 @@ def _decode_at(graphdef, state, tokens, cache, index, use=True):
 
 @needs_kernels
 @pytest.mark.parametrize("length_kernel", [1, 3])
-def test_sparse_qkv_kernel_equals_jax_decode(length_kernel):
+# (d, modules): M = d / modules units per module picks the kernel's matmul path: 8 units the plain loops;
+# 32 (16 columns per task) the 16-column tiles; 64 the 32-column AVX-512 tiles where the machine has them,
+# with 5 and 16 rows (a remainder tile; the medium size) (vector_ops.h Gemm).
+@pytest.mark.parametrize("d, modules", [(48, 6), (288, 9), (320, 5), (1024, 16)])
+def test_sparse_qkv_kernel_equals_jax_decode(length_kernel, d, modules):
     from scaling_sparse.layers.sparse_qkv import SparseQKV
 
-    qkv = SparseQKV(48, 6, length_kernel=length_kernel, rngs=nnx.Rngs(length_kernel))
-    x = jax.random.normal(jax.random.PRNGKey(0), (3, 1, 48))
-    cache = {"history": jax.random.normal(jax.random.PRNGKey(1), (3, length_kernel - 1, 6, 8))}
+    qkv = SparseQKV(d, modules, length_kernel=length_kernel, rngs=nnx.Rngs(length_kernel))
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 1, d))
+    cache = {"history": jax.random.normal(jax.random.PRNGKey(1), (3, length_kernel - 1, modules, d // modules))}
     want, want_cache = qkv.decode(x, cache, 0)
 
     def with_kernels(x, cache):

@@ -14,6 +14,12 @@ namespace scaling_sparse {
 
 #if defined(__AVX2__) && defined(__FMA__)
 
+// Software prefetch distances (docs/kernels.md, "Prefetching"). The weights of a decode step were last
+// read a whole model ago, so they come from memory; the hardware prefetchers ramp up too slowly on the
+// short, strided runs these kernels read. Prefetches do not fault, so running past an array's end is safe.
+constexpr int64_t kAxpyPrefetchFloats = 128;  // Axpy4: 512 bytes ahead in each of its four rows
+constexpr int64_t kGemmPrefetchRows = 32;     // Gemm tiles: the row of B this many k steps ahead
+
 // sum_i a[i] * b[i]: four 8-lane FMA chains, then the tail.
 inline float Dot(const float* __restrict a, const float* __restrict b, int64_t n) {
   __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
@@ -58,6 +64,12 @@ inline void Axpy4(const float* s, const float* __restrict v, int64_t ld, float* 
   const float *v0 = v, *v1 = v + ld, *v2 = v + 2 * ld, *v3 = v + 3 * ld;
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
+    if ((j & 15) == 0) {  // each stream's line kAxpyPrefetchFloats ahead, once per 64-byte line
+      _mm_prefetch(reinterpret_cast<const char*>(v0 + j + kAxpyPrefetchFloats), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(v1 + j + kAxpyPrefetchFloats), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(v2 + j + kAxpyPrefetchFloats), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(v3 + j + kAxpyPrefetchFloats), _MM_HINT_T0);
+    }
     __m256 o = _mm256_loadu_ps(out + j);
     o = _mm256_fmadd_ps(s0, _mm256_loadu_ps(v0 + j), o);
     o = _mm256_fmadd_ps(s1, _mm256_loadu_ps(v1 + j), o);
@@ -136,6 +148,36 @@ inline void Axpy4(const float* s, const float* __restrict v, int64_t ld, float* 
 
 #endif
 
+#if defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+// C[MR rows, 32 columns] += A[MR, k] . B[k, 32] with 512-bit vectors (where the compiler targets AVX-512):
+// 2 MR accumulators, MR = 8 uses 16 of the 32 registers; twice GemmTile's multiply-adds per instruction.
+// Each C element's sum runs over k in order with one FMA per term, exactly as in GemmTile, so both give
+// bit-identical results. B's row kGemmPrefetchRows ahead (two lines: 32 floats) is prefetched.
+template <int MR>
+inline void GemmTile32(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t k) {
+  __m512 c0[MR], c1[MR];
+  for (int r = 0; r < MR; ++r) {
+    c0[r] = _mm512_loadu_ps(C + r * ldc);
+    c1[r] = _mm512_loadu_ps(C + r * ldc + 16);
+  }
+  for (int64_t t = 0; t < k; ++t) {
+    const float* ahead = B + (t + kGemmPrefetchRows) * ldb;
+    _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(ahead + 16), _MM_HINT_T0);
+    const __m512 b0 = _mm512_loadu_ps(B + t * ldb), b1 = _mm512_loadu_ps(B + t * ldb + 16);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(A[r * lda + t]);
+      c0[r] = _mm512_fmadd_ps(a, b0, c0[r]);
+      c1[r] = _mm512_fmadd_ps(a, b1, c1[r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    _mm512_storeu_ps(C + r * ldc, c0[r]);
+    _mm512_storeu_ps(C + r * ldc + 16, c1[r]);
+  }
+}
+#endif
+
 #if defined(__AVX2__) && defined(__FMA__)
 // C[MR rows, 16 columns] += A[MR, k] . B[k, 16]: 2 MR accumulators stay in registers while B's rows
 // stream; MR = 6 uses 12 of the 16 vector registers, enough independent FMA chains to hide their latency.
@@ -147,6 +189,7 @@ inline void GemmTile(const float* A, int64_t lda, const float* B, int64_t ldb, f
     c1[r] = _mm256_loadu_ps(C + r * ldc + 8);
   }
   for (int64_t t = 0; t < k; ++t) {
+    _mm_prefetch(reinterpret_cast<const char*>(B + (t + kGemmPrefetchRows) * ldb), _MM_HINT_T0);
     const __m256 b0 = _mm256_loadu_ps(B + t * ldb), b1 = _mm256_loadu_ps(B + t * ldb + 8);
     for (int r = 0; r < MR; ++r) {
       const __m256 a = _mm256_broadcast_ss(A + r * lda + t);
@@ -163,9 +206,10 @@ inline void GemmTile(const float* A, int64_t lda, const float* B, int64_t ldb, f
 
 // C[rows, n] += A[rows, k] . B[k, n] (row-major, leading dimensions lda, ldb, ldc). The small matmuls of
 // the sparse QKV decode (8-9 x 1024 x 64 and 8 x 576 x 64 per task at the medium size) are
-// bound by reading B from the outer caches: k runs in L1-sized chunks of B that every 6 x 16 tile
-// reuses (the sparse QKV kernel went from ~90 to ~55 us per layer, docs/kernels.md). Each C element's
-// sum still runs over k in order, whatever the tiling.
+// bound by reading B from the outer caches: k runs in L1-sized chunks of B that every register tile
+// reuses (the sparse QKV kernel went from ~90 to ~55 us per layer, docs/kernels.md), the tile that reads a
+// chunk first prefetches B's rows ahead, and with AVX-512 the tiles are 8 x 32 (GemmTile32), else 6 x 16.
+// Each C element's sum still runs over k in order, whatever the tiling.
 inline void Gemm(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t rows,
                  int64_t k, int64_t n) {
   int64_t j_done = 0;
@@ -176,7 +220,26 @@ inline void Gemm(const float* A, int64_t lda, const float* B, int64_t ldb, float
   j_done = n / 16 * 16;
   for (int64_t k0 = 0; k0 < k; k0 += kc) {
     const int64_t kk = std::min(kc, k - k0);
-    for (int64_t j = 0; j < j_done; j += 16) {
+    int64_t j = 0;
+#if defined(__AVX512F__)
+    for (; j + 32 <= j_done; j += 32) {  // 32-column tiles first where AVX-512 is there
+      int64_t i = 0;
+      for (; i + 8 <= rows; i += 8) GemmTile32<8>(A + i * lda + k0, lda, B + k0 * ldb + j, ldb, C + i * ldc + j, ldc, kk);
+      const float *a = A + i * lda + k0, *b = B + k0 * ldb + j;
+      float* c = C + i * ldc + j;
+      switch (rows - i) {
+        case 7: GemmTile32<7>(a, lda, b, ldb, c, ldc, kk); break;
+        case 6: GemmTile32<6>(a, lda, b, ldb, c, ldc, kk); break;
+        case 5: GemmTile32<5>(a, lda, b, ldb, c, ldc, kk); break;
+        case 4: GemmTile32<4>(a, lda, b, ldb, c, ldc, kk); break;
+        case 3: GemmTile32<3>(a, lda, b, ldb, c, ldc, kk); break;
+        case 2: GemmTile32<2>(a, lda, b, ldb, c, ldc, kk); break;
+        case 1: GemmTile32<1>(a, lda, b, ldb, c, ldc, kk); break;
+        default: break;
+      }
+    }
+#endif
+    for (; j < j_done; j += 16) {
       int64_t i = 0;
       for (; i + 6 <= rows; i += 6) GemmTile<6>(A + i * lda + k0, lda, B + k0 * ldb + j, ldb, C + i * ldc + j, ldc, kk);
       const float *a = A + i * lda + k0, *b = B + k0 * ldb + j;
