@@ -14,7 +14,7 @@ namespace scaling_sparse {
 
 #if defined(__AVX2__) && defined(__FMA__)
 
-// Software prefetch distances (docs/kernels.md, "Prefetching"). The weights of a decode step were last
+// Software prefetch distances (docs/kernels.md, "Prefetching and AVX-512"). The weights of a decode step were last
 // read a whole model ago, so they come from memory; the hardware prefetchers ramp up too slowly on the
 // short, strided runs these kernels read. Prefetches do not fault, so running past an array's end is safe.
 constexpr int64_t kAxpyPrefetchFloats = 128;  // Axpy4: 512 bytes ahead in each of its four rows
@@ -207,8 +207,9 @@ inline void GemmTile(const float* A, int64_t lda, const float* B, int64_t ldb, f
 // C[rows, n] += A[rows, k] . B[k, n] (row-major, leading dimensions lda, ldb, ldc). The small matmuls of
 // the sparse QKV decode (8-9 x 1024 x 64 and 8 x 576 x 64 per task at the medium size) are
 // bound by reading B from the outer caches: k runs in L1-sized chunks of B that every register tile
-// reuses (the sparse QKV kernel went from ~90 to ~55 us per layer, docs/kernels.md), the tile that reads a
-// chunk first prefetches B's rows ahead, and with AVX-512 the tiles are 8 x 32 (GemmTile32), else 6 x 16.
+// reuses (the sparse QKV kernel went from ~90 to ~55 us per layer, docs/kernels.md); every tile prefetches
+// B's row kGemmPrefetchRows ahead (it is the first row tile of a chunk, reading it from memory, that needs
+// it); with AVX-512 the tiles are 8 x 32 (GemmTile32), else 6 x 16.
 // Each C element's sum still runs over k in order, whatever the tiling.
 inline void Gemm(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t rows,
                  int64_t k, int64_t n) {
