@@ -202,6 +202,39 @@ inline void GemmTile(const float* A, int64_t lda, const float* B, int64_t ldb, f
     _mm256_storeu_ps(C + r * ldc + 8, c1[r]);
   }
 }
+// One MR x W register tile: W = 32 the AVX-512 GemmTile32, W = 16 the AVX2 GemmTile.
+template <int W, int MR>
+inline void Tile(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t k) {
+#if defined(__AVX512F__)
+  if constexpr (W == 32) {
+    GemmTile32<MR>(A, lda, B, ldb, C, ldc, k);
+    return;
+  }
+#endif
+  if constexpr (W == 16) GemmTile<MR>(A, lda, B, ldb, C, ldc, k);
+}
+
+// The last `rest` (< R + 1) rows of a strip as one tile of exactly that many rows.
+template <int W, int R>
+inline void RemainderTile(int64_t rest, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                          int64_t ldc, int64_t k) {
+  if constexpr (R > 0) {
+    if (rest == R) {
+      Tile<W, R>(A, lda, B, ldb, C, ldc, k);
+    } else {
+      RemainderTile<W, R - 1>(rest, A, lda, B, ldb, C, ldc, k);
+    }
+  }
+}
+
+// All `rows` of one W-column strip for k steps: MR-row tiles, then one tile for the rows left over.
+template <int W, int MR>
+inline void TileStrip(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t rows,
+                      int64_t k) {
+  int64_t i = 0;
+  for (; i + MR <= rows; i += MR) Tile<W, MR>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, k);
+  RemainderTile<W, MR - 1>(rows - i, A + i * lda, lda, B, ldb, C + i * ldc, ldc, k);
+}
 #endif
 
 // C[rows, n] += A[rows, k] . B[k, n] (row-major, leading dimensions lda, ldb, ldc). The small matmuls of
@@ -221,39 +254,12 @@ inline void Gemm(const float* A, int64_t lda, const float* B, int64_t ldb, float
   j_done = n / 16 * 16;
   for (int64_t k0 = 0; k0 < k; k0 += kc) {
     const int64_t kk = std::min(kc, k - k0);
+    const float* b = B + k0 * ldb;
     int64_t j = 0;
 #if defined(__AVX512F__)
-    for (; j + 32 <= j_done; j += 32) {  // 32-column tiles first where AVX-512 is there
-      int64_t i = 0;
-      for (; i + 8 <= rows; i += 8) GemmTile32<8>(A + i * lda + k0, lda, B + k0 * ldb + j, ldb, C + i * ldc + j, ldc, kk);
-      const float *a = A + i * lda + k0, *b = B + k0 * ldb + j;
-      float* c = C + i * ldc + j;
-      switch (rows - i) {
-        case 7: GemmTile32<7>(a, lda, b, ldb, c, ldc, kk); break;
-        case 6: GemmTile32<6>(a, lda, b, ldb, c, ldc, kk); break;
-        case 5: GemmTile32<5>(a, lda, b, ldb, c, ldc, kk); break;
-        case 4: GemmTile32<4>(a, lda, b, ldb, c, ldc, kk); break;
-        case 3: GemmTile32<3>(a, lda, b, ldb, c, ldc, kk); break;
-        case 2: GemmTile32<2>(a, lda, b, ldb, c, ldc, kk); break;
-        case 1: GemmTile32<1>(a, lda, b, ldb, c, ldc, kk); break;
-        default: break;
-      }
-    }
+    for (; j + 32 <= j_done; j += 32) TileStrip<32, 8>(A + k0, lda, b + j, ldb, C + j, ldc, rows, kk);  // AVX-512 first
 #endif
-    for (; j < j_done; j += 16) {
-      int64_t i = 0;
-      for (; i + 6 <= rows; i += 6) GemmTile<6>(A + i * lda + k0, lda, B + k0 * ldb + j, ldb, C + i * ldc + j, ldc, kk);
-      const float *a = A + i * lda + k0, *b = B + k0 * ldb + j;
-      float* c = C + i * ldc + j;
-      switch (rows - i) {
-        case 5: GemmTile<5>(a, lda, b, ldb, c, ldc, kk); break;
-        case 4: GemmTile<4>(a, lda, b, ldb, c, ldc, kk); break;
-        case 3: GemmTile<3>(a, lda, b, ldb, c, ldc, kk); break;
-        case 2: GemmTile<2>(a, lda, b, ldb, c, ldc, kk); break;
-        case 1: GemmTile<1>(a, lda, b, ldb, c, ldc, kk); break;
-        default: break;
-      }
-    }
+    for (; j < j_done; j += 16) TileStrip<16, 6>(A + k0, lda, b + j, ldb, C + j, ldc, rows, kk);
   }
 #endif
   for (int64_t i = 0; i < rows; ++i) {  // leftover columns (all columns without AVX2)
