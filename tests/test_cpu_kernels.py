@@ -161,43 +161,66 @@ def test_sparse_qkv_kernel_equals_jax_decode(length_kernel, d, modules):
 
 
 def _cache_with_step(seed, n, dh, length):
-    """Random caches k_t [n, dh, L], v [n, L, dh] and a query q [b=1... folded as n heads]."""
+    """Random caches k_t [n, dh, L], v [n, L, dh] and one position's query, key and value
+    [b=1, 1, n heads, dh]."""
     rng = np.random.default_rng(seed)
-    q = jnp.asarray(rng.standard_normal((1, 1, n, dh)), jnp.float32)
+    q, k, vals = (jnp.asarray(rng.standard_normal((1, 1, n, dh)), jnp.float32) for _ in range(3))
     k_t = jnp.asarray(rng.standard_normal((n, dh, length)), jnp.float32)
     v = jnp.asarray(rng.standard_normal((n, length, dh)), jnp.float32)
-    return q, k_t, v
+    return q, k, vals, k_t, v
 
 
 @needs_kernels
 @pytest.mark.parametrize("position", [0, 1, 6, 11])
 @pytest.mark.parametrize("core", ["dot_product", "lsh"])
-def test_attention_kernel_equals_jax_cached_attention(position, core):
-    """One query at `position` over a 12-long cache: positions after it are ignored (their cache rows
-    hold random values here, not zeros), LSH's self-mask leaves the query itself only at position 0."""
+def test_attention_kernel_equals_jax_cache_update_and_attention(position, core):
+    """One query at `position` over a 12-long cache: the kernel writes the step's key and value into the
+    caches exactly where update_cache does (every other entry unchanged) and attends as the JAX path;
+    positions after it are ignored (their cache rows hold random values here, not zeros), LSH's
+    self-mask leaves the query itself only at position 0."""
     from scaling_sparse.layers import attention, lsh
 
-    q, k_t, v = _cache_with_step(position, 6, 8, 12)
-    if core == "lsh":
-        f = lsh.attend_cache
-    else:
-        f = lambda q, k_t, v, q_pos: attention.cached_attention(q, k_t, v, q_pos, scale=8 ** -0.5)
+    q, k, vals, k_t, v = _cache_with_step(position, 6, 8, 12)
     q_pos = jnp.asarray([position], jnp.int32)
+    scoring = lsh.LSHAttention(chunk_len=4).cache_scoring() if core == "lsh" else {"scale": 8 ** -0.5}
 
-    def run(use):
-        with cpu.use_kernels(use):  # a new function each time: jit caches traces by function
-            program = jax.jit(lambda *args: f(*args))
-            return program(q, k_t, v, q_pos), cpu.targets_in(program.lower(q, k_t, v, q_pos).as_text())
+    def with_jax(q, k, vals, k_t, v, q_pos):
+        k_t, v = attention.update_cache(k_t, v, k, vals, q_pos[0])
+        if core == "lsh":
+            return lsh.attend_cache(q, k_t, v, q_pos), k_t, v
+        return attention.cached_attention(q, k_t, v, q_pos, **scoring), k_t, v
 
-    (got, called), (want, jax_called) = run(True), run(False)
-    assert called == [cpu.ATTENTION_TARGET] and jax_called == []
+    def with_kernel(q, k, vals, k_t, v, q_pos):
+        return attention.attention_kernel(q, k, vals, k_t, v, q_pos, **scoring)
+
+    args = (q, k, vals, k_t, v, q_pos)
+    assert cpu.targets_in(jax.jit(with_kernel).lower(*args).as_text()) == [cpu.ATTENTION_TARGET]
+    assert cpu.targets_in(jax.jit(with_jax).lower(*args).as_text()) == []
+    (got, got_k, got_v), (want, want_k, want_v) = jax.jit(with_kernel)(*args), jax.jit(with_jax)(*args)
+    np.testing.assert_array_equal(got_k, want_k)
+    np.testing.assert_array_equal(got_v, want_v)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
-    if position == 0:  # only the query itself is visible: the output is its own value row
-        np.testing.assert_allclose(got[0, 0], v[:, 0], atol=1e-6)
+    if position == 0:  # only the query itself is visible: the output is its own value
+        np.testing.assert_allclose(got[0, 0], vals[0, 0], atol=1e-6)
+
+
+@needs_kernels
+def test_attention_kernel_updates_donated_caches_in_place():
+    """The caches are aliased to the kernel's results: with donated caches XLA passes the same buffers
+    back (no copy of the whole cache per layer and token)."""
+    from scaling_sparse.layers import attention
+
+    q, k, vals, k_t, v = _cache_with_step(0, 4, 8, 16)
+    step = jax.jit(lambda k_t, v: attention.attention_kernel(q, k, vals, k_t, v, jnp.asarray([3]), scale=1.0),
+                   donate_argnums=(0, 1))
+    k_pointer, v_pointer = k_t.unsafe_buffer_pointer(), v.unsafe_buffer_pointer()
+    _, k_t, v = step(k_t, v)
+    assert (k_t.unsafe_buffer_pointer(), v.unsafe_buffer_pointer()) == (k_pointer, v_pointer)
+    np.testing.assert_array_equal(k_t[:, :, 3], k[0, 0])
 
 
 @needs_kernels
 def test_attention_kernel_rejects_a_position_outside_the_cache():
-    q, k_t, v = _cache_with_step(0, 2, 4, 5)
+    q, k, vals, k_t, v = _cache_with_step(0, 2, 4, 5)
     with pytest.raises(Exception, match="index outside the cache"):
-        jax.block_until_ready(cpu.cached_attention_decode(q[0, 0], k_t, v, 5, scale=1.0))
+        jax.block_until_ready(cpu.cached_attention_decode(q[0, 0], k[0, 0], vals[0, 0], k_t, v, 5, scale=1.0))

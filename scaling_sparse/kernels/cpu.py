@@ -115,13 +115,18 @@ def sparse_qkv_decode(x, gates, kernel, bias, history, conv_q, conv_k, conv_v):
     return (q, k, v), new_history
 
 
-def cached_attention_decode(q, k_t, v, index, *, scale: float, self_value: float | None = None):
-    """One query position's attention over the decode caches (layers/attention.py `cached_attention`,
-    layers/lsh.py `attend_cache`) as one call.
+def cached_attention_decode(q, k_new, v_new, k_t, v, index, *, scale: float, self_value: float | None = None):
+    """One query position's cache update and attention over the decode caches (layers/attention.py
+    `update_cache` then `cached_attention`, or layers/lsh.py `attend_cache`) as one call.
 
-    q [n, dh] (n = batch x heads) at position `index`; k_t [n, dh, L], v [n, L, dh] holding this
-    step's key and value; positions after `index` are masked; `self_value`: the score that replaces
-    the query's own (LSH's self-mask), None for none. Returns o [n, dh], float32."""
-    return jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
-        q, k_t, v, jnp.asarray(index, jnp.int32), scale=np.float32(scale), self_mask=self_value is not None,
-        self_value=np.float32(0.0 if self_value is None else self_value), parts=np.int64(PARTS))
+    q, k_new, v_new [n, dh] (n = batch x heads): the query, key and value at position `index`; k_t
+    [n, dh, L], v [n, L, dh]: the caches, returned with k_new and v_new written at `index` (aliased, so
+    XLA updates donated caches in place); positions after `index` are masked; `self_value`: the score
+    that replaces the query's own (LSH's self-mask), None for none. Returns (o [n, dh], k_t, v), float32."""
+    return jax.ffi.ffi_call(ATTENTION_TARGET, (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                                               jax.ShapeDtypeStruct(k_t.shape, jnp.float32),
+                                               jax.ShapeDtypeStruct(v.shape, jnp.float32)),
+                            input_output_aliases={3: 1, 4: 2})(
+        q, k_new, v_new, k_t, v, jnp.asarray(index, jnp.int32), scale=np.float32(scale),
+        self_mask=self_value is not None, self_value=np.float32(0.0 if self_value is None else self_value),
+        parts=np.int64(PARTS))

@@ -42,24 +42,25 @@ def update_cache(k_t, v, k, vals, index):
     return k_t, v
 
 
-def attention_kernel_applies(q, k_t, v) -> bool:
+def attention_kernel_applies(q, k, vals, k_t, v) -> bool:
     """One query position, float32, traced by a Decoder using the CPU kernels (docs/kernels.md)."""
-    return cpu_kernels.active() and q.shape[1] == 1 and q.dtype == k_t.dtype == v.dtype == jnp.float32
+    return (cpu_kernels.active() and q.shape[1] == 1
+            and all(a.dtype == jnp.float32 for a in (q, k, vals, k_t, v)))
 
 
-def attention_kernel(q, k_t, v, q_pos, *, scale: float, self_value: float | None = None):
-    """cached_attention (or LSH's attend_cache, with its `self_value`) for one query as one CPU kernel."""
-    o = cpu_kernels.cached_attention_decode(merge_heads_into_batch(q)[:, 0], k_t, v, q_pos[0], scale=scale,
-                                            self_value=self_value)
-    return split_heads_from_batch(o[:, None], q.shape[0])
+def attention_kernel(q, k, vals, k_t, v, q_pos, *, scale: float, self_value: float | None = None):
+    """update_cache then cached_attention (or LSH's attend_cache, with its `self_value`) for one query
+    position as one CPU kernel: q, k, vals [b, 1, h, dh] -> (o [b, 1, h, dh], k_t, v)."""
+    o, k_t, v = cpu_kernels.cached_attention_decode(
+        merge_heads_into_batch(q)[:, 0], merge_heads_into_batch(k)[:, 0], merge_heads_into_batch(vals)[:, 0],
+        k_t, v, q_pos[0], scale=scale, self_value=self_value)
+    return split_heads_from_batch(o[:, None], q.shape[0]), k_t, v
 
 
 def cached_attention(q, k_t, v, q_pos, *, scale: float):
     """Decoding: q [b, T, h, dh] at positions q_pos [T] over the cache (keys transposed
     k_t [b*h, dh, S], values v [b*h, S, dh], this step's tokens written in) -> [b, T, h, dh]; the same
     sums as dot_product_attention with the causal mask."""
-    if attention_kernel_applies(q, k_t, v):
-        return attention_kernel(q, k_t, v, q_pos, scale=scale)
     logits = jnp.einsum("nqd,ndk->nqk", merge_heads_into_batch(q), k_t).astype(jnp.float32) * scale
     k_pos = jnp.arange(k_t.shape[-1])
     logits = jnp.where(k_pos[None, :] <= q_pos[:, None], logits, jnp.finfo(jnp.float32).min)
@@ -135,12 +136,17 @@ class CausalSelfAttention(nnx.Module):
             k = self.lsh.key(q)
         else:
             q, k = self._heads(q), self._heads(k)
-        k_t, v_all = update_cache(cache["k"], cache["v"], k, self._heads(v), index)
+        v = self._heads(v)
         q_pos = index + jnp.arange(x.shape[1])
-        if self.lsh is not None:  # full attention over the cache with LSH's scoring (see lsh.py)
-            o = self.lsh.attend_cache(q, k_t, v_all, q_pos)
+        if attention_kernel_applies(q, k, v, cache["k"], cache["v"]):  # the cache update and attention, one call
+            scoring = self.lsh.cache_scoring() if self.lsh is not None else {"scale": self.d_head ** -0.5}
+            o, k_t, v_all = attention_kernel(q, k, v, cache["k"], cache["v"], q_pos, **scoring)
         else:
-            o = cached_attention(q, k_t, v_all, q_pos, scale=self.d_head ** -0.5)
+            k_t, v_all = update_cache(cache["k"], cache["v"], k, v, index)
+            if self.lsh is not None:  # full attention over the cache with LSH's scoring (see lsh.py)
+                o = self.lsh.attend_cache(q, k_t, v_all, q_pos)
+            else:
+                o = cached_attention(q, k_t, v_all, q_pos, scale=self.d_head ** -0.5)
         return self._project_out(o), {"k": k_t, "v": v_all, "qkv": qkv_cache}
 
     def params_per_token(self) -> int:

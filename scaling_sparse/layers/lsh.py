@@ -30,8 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from scaling_sparse.layers.attention import (attention_kernel, attention_kernel_applies, merge_heads_into_batch,
-                                             split_heads_from_batch)
+from scaling_sparse.layers.attention import merge_heads_into_batch, split_heads_from_batch
 from scaling_sparse.layers.dropout import dropout
 
 MASK_VALUE = -1e9       # a key the query must not see (future, or outside the two chunks)
@@ -143,8 +142,6 @@ def attend_cache(q: jax.Array, k_t: jax.Array, v: jax.Array, q_pos: jax.Array) -
     """Decoding: q [b, T, h, dh] at positions q_pos [T] over the whole cache (normalised keys
     transposed k_t [b*h, dh, S], values v [b*h, S, dh]: attention.py's layouts) with LSH's causal and
     self masks -> [b, T, h, dh]."""
-    if attention_kernel_applies(q, k_t, v):
-        return attention_kernel(q, k_t, v, q_pos, scale=1.0, self_value=SELF_MASK_VALUE)
     k_pos = jnp.arange(k_t.shape[-1], dtype=jnp.int32)
     scores = jnp.einsum("nqd,ndk->nqk", merge_heads_into_batch(q), k_t).astype(jnp.float32)
     scores = _mask_scores(scores, q_pos.astype(jnp.int32), k_pos, jnp.ones((), bool))
@@ -186,3 +183,8 @@ class LSHAttention(nnx.Module):
 
     def attend_cache(self, q, k_t, v, q_pos):
         return attend_cache(q, k_t, v, q_pos)
+
+    def cache_scoring(self) -> dict:
+        """attend_cache's scoring as the CPU attention kernel's arguments (layers/attention.py
+        `attention_kernel`): keys already unit-length (no scale), the query's own score SELF_MASK_VALUE."""
+        return {"scale": 1.0, "self_value": SELF_MASK_VALUE}
