@@ -45,6 +45,10 @@ ffi::Error CachedAttentionDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32>
       k_new.element_count() != n * dh || v_new.element_count() != n * dh) {
     return ffi::Error::InvalidArgument("cached_attention_decode: inconsistent shapes");
   }
+  const int64_t pos = index.typed_data()[0];
+  if (pos < 0 || pos >= L) {
+    return ffi::Error::InvalidArgument("cached_attention_decode: index outside the cache");
+  }
   // The results alias the inputs (kernels/cpu.py), so XLA hands them over holding the caches' contents, in
   // the inputs' own buffers where it can; should a build ever pass separate buffers, copy the caches over.
   if (k_t->typed_data() != k_t_in.typed_data()) {
@@ -52,10 +56,6 @@ ffi::Error CachedAttentionDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32>
   }
   if (v->typed_data() != v_in.typed_data()) {
     std::copy(v_in.typed_data(), v_in.typed_data() + v_in.element_count(), v->typed_data());
-  }
-  const int64_t pos = index.typed_data()[0];
-  if (pos < 0 || pos >= L) {
-    return ffi::Error::InvalidArgument("cached_attention_decode: index outside the cache");
   }
   const int64_t visible = pos + 1;
   parts = std::max<int64_t>(1, std::min(parts, n));
