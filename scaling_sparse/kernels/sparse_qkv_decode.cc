@@ -7,9 +7,16 @@
 //   out_c[s]   = bias_c + sum_{i < kl, j < ks} H[i, s + j - (ks-1)/2] . K_c[i, j]   (zero past the edges)
 // for c in (q, k, v), each K_c [kl, ks_c, M, M], and the new history H[1:]. The JAX path
 // (SparseQKV.decode) runs this as ~25 XLA ops whose small matmuls each run on one core; here it is one
-// fork of `parts` tasks in three phases (parallel.h ForkJoinPhases): the gated inputs (modules split),
-// h (columns split), q, k, v (columns split; each convolution tap one matmul, no tap matrix built).
-// Float32 only; results match the JAX path to rounding (tests/test_cpu_kernels.py).
+// fork of `parts` tasks in two phases (parallel.h ForkJoinPhases):
+//   0. each task gates its share of the inputs i (rows of E) and multiplies them by those rows of E, for
+//      all modules and columns: a partial h. No task waits for another's gated inputs, and each reads a
+//      contiguous share of E;
+//   1. each task sums the partials (bias first, then the partials in task order: every task gets the same
+//      h), builds the window H with zero rows past the edges, and computes its 16-column strips of q, k, v,
+//      one register tile of all modules per strip over every (position, neighbour) tap.
+// The matmuls are vector_ops.h StreamStrip16 (all modules per tile, the next chunk's weights prefetched
+// while this one computes), Gemm where M is not a multiple of 16. Float32 only; results match the JAX
+// path to rounding (tests/test_cpu_kernels.py).
 
 #include <algorithm>
 #include <cstdint>
@@ -25,6 +32,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 using scaling_sparse::Gemm;
+using scaling_sparse::StreamStrip16;
 
 struct Conv {
   const float* kernel;  // [kl, ks, M, M]
@@ -61,58 +69,101 @@ ffi::Error SparseQkvDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
     }
     convs[c].ks = kd[1];
   }
-  // Columns of h and of q, k, v split into `parts` tasks, in whole 16-column tiles where M allows (the
-  // Gemm's fast path). A task reads only its columns of E and of the convolution kernels, so each core
-  // streams half of the weights once; the rows (modules) are not split, so no module is computed twice.
-  const int64_t tile = M % 16 == 0 ? 16 : 1, tiles = M / tile;
+  // Phase 1 splits the columns into 16-column strips (the tiles' width; single columns where M is not a
+  // multiple of 16), phase 0 the inputs i into runs of whole 16s.
+  const bool strips16 = M % 16 == 0;
+  const int64_t tile = strips16 ? 16 : 1, tiles = M / tile;
   parts = std::max<int64_t>(1, std::min(parts, tiles));
   auto columns = [&](int64_t p) { return std::make_pair(tiles * p / parts * tile, tiles * (p + 1) / parts * tile); };
+  auto inputs = [&](int64_t p) { return p == parts ? d : d * p / parts / 16 * 16; };
   const float *pg = gates.typed_data(), *pe = kernel.typed_data(), *pb = bias.typed_data();
-  // Shared by the tasks of one row: the calling thread's scratch slots 3 and 4, which no kernel's tasks use.
-  float* gated = scaling_sparse::Scratch(3, S * d);  // [S, d]: x times each module's gates
-  float* h = scaling_sparse::Scratch(4, S * M);      // [S, M]: the multiplicative layer's output
+  // The window's zero rows on each side: the widest convolution's half width.
+  int64_t pad = 0;
+  for (const Conv& c : convs) pad = std::max(pad, (c.ks - 1) / 2);
+  const int64_t window_rows = S + 2 * pad;
+  constexpr int64_t kChunk = 128;  // inputs per chunk of phase 0: the gated chunk (S x 128) and E's stay in L1
+  // Shared by the tasks of one row: the partial h of each task [parts, S, M], in the calling thread's
+  // scratch slot 4 (slot 3 was the gated inputs' before phase 0 became task-local; no kernel's tasks use 4).
+  float* partials = scaling_sparse::Scratch(4, parts * S * M);
+  // A matmul over 16 columns (StreamStrip16), or any columns with Gemm.
+  auto matmul = [&](const float* a, int64_t lda, const float* b, float* c, int64_t k, int64_t n, const float* next) {
+    if (strips16) {
+      for (int64_t j = 0; j < n; j += 16) StreamStrip16(a, lda, b + j, M, c + j, M, S, k, next ? next + j : nullptr);
+    } else {
+      Gemm(a, lda, b, M, c, M, S, k, n);
+    }
+  };
   for (int64_t row = 0; row < rows; ++row) {
     const float* xr = x.typed_data() + row * d;
     const float* hr = history.typed_data() + row * hist * d;  // [hist, S, M]
     float* nh = new_history->typed_data() + row * hist * d;
-    // Window position i < hist is history row i, position hist the new h; each [S, M].
-    auto window = [&](int64_t i) -> const float* { return i < hist ? hr + i * d : h; };
-    scaling_sparse::ForkJoinPhases(pool, parts, 3, [&](int phase, int64_t p) {
-      if (phase == 0) {  // gated rows of this task's share of the modules; history rows 1.. move up by one
-        const int64_t s0 = S * p / parts, s1 = S * (p + 1) / parts;
-        for (int64_t s = s0; s < s1; ++s) {
-          for (int64_t i = 0; i < d; ++i) gated[s * d + i] = xr[i] * pg[s * d + i];
+    scaling_sparse::ForkJoinPhases(pool, parts, 2, [&](int phase, int64_t p) {
+      if (phase == 0) {
+        // gated[s, t] = x[i0 + t] D[s, i0 + t] (task-local; the row stride is padded off a multiple of 4 KB
+        // so the S rows a tile reads do not share L1 sets), while E's first chunk is prefetched into L2.
+        const int64_t i0 = inputs(p), n = inputs(p + 1) - i0, lda = (n + 15) / 16 * 16 + 16;
+        float* gated = scaling_sparse::Scratch(2, S * lda);
+        const char* first = reinterpret_cast<const char*>(pe + i0 * M);
+        const int64_t first_lines = std::min(kChunk, n) * M * static_cast<int64_t>(sizeof(float)) / 64;
+        int64_t line = 0;
+        for (int64_t s = 0; s < S; ++s) {
+          for (int64_t t0 = 0; t0 < n; t0 += 16) {
+            if (line < first_lines) scaling_sparse::PrefetchL2(first + 64 * line++);
+            for (int64_t t = t0; t < std::min(t0 + 16, n); ++t) gated[s * lda + t] = xr[i0 + t] * pg[s * d + i0 + t];
+          }
         }
+        float* part = partials + p * S * M;
+        std::memset(part, 0, sizeof(float) * S * M);
+        for (int64_t k0 = 0; k0 < n; k0 += kChunk) {
+          const int64_t kk = std::min(kChunk, n - k0);
+          const float* b = pe + (i0 + k0) * M;
+          matmul(gated + k0, lda, b, part, kk, M, k0 + kk < n ? b + kk * M : nullptr);
+        }
+        // History rows 1.. move up by one (this task's share of the modules).
+        const int64_t s0 = S * p / parts, s1 = S * (p + 1) / parts;
         for (int64_t i = 0; i + 1 < hist; ++i) {
           std::memcpy(nh + i * d + s0 * M, hr + (i + 1) * d + s0 * M, sizeof(float) * (s1 - s0) * M);
         }
         return;
       }
+      // Phase 1: window [kl, S + 2 pad, M] (task-local): history rows, then h = bias + the partials.
       const auto [c0, c1] = columns(p);
-      if (phase == 1) {  // h[:, c0:c1] = bias + gated . E[:, c0:c1]; it is also the new history's last row
-        for (int64_t s = 0; s < S; ++s) std::memcpy(h + s * M + c0, pb + s * M + c0, sizeof(float) * (c1 - c0));
-        Gemm(gated, d, pe + c0, M, h + c0, M, S, d, c1 - c0);
-        if (hist > 0) {
+      float* window = scaling_sparse::Scratch(5, kl * window_rows * M);
+      for (int64_t i = 0; i < kl; ++i) {
+        float* w = window + i * window_rows * M;
+        std::memset(w, 0, sizeof(float) * pad * M);
+        std::memset(w + (pad + S) * M, 0, sizeof(float) * pad * M);
+        float* body = w + pad * M;
+        if (i < hist) {
+          std::memcpy(body, hr + i * d, sizeof(float) * d);
+          continue;
+        }
+        for (int64_t e = 0; e < d; ++e) body[e] = pb[e];
+        for (int64_t q = 0; q < parts; ++q) {
+          const float* part = partials + q * S * M;
+          for (int64_t e = 0; e < d; ++e) body[e] += part[e];
+        }
+        if (hist > 0) {  // h is the new history's last row (this task's columns)
           for (int64_t s = 0; s < S; ++s) {
-            std::memcpy(nh + (hist - 1) * d + s * M + c0, h + s * M + c0, sizeof(float) * (c1 - c0));
+            std::memcpy(nh + (hist - 1) * d + s * M + c0, body + s * M + c0, sizeof(float) * (c1 - c0));
           }
         }
-        return;
       }
-      // phase 2: out[s, c0:c1] = bias_c + sum over window position i and neighbour j of
-      // window(i)[s + j - half] . K_c[i, j][:, c0:c1]: for each (i, j) one matmul over the modules whose
-      // neighbour exists (the others get zero from that tap), added in (i, j, m) order as the JAX path.
-      for (const Conv& c : convs) {
-        const int64_t half = (c.ks - 1) / 2;
-        float* out = c.out + row * d;
-        for (int64_t s = 0; s < S; ++s) std::memcpy(out + s * M + c0, c.bias + c0, sizeof(float) * (c1 - c0));
-        for (int64_t i = 0; i < kl; ++i) {
-          for (int64_t j = 0; j < c.ks; ++j) {
-            const int64_t shift = j - half, lo = std::max<int64_t>(0, -shift), hi = std::min(S, S - shift);
-            if (hi <= lo) continue;
-            Gemm(window(i) + (lo + shift) * M, M, c.kernel + (i * c.ks + j) * M * M + c0, M, out + lo * M + c0, M,
-                 hi - lo, M, c1 - c0);
-          }
+      // out[s, c0:c1] = bias_c + sum over window position i and neighbour j of window(i)[s + j - half] .
+      // K_c[i, j][:, c0:c1], the taps in (i, j) order and each over m in order, as the JAX path adds them;
+      // past the edges the window's zero rows add exact zeros. The next tap's (or convolution's) weights
+      // are prefetched while this one computes.
+      for (int c = 0; c < 3; ++c) {
+        const Conv& conv = convs[c];
+        const int64_t half = (conv.ks - 1) / 2, taps = kl * conv.ks;
+        float* out = conv.out + row * d;
+        for (int64_t s = 0; s < S; ++s) std::memcpy(out + s * M + c0, conv.bias + c0, sizeof(float) * (c1 - c0));
+        for (int64_t n = 0; n < taps; ++n) {
+          const int64_t i = n / conv.ks, j = n % conv.ks;
+          const float* a = window + (i * window_rows + pad + j - half) * M;
+          const float* b = conv.kernel + n * M * M;
+          const float* next = n + 1 < taps ? b + M * M : (c + 1 < 3 ? convs[c + 1].kernel : nullptr);
+          matmul(a, M, b + c0, out + c0, M, c1 - c0, next ? next + c0 : nullptr);
         }
       }
     });

@@ -12,6 +12,9 @@
 
 namespace scaling_sparse {
 
+// Asks for the cache line at p in the L2 cache (and L3), not L1: a hint, never a fault.
+inline void PrefetchL2(const void* p) { __builtin_prefetch(p, 0, 2); }
+
 #if defined(__AVX2__) && defined(__FMA__)
 
 // Software prefetch distances (docs/kernels.md, "Prefetching and AVX-512"). The weights of a decode step were last
@@ -237,6 +240,49 @@ inline void TileStrip(const float* A, int64_t lda, const float* B, int64_t ldb, 
 }
 #endif
 
+#if defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+// Streaming matmul tiles for the sparse QKV kernel (docs/kernels.md, "All modules in one register tile").
+// C[MR rows, 16 columns] += A[MR, k] . B[k, 16]: one 512-bit accumulator per row, so every row of B is
+// loaded once and used by all MR (<= 16) rows: the weights stream through once while the multiply-adds
+// run, instead of being waited for by one row tile and then reused from cache by the next. Step t also
+// prefetches B's row t + kGemmPrefetchRows into L1 and `next`'s row t into L2 (`next`: the same columns
+// of the rows the caller will use after these k, or null), so the following chunk's weights arrive while
+// this one computes. A's rows should not lie a multiple of 4 KB apart (they would share L1 sets). One FMA
+// per term, in k order.
+template <int MR>
+inline void StreamTile16(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t k,
+                         const float* next) {
+  __m512 c[MR];
+  for (int r = 0; r < MR; ++r) c[r] = _mm512_loadu_ps(C + r * ldc);
+  for (int64_t t = 0; t < k; ++t) {
+    _mm_prefetch(reinterpret_cast<const char*>(B + (t + kGemmPrefetchRows) * ldb), _MM_HINT_T0);
+    if (next != nullptr) _mm_prefetch(reinterpret_cast<const char*>(next + t * ldb), _MM_HINT_T1);
+    const __m512 b = _mm512_loadu_ps(B + t * ldb);
+    for (int r = 0; r < MR; ++r) c[r] = _mm512_fmadd_ps(_mm512_set1_ps(A[r * lda + t]), b, c[r]);
+  }
+  for (int r = 0; r < MR; ++r) _mm512_storeu_ps(C + r * ldc, c[r]);
+}
+
+// StreamTile16 for `rows` (1..16) rows: the template instance of exactly that many.
+template <int MR = 16>
+inline void StreamTile16Rows(int64_t rows, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                             int64_t ldc, int64_t k, const float* next) {
+  if constexpr (MR > 0) {
+    if (rows == MR) {
+      StreamTile16<MR>(A, lda, B, ldb, C, ldc, k, next);
+    } else {
+      StreamTile16Rows<MR - 1>(rows, A, lda, B, ldb, C, ldc, k, next);
+    }
+  }
+}
+#endif
+
+// C[rows, 16 columns] += A[rows, k] . B[k, 16 columns]: StreamTile16 in blocks of 16 rows where the
+// compiler targets AVX-512, else Gemm (the same sums in the same k order); `next` as in StreamTile16 (a
+// prefetch hint only).
+inline void StreamStrip16(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t rows,
+                          int64_t k, const float* next);
+
 // C[rows, n] += A[rows, k] . B[k, n] (row-major, leading dimensions lda, ldb, ldc). The small matmuls of
 // the sparse QKV decode (8-9 x 1024 x 64 and 8 x 576 x 64 per task at the medium size) are
 // bound by reading B from the outer caches: k runs in L1-sized chunks of B that every register tile
@@ -267,6 +313,18 @@ inline void Gemm(const float* A, int64_t lda, const float* B, int64_t ldb, float
       for (int64_t jj = j_done; jj < n; ++jj) C[i * ldc + jj] += A[i * lda + t] * B[t * ldb + jj];
     }
   }
+}
+
+inline void StreamStrip16(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t rows,
+                          int64_t k, const float* next) {
+#if defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+  for (int64_t i = 0; i < rows; i += 16) {
+    StreamTile16Rows(std::min<int64_t>(16, rows - i), A + i * lda, lda, B, ldb, C + i * ldc, ldc, k, next);
+  }
+#else
+  (void)next;
+  Gemm(A, lda, B, ldb, C, ldc, rows, k, 16);
+#endif
 }
 
 }  // namespace scaling_sparse
