@@ -283,9 +283,9 @@ inline void StreamTile16Rows(int64_t rows, const float* A, int64_t lda, const fl
 inline void StreamStrip16(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t rows,
                           int64_t k, const float* next);
 
-// C[rows, n] += A[rows, k] . B[k, n] (row-major, leading dimensions lda, ldb, ldc). The small matmuls of
-// the sparse QKV decode (8-9 x 1024 x 64 and 8 x 576 x 64 per task at the medium size) are
-// bound by reading B from the outer caches: k runs in L1-sized chunks of B that every register tile
+// C[rows, n] += A[rows, k] . B[k, n] (row-major, leading dimensions lda, ldb, ldc): the sparse QKV kernel's
+// matmuls where StreamStrip16 does not apply (no AVX-512, or a module width not a multiple of 16). Small
+// matmuls like these are bound by reading B from the outer caches: k runs in L1-sized chunks of B that every register tile
 // reuses (the sparse QKV kernel went from ~90 to ~55 us per layer, docs/kernels.md); every tile prefetches
 // B's row kGemmPrefetchRows ahead (it is the first row tile of a chunk, reading it from memory, that needs
 // it); with AVX-512 the tiles are 8 x 32 (GemmTile32), else 6 x 16.
