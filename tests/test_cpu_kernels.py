@@ -137,10 +137,11 @@ def _decode_at(graphdef, state, tokens, cache, index, use=True):
 
 @needs_kernels
 @pytest.mark.parametrize("length_kernel", [1, 3])
-# (d, modules): M = d / modules units per module picks the kernel's matmul path: 8 units the plain loops;
-# 32 (16 columns per task) the 16-column tiles; 64 the 32-column AVX-512 tiles where the machine has them,
-# with 5 and 16 rows (a remainder tile; the medium size) (vector_ops.h Gemm).
-@pytest.mark.parametrize("d, modules", [(48, 6), (288, 9), (320, 5), (1024, 16)])
+# (d, modules): M = d / modules units per module picks the kernel's matmul path: 8 units Gemm (not a
+# multiple of 16); 32 and 64 the 16-column strips (vector_ops.h StreamStrip16: AVX-512 tiles of up to 16
+# modules, Gemm without AVX-512) with 9, 5, 16 (the medium size) and 17 modules (a 16-module tile and a
+# 1-module remainder).
+@pytest.mark.parametrize("d, modules", [(48, 6), (288, 9), (320, 5), (1024, 16), (544, 17)])
 def test_sparse_qkv_kernel_equals_jax_decode(length_kernel, d, modules):
     from scaling_sparse.layers.sparse_qkv import SparseQKV
 

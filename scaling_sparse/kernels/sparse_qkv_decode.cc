@@ -13,9 +13,9 @@
 //      contiguous share of E;
 //   1. each task sums the partials (bias first, then the partials in task order: every task gets the same
 //      h), builds the window H with zero rows past the edges, and computes its 16-column strips of q, k, v,
-//      one register tile of all modules per strip over every (position, neighbour) tap.
-// The matmuls are vector_ops.h StreamStrip16 (all modules per tile, the next chunk's weights prefetched
-// while this one computes), Gemm where M is not a multiple of 16. Float32 only; results match the JAX
+//      one register tile of (up to 16) modules per strip over every (position, neighbour) tap.
+// The matmuls are vector_ops.h StreamStrip16 (16 modules per tile, the next chunk's weights prefetched
+// while this one computes; Gemm in builds without AVX-512), Gemm where M is not a multiple of 16. Float32 only; results match the JAX
 // path to rounding (tests/test_cpu_kernels.py).
 
 #include <algorithm>
@@ -55,7 +55,8 @@ ffi::Error SparseQkvDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   const int64_t rows = xd[0], d = xd[1], S = gd[0], M = ed[1], hist = hd[1];
   const int64_t kl = hist + 1;
   if (gd[1] != d || ed[0] != d || S * M != d || hd[0] != rows || hd[2] != S || hd[3] != M ||
-      bias.element_count() != static_cast<size_t>(d)) {
+      bias.element_count() != static_cast<size_t>(d) || bq.element_count() != static_cast<size_t>(M) ||
+      bk.element_count() != static_cast<size_t>(M) || bv.element_count() != static_cast<size_t>(M)) {
     return ffi::Error::InvalidArgument("sparse_qkv_decode: inconsistent shapes");
   }
   Conv convs[3] = {{kq.typed_data(), bq.typed_data(), 0, q->typed_data()},
@@ -99,9 +100,11 @@ ffi::Error SparseQkvDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
     float* nh = new_history->typed_data() + row * hist * d;
     scaling_sparse::ForkJoinPhases(pool, parts, 2, [&](int phase, int64_t p) {
       if (phase == 0) {
-        // gated[s, t] = x[i0 + t] D[s, i0 + t] (task-local; the row stride is padded off a multiple of 4 KB
-        // so the S rows a tile reads do not share L1 sets), while E's first chunk is prefetched into L2.
-        const int64_t i0 = inputs(p), n = inputs(p + 1) - i0, lda = (n + 15) / 16 * 16 + 16;
+        // gated[s, t] = x[i0 + t] D[s, i0 + t] (task-local), while E's first chunk is prefetched into L2.
+        // The row stride is an odd number of 64-byte lines, so the S rows a tile reads fall in different L1
+        // sets (rows a multiple of 4 KB apart would share one).
+        const int64_t i0 = inputs(p), n = inputs(p + 1) - i0, lines = (n + 15) / 16;
+        const int64_t lda = 16 * (lines % 2 == 0 ? lines + 1 : lines);
         float* gated = scaling_sparse::Scratch(2, S * lda);
         const char* first = reinterpret_cast<const char*>(pe + i0 * M);
         const int64_t first_lines = std::min(kChunk, n) * M * static_cast<int64_t>(sizeof(float)) / 64;
@@ -191,4 +194,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ScalingSparseQkvDecode, SparseQkvDecodeImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // k [R, d]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // v [R, d]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // new history [R, kl-1, S, M]
-                                  .Attr<int64_t>("parts"));  // modules split into this many tasks
+                                  .Attr<int64_t>("parts"));  // tasks: inputs (phase 0), columns (phase 1)
