@@ -15,8 +15,8 @@
 //      h), builds the window H with zero rows past the edges, and computes its 16-column strips of q, k, v,
 //      one register tile of (up to 16) modules per strip over every (position, neighbour) tap.
 // The matmuls are vector_ops.h StreamStrip16 (16 modules per tile, the next chunk's weights prefetched
-// while this one computes; Gemm in builds without AVX-512), Gemm where M is not a multiple of 16. Float32 only; results match the JAX
-// path to rounding (tests/test_cpu_kernels.py).
+// while this one computes; Gemm in builds without AVX-512), Gemm where M is not a multiple of 16.
+// Float32 only; results match the JAX path to rounding (tests/test_cpu_kernels.py).
 
 #include <algorithm>
 #include <cstdint>
@@ -82,9 +82,11 @@ ffi::Error SparseQkvDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   int64_t pad = 0;
   for (const Conv& c : convs) pad = std::max(pad, (c.ks - 1) / 2);
   const int64_t window_rows = S + 2 * pad;
-  constexpr int64_t kChunk = 128;  // inputs per chunk of phase 0: the gated chunk (S x 128) and E's stay in L1
+  // Inputs per chunk of phase 0: each 16-column strip reuses the gated chunk (S x 128 floats, 8 KB at the
+  // medium size) from L1 while its 128 rows of E stream in.
+  constexpr int64_t kChunk = 128;
   // Shared by the tasks of one row: the partial h of each task [parts, S, M], in the calling thread's
-  // scratch slot 4 (slot 3 was the gated inputs' before phase 0 became task-local; no kernel's tasks use 4).
+  // scratch slot 4 (no kernel's tasks use it).
   float* partials = scaling_sparse::Scratch(4, parts * S * M);
   // A matmul over 16 columns (StreamStrip16), or any columns with Gemm.
   auto matmul = [&](const float* a, int64_t lda, const float* b, float* c, int64_t k, int64_t n, const float* next) {
@@ -141,7 +143,7 @@ ffi::Error SparseQkvDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
           std::memcpy(body, hr + i * d, sizeof(float) * d);
           continue;
         }
-        for (int64_t e = 0; e < d; ++e) body[e] = pb[e];
+        std::memcpy(body, pb, sizeof(float) * d);
         for (int64_t q = 0; q < parts; ++q) {
           const float* part = partials + q * S * M;
           for (int64_t e = 0; e < d; ++e) body[e] += part[e];

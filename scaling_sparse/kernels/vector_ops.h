@@ -6,11 +6,25 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>  // outside the namespace: its declarations belong to the global one
 #endif
 
 namespace scaling_sparse {
+
+// Calls f(std::integral_constant<int, rows>{}) for a run-time `rows` in 1..R (nothing for 0): register
+// tiles are templates on their row count, and a strip's last tile has whatever rows are left.
+template <int R, class F>
+inline void WithRowCount(int64_t rows, F&& f) {
+  if constexpr (R > 0) {
+    if (rows == R) {
+      f(std::integral_constant<int, R>{});
+    } else {
+      WithRowCount<R - 1>(rows, f);
+    }
+  }
+}
 
 // Asks for the cache line at p in the L2 cache (and L3), not L1: a hint, never a fault.
 inline void PrefetchL2(const void* p) { __builtin_prefetch(p, 0, 2); }
@@ -217,26 +231,15 @@ inline void Tile(const float* A, int64_t lda, const float* B, int64_t ldb, float
   if constexpr (W == 16) GemmTile<MR>(A, lda, B, ldb, C, ldc, k);
 }
 
-// The last `rest` (< R + 1) rows of a strip as one tile of exactly that many rows.
-template <int W, int R>
-inline void RemainderTile(int64_t rest, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-                          int64_t ldc, int64_t k) {
-  if constexpr (R > 0) {
-    if (rest == R) {
-      Tile<W, R>(A, lda, B, ldb, C, ldc, k);
-    } else {
-      RemainderTile<W, R - 1>(rest, A, lda, B, ldb, C, ldc, k);
-    }
-  }
-}
-
 // All `rows` of one W-column strip for k steps: MR-row tiles, then one tile for the rows left over.
 template <int W, int MR>
 inline void TileStrip(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t rows,
                       int64_t k) {
   int64_t i = 0;
   for (; i + MR <= rows; i += MR) Tile<W, MR>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, k);
-  RemainderTile<W, MR - 1>(rows - i, A + i * lda, lda, B, ldb, C + i * ldc, ldc, k);
+  WithRowCount<MR - 1>(rows - i, [&](auto rest) {
+    Tile<W, decltype(rest)::value>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, k);
+  });
 }
 #endif
 
@@ -263,18 +266,6 @@ inline void StreamTile16(const float* A, int64_t lda, const float* B, int64_t ld
   for (int r = 0; r < MR; ++r) _mm512_storeu_ps(C + r * ldc, c[r]);
 }
 
-// StreamTile16 for `rows` (1..16) rows: the template instance of exactly that many.
-template <int MR = 16>
-inline void StreamTile16Rows(int64_t rows, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-                             int64_t ldc, int64_t k, const float* next) {
-  if constexpr (MR > 0) {
-    if (rows == MR) {
-      StreamTile16<MR>(A, lda, B, ldb, C, ldc, k, next);
-    } else {
-      StreamTile16Rows<MR - 1>(rows, A, lda, B, ldb, C, ldc, k, next);
-    }
-  }
-}
 #endif
 
 // C[rows, 16 columns] += A[rows, k] . B[k, 16 columns]: StreamTile16 in blocks of 16 rows where the
@@ -285,8 +276,8 @@ inline void StreamStrip16(const float* A, int64_t lda, const float* B, int64_t l
 
 // C[rows, n] += A[rows, k] . B[k, n] (row-major, leading dimensions lda, ldb, ldc): the sparse QKV kernel's
 // matmuls where StreamStrip16 does not apply (no AVX-512, or a module width not a multiple of 16). Small
-// matmuls like these are bound by reading B from the outer caches: k runs in L1-sized chunks of B that every register tile
-// reuses (the sparse QKV kernel went from ~90 to ~55 us per layer, docs/kernels.md); every tile prefetches
+// matmuls like these are bound by reading B from the outer caches: k runs in L1-sized chunks of B that
+// every register tile reuses (the sparse QKV kernel went from ~90 to ~55 us per layer, docs/kernels.md); every tile prefetches
 // B's row kGemmPrefetchRows ahead (it is the first row tile of a chunk, reading it from memory, that needs
 // it); with AVX-512 the tiles are 8 x 32 (GemmTile32), else 6 x 16.
 // Each C element's sum still runs over k in order, whatever the tiling.
@@ -319,7 +310,9 @@ inline void StreamStrip16(const float* A, int64_t lda, const float* B, int64_t l
                           int64_t k, const float* next) {
 #if defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
   for (int64_t i = 0; i < rows; i += 16) {
-    StreamTile16Rows(std::min<int64_t>(16, rows - i), A + i * lda, lda, B, ldb, C + i * ldc, ldc, k, next);
+    WithRowCount<16>(std::min<int64_t>(16, rows - i), [&](auto mr) {
+      StreamTile16<decltype(mr)::value>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, k, next);
+    });
   }
 #else
   (void)next;
