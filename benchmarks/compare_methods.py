@@ -10,7 +10,7 @@ user runs them):
     nothing; CoFi's pruning steps are counted and reported as extra training steps.
 Then, in this process, for every workdir: validation log-perplexity (train.evaluate, the same
 validation batches: compress copies the dense run's tokenizer), parameters read per decoded token
-(params.report_params), and CPU decode latency with decode_latency.py's DecodeTimer (batch 1, a
+(params.report_params), and CPU decode latency with decode_timing.py's DecodeTimer (batch 1, a
 16-token prompt, tokens decoded in one jitted loop), the repeats interleaved round-robin over all
 entries so a slow spell of the machine slows all alike.
 
@@ -132,7 +132,7 @@ def load_entry(workdir: pathlib.Path):
 
 
 def measure(args, todo: list[Entry], root: pathlib.Path) -> list[dict]:
-    from benchmarks.decode_latency import DecodeTimer, run_timers
+    from benchmarks.decode_timing import DecodeTimer, run_timers
     from scaling_sparse.decode import Decoder
     from scaling_sparse.params import report_params
     from scaling_sparse.sharding import single_device_mesh

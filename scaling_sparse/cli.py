@@ -56,6 +56,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 COMMANDS = ("train", "eval", "generate", "params", "config", "compress")
+# Python loggers held at WARNING unless --verbosity is given (main()).
+QUIET_LOGGERS = ("absl", "jax")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. experiments/configs/stdlib.py; override fields with --config.a.b=v "
@@ -146,7 +148,7 @@ def cmd_eval(config, workdir) -> int:
 
 def cmd_generate(config, workdir) -> int:
     from scaling_sparse.data.tokenizer import get_tokenizer
-    from scaling_sparse.decode import Decoder, check_request
+    from scaling_sparse.decode import Decoder, check_request, describe_sampling
     from scaling_sparse.sharding import make_mesh
     from scaling_sparse.train import load_params
 
@@ -155,8 +157,8 @@ def cmd_generate(config, workdir) -> int:
     top_k = g.top_k if _TOP_K.value is None else _TOP_K.value
     seed = g.seed if _SEED.value is None else _SEED.value
     prompt = _PROMPT.value
-    if temperature < 0:
-        raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 <= temperature < float("inf"):  # also NaN
+        raise UsageError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
     if not 0 <= top_k <= config.model.vocab_size:
         raise UsageError(f"--top_k must be in 0..vocab_size={config.model.vocab_size} (0 = off), got {top_k}")
     if not prompt:
@@ -182,6 +184,7 @@ def cmd_generate(config, workdir) -> int:
     graphdef, params, _ = load_params(config, workdir, step=_STEP.value, mesh=mesh)
     decoder = Decoder(graphdef, params, max_len=config.model.max_len, temperature=temperature, top_k=top_k,
                       mesh=mesh)
+    print(f"# {describe_sampling(temperature, top_k, seed)}", file=sys.stderr)
     out = decoder.sample(ids, max_new, seed=seed, eos_id=tokenizer.eos_id)
     # A decoder-only LM continues the prompt; an encoder-decoder writes its own output (for span
     # corruption: each <extra_id_i> of the input followed by the text it predicts for that span).
@@ -320,8 +323,11 @@ def main(argv) -> int:
     from scaling_sparse.config import ConfigError
 
     if not flags.FLAGS["verbosity"].present:
-        # orbax logs every save step at INFO through absl; keep the console to our own output.
-        logging.getLogger("absl").setLevel(logging.WARNING)
+        # At absl's default verbosity (INFO) orbax logs every save step through absl, and JAX logs each
+        # backend it probes and does not find ("Unable to initialize backend 'tpu'") on a CPU-only
+        # machine. Keep the console to our own output and real warnings; --verbosity=0 (or 1) shows all.
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         commands = argv[1:]
         if len(commands) != 1 or commands[0] not in COMMANDS:

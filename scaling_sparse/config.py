@@ -22,7 +22,7 @@ class ModelConfig:
     """The model's fields, typed and frozen: built once from the validated `config.model`
     (`ModelConfig.from_config`), hashable (a jit cache key), and the defaults of `base_config()`."""
 
-    # "decoder": a decoder-only LM (model.py); "encdec": the paper's encoder-decoder (encdec.py,
+    # "decoder": a decoder-only LM (models/decoder_lm.py); "encdec": the paper's encoder-decoder (models/encdec.py,
     # docs/semantics.md §5): bidirectional encoder, decoder with causal self- and cross-attention.
     arch: str = "decoder"
     n_encoder_layers: int = 0     # encdec: encoder blocks; 0 = n_layers
@@ -151,7 +151,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.checkpoint_every = 200
     t.keep_checkpoints = 3
     t.seed = 0
-    t.sample_at_end = True     # print a greedy sample after training
+    t.sample_at_end = True     # print a sample after training (with the generate settings)
     t.progress = True          # tqdm progress bar
 
     d = c.data = ml_collections.ConfigDict()

@@ -58,6 +58,13 @@ def sample_logits(logits: jax.Array, rng, *, temperature: float = 0.0, top_k: in
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def describe_sampling(temperature: float, top_k: int, seed: int) -> str:
+    """The settings a sample was drawn with, as printed beside it."""
+    if temperature == 0.0:
+        return "greedy"
+    return f"sampled: temperature {temperature:g}, top_k {top_k or 'off'}, seed {seed}"
+
+
 class Decoder:
     """Jitted prefill / step / loop for one split model. Build once, call many times.
 

@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding
 from scaling_sparse import sharding
 from scaling_sparse.config import ModelConfig
 from scaling_sparse.layers.base import AXES_KEY
+from scaling_sparse.models import build_model
 from scaling_sparse.optim import make_optimizer, optimizer_settings
 
 
@@ -62,8 +63,6 @@ def _is_axes(x) -> bool:
 @functools.lru_cache(maxsize=32)
 def model_spec(m: ModelConfig) -> ModelSpec:
     """The abstract model of a ModelConfig (no memory allocated; cached per config)."""
-    from scaling_sparse.model import build_model
-
     abstract = nnx.eval_shape(lambda: build_model(m, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract, nnx.Param)  # raises if a layer holds non-parameter state
     axes = {}
@@ -84,8 +83,6 @@ def params_bytes(tree) -> int:
 
 @functools.lru_cache(maxsize=16)
 def _init_params_program(m: ModelConfig, seed: int, mesh: Mesh, rules: tuple, dtype: str | None):
-    from scaling_sparse.model import build_model
-
     spec = model_spec(m)
 
     def init():
@@ -177,8 +174,6 @@ def train_state_layout(config, mesh: Mesh) -> TrainStateLayout:
 
 @functools.lru_cache(maxsize=16)
 def _init_train_program(layout: TrainStateLayout, m: ModelConfig, settings: tuple, seed: int):
-    from scaling_sparse.model import build_model
-
     tx = make_optimizer(dict(settings), layout.axes)
 
     def init():

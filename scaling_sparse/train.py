@@ -361,10 +361,11 @@ def _train_locked(config, workdir, data, echo, mesh, step, primary) -> dict:
 
 
 def _print_sample(config, data, graphdef, params, mesh, echo) -> None:
-    """A greedy continuation of a fixed prompt from any corpus: the start of the first validation
-    document, after an eos as in the packed training stream; for the encoder-decoder, the first
-    validation input (its corrupted text with sentinels) and the decoder's prediction of its spans."""
-    from scaling_sparse.decode import Decoder
+    """A continuation of a fixed prompt from any corpus, with config.generate's settings: the start of
+    the first validation document, after an eos as in the packed training stream; for the
+    encoder-decoder, the first validation input (its corrupted text with sentinels) and the decoder's
+    prediction of its spans."""
+    from scaling_sparse.decode import Decoder, describe_sampling
 
     tok = data.tokenizer
     first = np.asarray(data.eval_batches[0]["inputs"][0])
@@ -376,10 +377,13 @@ def _print_sample(config, data, graphdef, params, mesh, echo) -> None:
         shown, new = prompt[1:], min(SAMPLE_NEW_TOKENS, config.model.max_len - len(prompt))
     if new <= 0:
         return
-    out = Decoder(graphdef, params, max_len=config.model.max_len, mesh=mesh).sample(prompt, new, eos_id=tok.eos_id)
+    g = config.generate
+    out = Decoder(graphdef, params, max_len=config.model.max_len, mesh=mesh, temperature=g.temperature,
+                  top_k=g.top_k).sample(prompt, new, seed=g.seed, eos_id=tok.eos_id)
     if echo is not None:
-        echo(f"sample (greedy) | prompt: {tok.decode(shown)!r}\n"
-             f"                | continuation: {tok.decode(out)!r}")
+        echo(f"sample ({describe_sampling(g.temperature, g.top_k, g.seed)})\n"
+             f"  prompt:       {tok.decode(shown)!r}\n"
+             f"  continuation: {tok.decode(out)!r}")
 
 
 def evaluate(config, workdir, *, data=None, step: int | None = None, mesh=None) -> dict:

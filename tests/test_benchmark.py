@@ -6,7 +6,7 @@ import json
 import pytest
 
 from benchmarks import decode_latency as bench
-from benchmarks import models, reporting
+from benchmarks import models, paper_rows, reporting
 from scaling_sparse.config import load_config
 from scaling_sparse.kernels import cpu as cpu_kernels
 
@@ -352,39 +352,39 @@ def test_paper_presets_follow_the_reference_timing_test():
     assert (dense.d_ff, dense.ff_sparsity, dense.attn_sparsity) == (40960, 0, 0)
     assert (sparse.d_ff, sparse.ff_sparsity, sparse.ff_lowrank, sparse.attn_sparsity, sparse.attn_length_kernel) == (
         65536, 256, 32, 64, 3)
-    rows = {row.label: row for group in bench.PAPER_GROUPS.values() for row in group.rows}
+    rows = {row.label: row for group in paper_rows.PAPER_GROUPS.values() for row in group.rows}
     assert rows["paper_medium_sparse_ffqkv[loss_sparsity=0]"].paper_s == 0.061
-    assert bench.paper_config(rows["paper_medium_sparse_ffqkv[loss_sparsity=0]"], "float32").model.loss_sparsity == 0
-    assert not bench.PAPER_GROUPS["large"].interleave
+    assert paper_rows.paper_config(rows["paper_medium_sparse_ffqkv[loss_sparsity=0]"], "float32").model.loss_sparsity == 0
+    assert not paper_rows.PAPER_GROUPS["large"].interleave
 
 
 def test_paper_group_plan_falls_back_to_bfloat16_then_skips():
-    row = bench.PaperRow("tiny", "tiny", 1.0)
-    group = bench.PaperGroup("g", "g", (row,), interleave=False)
+    row = paper_rows.PaperRow("tiny", "tiny", 1.0)
+    group = paper_rows.PaperGroup("g", "g", (row,), interleave=False)
     size = models.param_report(load_config("tiny"))["total_params"] * 4
-    plan = bench.plan_group(group, "float32", bench.HEADROOM_BYTES + 2 * size, dtype_forced=False)
+    plan = paper_rows.plan_group(group, "float32", paper_rows.HEADROOM_BYTES + 2 * size, dtype_forced=False)
     assert (plan["schedule"], plan["dtype"]) == ("sequential", "float32")
-    plan = bench.plan_group(group, "float32", bench.HEADROOM_BYTES + size * 3 // 4, dtype_forced=False)
+    plan = paper_rows.plan_group(group, "float32", paper_rows.HEADROOM_BYTES + size * 3 // 4, dtype_forced=False)
     assert (plan["schedule"], plan["dtype"]) == ("sequential", "bfloat16") and "does not fit" in plan["dtype_note"]
-    plan = bench.plan_group(group, "float32", bench.HEADROOM_BYTES + size // 4, dtype_forced=False)
+    plan = paper_rows.plan_group(group, "float32", paper_rows.HEADROOM_BYTES + size // 4, dtype_forced=False)
     assert plan["schedule"] == "skipped"
-    plan = bench.plan_group(bench.PaperGroup("g", "g", (row, row)), "float32", 1 << 40, dtype_forced=False)
+    plan = paper_rows.plan_group(paper_rows.PaperGroup("g", "g", (row, row)), "float32", 1 << 40, dtype_forced=False)
     assert plan["schedule"] == "interleaved"
 
 
 def test_paper_rows_end_to_end_tiny_encoder_decoders(tmp_path, monkeypatch):
     groups = {
-        "pair": bench.PaperGroup("pair", "tiny encoder-decoders", (
-            bench.PaperRow("tiny", "tiny dense: 0.2 s", 0.2, None, TINY_ENCDEC),
-            bench.PaperRow("tiny", "tiny sparse: 0.1 s", 0.1, "tiny[arch=encdec,n_encoder_layers=1,"
+        "pair": paper_rows.PaperGroup("pair", "tiny encoder-decoders", (
+            paper_rows.PaperRow("tiny", "tiny dense: 0.2 s", 0.2, None, TINY_ENCDEC),
+            paper_rows.PaperRow("tiny", "tiny sparse: 0.1 s", 0.1, "tiny[arch=encdec,n_encoder_layers=1,"
                            "objective=span_corruption]", TINY_SPARSE_ENCDEC),
-            bench.PaperRow("tiny", "tiny terraformer", None, "tiny[arch=encdec,n_encoder_layers=1,"
+            paper_rows.PaperRow("tiny", "tiny terraformer", None, "tiny[arch=encdec,n_encoder_layers=1,"
                            "objective=span_corruption]", TINY_TERRAFORMER_ENCDEC),
         )),
-        "seq": bench.PaperGroup("seq", "one at a time", (
-            bench.PaperRow("tiny", "tiny dense", None, None, TINY_ENCDEC),), interleave=False, tokens=3, repeats=2),
+        "seq": paper_rows.PaperGroup("seq", "one at a time", (
+            paper_rows.PaperRow("tiny", "tiny dense", None, None, TINY_ENCDEC),), interleave=False, tokens=3, repeats=2),
     }
-    monkeypatch.setattr(bench, "PAPER_GROUPS", groups)
+    monkeypatch.setattr(paper_rows, "PAPER_GROUPS", groups)
     report = bench.main(["--paper_rows", "--paper_groups=pair,seq", "--tokens=4", "--repeats=2",
                          "--per_call_tokens=3", "--prompt_len=5", "--bandwidth_mb=16", f"--out_dir={tmp_path}"])
     data = json.loads((tmp_path / "decode_paper_cpu.json").read_text())

@@ -8,30 +8,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import SPARSE_ALL, random_tokens
+from conftest import random_tokens
 from scaling_sparse.config import ConfigError, load_config, validate
 from scaling_sparse.decode import generate
-from scaling_sparse.encdec import EncoderDecoderLM, decoder_inputs_for
-from scaling_sparse.model import build_model
+from scaling_sparse.models import EncoderDecoderLM, TerraformerEncDecLM, build_model
+from scaling_sparse.models.encdec import decoder_inputs_for
 from scaling_sparse.params import report_params
-from scaling_sparse.terraformer_encdec import TerraformerEncDecLM
+from scaling_sparse.variants import ENCDEC_VARIANTS, SPARSE_ALL, tiny_encdec_config
 
-ENCDEC_VARIANTS = {
-    "dense": {},
-    "sparse_all": SPARSE_ALL,
-    "sparse_ff_sru": dict(ff_sparsity=8, ff_sru_units=8),
-    # The reference's C4 Terraformer: reversible encoder, streams concatenated with the decoder's.
-    "terraformer": dict(reversible=True, ff_sru_units=8, **SPARSE_ALL),
-    "terraformer_lsh_one_chunk": dict(reversible=True, attention="lsh", lsh_chunk_len=64, **SPARSE_ALL),
-}
-
-
-def encdec_config(**fields):
-    c = load_config("tiny")
-    c.model.update(arch="encdec", n_encoder_layers=1, **fields)
-    c.data.objective = "span_corruption"
-    c.train.inputs_len = 32
-    return validate(c)
+encdec_config = tiny_encdec_config
 
 
 def make_encdec(seed=0, **fields):

@@ -10,7 +10,7 @@ from flax import nnx
 from conftest import random_tokens
 from scaling_sparse.config import load_config
 from scaling_sparse.layers.sru import SRU, linear_recurrence
-from scaling_sparse.model import DecoderLM
+from scaling_sparse.models import DecoderLM
 
 
 def test_linear_recurrence_equals_a_python_loop():

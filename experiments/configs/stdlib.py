@@ -19,4 +19,8 @@ def get_config():
     c.train.update(num_steps=300, batch_size=16, seq_len=128, warmup_steps=100, learning_rate=1.0,
                    log_every=10, eval_every=100, eval_batches=8, checkpoint_every=100)
     c.data.update(source="stdlib", tokenizer_train_chars=3_000_000)
+    # Sampled, as Hugging Face's `generate(do_sample=True)` users expect: greedy decoding of a model this
+    # small after 300 steps falls into a loop (the same import line again and again). --temperature=0
+    # gives greedy back.
+    c.generate.update(temperature=0.8, top_k=40, seed=0)
     return c

@@ -5,7 +5,7 @@ factory as the decoder-only model, so every sparsity flag reaches them:
   CrossDecoderBlock: x + drop(self_attn(LN x)) (the factory's causal attention: sparse QKV when
                      model.attn_sparsity is set), x + drop(cross(LN x, encoder memory)) (dense),
                      x + drop(ffn(LN x)).
-  ReversibleEncoderBlock: the Terraformer's encoder block (terraformer_encdec.py): two reversible
+  ReversibleEncoderBlock: the Terraformer's encoder block (models/terraformer_encdec.py): two reversible
                      half-residuals, dense bidirectional attention then the factory's FFN.
 """
 

@@ -193,7 +193,7 @@ def reversible_apply(graphdef, mode: str, x1, x2, states, keys, *, recompute: bo
 class ReversibleStack(nnx.Module):
     """Stack protocol of layers/stack.py: __call__(x, mode, rng), init_cache, decode, `blocks`.
     `streams` / `decode_streams` take and return the two streams (the encoder-decoder Terraformer
-    hands its encoder's streams to its decoder, terraformer_encdec.py)."""
+    hands its encoder's streams to its decoder, models/terraformer_encdec.py)."""
 
     def __init__(self, m, *, rngs: nnx.Rngs, recompute: bool = True, block=None, n_layers: int | None = None):
         block = block or ReversibleBlock

@@ -26,11 +26,11 @@ from flax import nnx
 from scaling_sparse.config import ModelConfig
 from scaling_sparse.layers.base import COMPONENTS, check_mode, param, param_count
 from scaling_sparse.layers.dropout import dropout
+from scaling_sparse.layers.embedding import embedding_init, sinusoidal_init
 from scaling_sparse.layers.encdec_block import ReversibleEncoderBlock
 from scaling_sparse.layers.factory import make_output
 from scaling_sparse.layers.norm import LayerNorm
 from scaling_sparse.layers.reversible import ReversibleStack
-from scaling_sparse.model import embedding_init, sinusoidal_init
 
 DECODER_START_ID = 0
 

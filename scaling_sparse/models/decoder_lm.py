@@ -1,57 +1,25 @@
-"""The decoder-only LM, and `build_model`, which picks the architecture (model.arch: this file's
-DecoderLM, or encdec.py's EncoderDecoderLM). Dense and sparse share this code: the config picks each
-layer's variant through layers/factory.py, and the stack (standard or reversible) through `make_stack`."""
+"""The decoder-only LM (model.arch = "decoder"). Dense and sparse share this code: the config picks
+each layer's variant through layers/factory.py, and the stack (standard or reversible) through
+`make_stack`."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from scaling_sparse.config import ModelConfig
 from scaling_sparse.layers.base import COMPONENTS, check_mode, param, param_count
 from scaling_sparse.layers.dropout import dropout
+from scaling_sparse.layers.embedding import embedding_init, sinusoidal_init
 from scaling_sparse.layers.factory import make_output
 from scaling_sparse.layers.norm import LayerNorm
-
-
-def sinusoidal_init(max_len: int, d: int) -> np.ndarray:
-    pos = np.arange(max_len)[:, None]
-    inv = np.exp(-np.log(10000.0) * np.arange(0, d, 2) / d)
-    table = np.zeros((max_len, d), np.float32)
-    table[:, 0::2] = np.sin(pos * inv)
-    table[:, 1::2] = np.cos(pos * inv)[:, : d // 2]
-    return table
-
-
-def embedding_init(key, shape, dtype=jnp.float32, kind: str = "reference"):
-    """model.embed_init: "reference" = U(-a, a) with a = sqrt(3 / d), std 1/sqrt(d), the reference's
-    token embedding; "normal" = N(0, 1)."""
-    if kind == "normal":
-        return jax.random.normal(key, shape, dtype)
-    limit = (3.0 / shape[-1]) ** 0.5
-    return jax.random.uniform(key, shape, dtype, -limit, limit)
+from scaling_sparse.layers.reversible import ReversibleStack
+from scaling_sparse.layers.stack import StandardStack
 
 
 def make_stack(m, rngs: nnx.Rngs) -> nnx.Module:
-    if m.reversible:
-        from scaling_sparse.layers.reversible import ReversibleStack
-        return ReversibleStack(m, rngs=rngs)
-    from scaling_sparse.layers.stack import StandardStack
-    return StandardStack(m, rngs=rngs)
-
-
-def build_model(m, *, rngs: nnx.Rngs) -> nnx.Module:
-    """The model of a config.model / ModelConfig: DecoderLM or EncoderDecoderLM (model.arch)."""
-    m = ModelConfig.from_config(m)
-    if m.arch == "encdec" and m.reversible:
-        from scaling_sparse.terraformer_encdec import TerraformerEncDecLM  # it imports this module
-        return TerraformerEncDecLM(m, rngs=rngs)
-    if m.arch == "encdec":
-        from scaling_sparse.encdec import EncoderDecoderLM  # encdec.py imports this module
-        return EncoderDecoderLM(m, rngs=rngs)
-    return DecoderLM(m, rngs=rngs)
+    return ReversibleStack(m, rngs=rngs) if m.reversible else StandardStack(m, rngs=rngs)
 
 
 class DecoderLM(nnx.Module):

@@ -1,6 +1,6 @@
 """The paper's encoder-decoder (model.arch = "encdec"; docs/semantics.md §5): the T5-style
 `ConfigurableTransformer` of trax's C4 experiments, built from the same layer factory as the
-decoder-only model (model.py).
+decoder-only model (decoder_lm.py).
 
   inputs [b, Li] (0 = padding) -> shared token embedding + encoder positions -> EncoderBlocks
     (dense bidirectional attention, the factory's FFN) -> LayerNorm = the encoder output
@@ -23,10 +23,10 @@ from flax import nnx
 from scaling_sparse.config import ModelConfig
 from scaling_sparse.layers.base import COMPONENTS, check_mode, param, param_count
 from scaling_sparse.layers.dropout import dropout
+from scaling_sparse.layers.embedding import embedding_init, sinusoidal_init
 from scaling_sparse.layers.encdec_block import CrossDecoderBlock, EncoderBlock
 from scaling_sparse.layers.factory import make_output
 from scaling_sparse.layers.norm import LayerNorm
-from scaling_sparse.model import embedding_init, sinusoidal_init
 
 DECODER_START_ID = 0  # T5's: the pad id starts every decoder input
 
