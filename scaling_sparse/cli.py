@@ -184,7 +184,8 @@ def cmd_generate(config, workdir) -> int:
     graphdef, params, _ = load_params(config, workdir, step=_STEP.value, mesh=mesh)
     decoder = Decoder(graphdef, params, max_len=config.model.max_len, temperature=temperature, top_k=top_k,
                       mesh=mesh)
-    print(f"# {describe_sampling(temperature, top_k, seed)}", file=sys.stderr)
+    path = "compiled CPU kernels" if decoder.cpu_kernels else "JAX"
+    print(f"# {describe_sampling(temperature, top_k, seed)}; decode path: {path}", file=sys.stderr)
     out = decoder.sample(ids, max_new, seed=seed, eos_id=tokenizer.eos_id)
     # A decoder-only LM continues the prompt; an encoder-decoder writes its own output (for span
     # corruption: each <extra_id_i> of the input followed by the text it predicts for that span).

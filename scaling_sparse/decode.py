@@ -74,7 +74,8 @@ class Decoder:
     def __init__(self, graphdef, params, *, max_len: int, temperature: float = 0.0, top_k: int = 0,
                  dtype=None, mesh=None, cpu_kernels: bool | None = None):
         """cpu_kernels: use the compiled CPU decode kernels (docs/kernels.md). None (default): when they
-        are loaded, JAX's default backend is the CPU and the parameters are not sharded (mesh None);
+        are loaded, JAX's default backend is the CPU and the parameters are not sharded (mesh None or
+        of one device);
         True: require them (ValueError naming why they cannot be used); False: the pure-JAX path."""
         self.cpu_kernels = self._choose_kernels(cpu_kernels, mesh)
         self.graphdef = graphdef
@@ -96,7 +97,8 @@ class Decoder:
         if requested is False:
             return False
         why_not = (None if jax.default_backend() == "cpu" else f"JAX's default backend is {jax.default_backend()}")
-        why_not = why_not or (None if mesh is None else "the parameters are sharded over a mesh")
+        # A mesh of one device (the command line's default) holds whole parameters: the kernels take them.
+        why_not = why_not or (None if mesh is None or mesh.size == 1 else "the parameters are sharded over a mesh")
         why_not = why_not or (None if cpu_kernels.available() else cpu_kernels.status()["reason"])
         if requested and why_not:
             raise ValueError(f"cpu_kernels=True, but the CPU decode kernels cannot be used: {why_not}")

@@ -1,8 +1,28 @@
 import os
+import shutil
+import tempfile
 
 # Tests run on the CPU, offline, on 2 cores.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# One JAX persistent compilation cache for the whole test session: most of the suite's time on two cores
+# is XLA compiling the same few tiny programs (the tiny preset's train step, eval step, decode loop) again
+# in each xdist worker and in every `python -m scaling_sparse` subprocess a test starts. The controller
+# process makes the folder before the workers start; the workers and every subprocess inherit it through
+# the environment, and the controller removes it at the end (pytest_unconfigure). Programs that compile
+# in under 0.2 s are not worth a file. A cache set by the caller (JAX_COMPILATION_CACHE_DIR) is used as is.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_CACHE = tempfile.mkdtemp(prefix="scaling_sparse_test_jax_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE is not None and not hasattr(config, "workerinput"):  # the controller made it
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 # Shared test helpers (test modules import them: `from conftest import make_model`): tiny configs and
 # models, random inputs, and `VARIANTS`, one tiny model per layer / model variant, which tests

@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from conftest import run_cli
+from scaling_sparse.kernels import cpu as cpu_kernels
 from scaling_sparse.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,11 +62,16 @@ def test_eval_reports_the_checkpoints_validation_loss(trained, run_args, capsys)
 
 def test_generate_greedy_is_deterministic_and_sampling_runs(trained, run_args, capsys):
     args = ["generate", *run_args, "--prompt=the cat", "--max_new_tokens=8"]
-    code, first, _ = run_cli(capsys, *args)
-    assert code == 0 and first.startswith("the cat")
+    code, first, err = run_cli(capsys, *args)
+    assert code == 0 and first.startswith("the cat") and "# greedy" in err  # the tiny preset's default
+    # One device: the command line decodes with the compiled kernels where they are built, as the benchmark does.
+    assert ("decode path: compiled CPU kernels" if cpu_kernels.available() else "decode path: JAX") in err
     assert run_cli(capsys, *args)[1] == first
-    code, sampled, _ = run_cli(capsys, *args, "--temperature=1.0", "--top_k=5", "--seed=3")
+    code, sampled, err = run_cli(capsys, *args, "--temperature=1.0", "--top_k=5", "--seed=3")
     assert code == 0 and sampled.startswith("the cat")
+    assert "# sampled: temperature 1, top_k 5, seed 3" in err  # the settings are printed with the sample
+    code, _, err = run_cli(capsys, *args, "--temperature=nan")
+    assert code == 2 and "--temperature must be a finite number >= 0" in err
 
 
 def test_generate_rejects_empty_and_too_long_prompts(trained, run_args, capsys):
@@ -187,6 +193,17 @@ def test_module_entry_point_help_and_clean_errors():
     assert done.returncode == 2 and "config.train.seq_len" in done.stderr and "Traceback" not in done.stderr
     done = _module("train", f"--config={TINY}", "--config.model.no_such_field=1")
     assert done.returncode == 2 and "no_such_field" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_cpu_only_machine_prints_no_backend_probe_lines(tmp_path):
+    # eval starts JAX's backends (distributed.initialize) before it finds no checkpoint: JAX logs every
+    # backend it probes and does not find ("Unable to initialize backend 'tpu'") at absl's default INFO.
+    # JAX_PLATFORMS unset, as a user has it (set, JAX probes only the platforms named).
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    done = subprocess.run([sys.executable, "-m", "scaling_sparse", "eval", f"--config={TINY}", f"--workdir={tmp_path}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "no checkpoints" in done.stderr
+    assert "Unable to initialize backend" not in done.stderr and "xla_bridge" not in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("field, problem", [("lsh_chunk_len=0", "must be >= 1, got 0"),

@@ -81,6 +81,16 @@ def test_kernels_are_not_used_outside_a_decoder_or_when_switched_off():
     assert cpu.FFN_TARGET not in hlo(False)
 
 
+@needs_kernels
+def test_a_mesh_of_one_device_decodes_with_the_kernels():
+    # The command line's generate holds its parameters on a 1x1x1 mesh: whole arrays, which the kernels take.
+    from scaling_sparse.sharding import single_device_mesh
+
+    model = make_model(**VARIANTS["sparse_ff"])
+    graphdef, params = nnx.split(model, nnx.Param)
+    assert Decoder(graphdef, params.to_pure_dict(), max_len=model.max_len, mesh=single_device_mesh()).cpu_kernels
+
+
 def test_cpu_kernels_true_without_library_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(cpu, "available", lambda: False)
     monkeypatch.setattr(cpu, "status", lambda: {"available": False, "reason": "not built (run make install)"})
@@ -111,6 +121,20 @@ def test_switch_and_stale_build_fall_back_to_jax(tmp_path, monkeypatch):
         monkeypatch.undo()
         cpu.status.cache_clear()
         assert cpu.status()["available"] == available_before
+
+
+def test_a_damaged_library_is_not_loaded_and_the_reason_is_given(tmp_path):
+    """A truncated library (a failed copy, a full disk) with its stamp: dlopen of it could kill the process
+    with a bus error, so status() compares its bytes with the stamp's hash first (in a fresh process)."""
+    (tmp_path / build.LIB_NAME).write_bytes(b"\x7fELF" + bytes(4000))
+    (tmp_path / build.STAMP_NAME).write_text(json.dumps({**build.expected_stamp(), "library_sha256": "0" * 64}))
+    code = ("import json, pathlib, sys; from scaling_sparse.kernels import build, cpu; "
+            "build.LIB_DIR = pathlib.Path(sys.argv[1]); print(json.dumps(cpu.status()))")
+    env = {k: v for k, v in os.environ.items() if k != cpu.ENV_SWITCH}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    status = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not status["available"] and status["reason"].startswith("damaged library") and "--force" in status["reason"]
 
 
 @needs_kernels

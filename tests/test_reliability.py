@@ -187,3 +187,25 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_losses(tr
     assert [r["step"] for r in got] == list(range(1, 25))
     np.testing.assert_allclose([r["train_loss"] for r in got], [r["train_loss"] for r in want], rtol=1e-5)
     np.testing.assert_allclose(got[-1]["eval_loss"], want[-1]["eval_loss"], rtol=1e-5)
+
+
+def test_a_failed_first_run_leaves_no_tokenizer_and_a_foreign_one_is_refused(corpus, tmp_path):
+    texts, workdir = tmp_path / "texts", tmp_path / "w"
+    texts.mkdir()
+    (texts / "a.txt").write_text("hi\n")
+    run = ["train", *args(workdir, texts, "--config.train.num_steps=1")]
+    code, _, err = run_cli(None, *run)
+    assert code == 2 and "training split has" in err and "Traceback" not in err
+    assert not (workdir / "tokenizer.model").exists()  # trained on "hi": the next run must not trust it
+    # What earlier versions left behind: a 7-piece tokenizer trained on "hi", stored for this data config.
+    from scaling_sparse.config import load_config
+    from scaling_sparse.data.tokenizer import cached_or_trained, tokenizer_request
+
+    config = load_config("tiny")
+    config.model.vocab_size, config.data.source, config.data.path = 128, "files", str(texts)
+    cached_or_trained(workdir, tokenizer_request(config), 128, config.data.tokenizer_train_chars, lambda: ["hi"])
+    shutil.copytree(corpus, texts, dirs_exist_ok=True)  # the user adds real text
+    code, _, err = run_cli(None, *run)
+    assert code == 2 and "as <unk> (0% when it was trained): it was trained on other text" in err, err
+    assert "Fix: delete" in err
+    assert (workdir / "tokenizer.model").exists()  # not ours to delete: the message says what to do

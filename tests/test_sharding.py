@@ -31,9 +31,11 @@ MODELS = [pytest.param(m, marks=pytest.mark.xdist_group(f"sharded_{m}"))
           for m in ("dense", "sparse_all", "terraformer", "encdec", "terraformer_encdec", "compressed")]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reports(tmp_path_factory):
-    """model -> its sharded_equivalence.py report, run on first use."""
+    """model -> its sharded_equivalence.py report, run on first use. Session-scoped: a worker that runs
+    other modules' tests between two of a model's (xdist schedules groups, not modules) keeps the
+    report instead of running the subprocess again."""
     done = {}
 
     def report_of(model: str) -> dict:

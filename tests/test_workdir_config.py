@@ -74,3 +74,13 @@ def test_compress_refuses_an_out_that_holds_files(workdir, tmp_path):
     done = cli("compress", f"--workdir={workdir}", f"--out={tmp_path / 'out'}", "--method=svd", "--rank=2")
     assert done.returncode == 2 and "already holds files" in done.stderr
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("inside", ["checkpoints/99", "compressed"])
+def test_compress_refuses_an_out_inside_the_source_workdir(tmp_path, inside):
+    # The next `train` on the source would move checkpoints/99 aside as an unreadable checkpoint.
+    from scaling_sparse.checkpoint import CheckpointError
+    from scaling_sparse.compress.workdir import check_out
+
+    with pytest.raises(CheckpointError, match="is inside the source workdir .* Fix: give a directory outside it"):
+        check_out(tmp_path / "w", tmp_path / "w" / inside)

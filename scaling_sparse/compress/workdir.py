@@ -14,11 +14,11 @@ import ml_collections
 from scaling_sparse import sharding
 from scaling_sparse.checkpoint import CONFIG_FILE, Checkpointer, CheckpointError, save_config
 from scaling_sparse.config import ConfigError, ModelConfig, validate
+from scaling_sparse.data.tokenizer import TOKENIZER_FILES
 
 PROVENANCE_FILE = "compression.json"
 # What the new run needs from the source workdir to read the same text the same way (the token
 # cache is fingerprinted by its source and tokenizer, data/cache.py: copied, it spares a re-tokenisation).
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 DATA_CACHE_DIR = "data_cache"
 # What a compressed model may differ in from its dense source: only these (plus the shape fields).
 DENSE_FIELDS = (("arch", "decoder"), ("reversible", False), ("attention", "full"), ("ff_sparsity", 0),
@@ -68,6 +68,9 @@ def check_out(src, out) -> pathlib.Path:
     if out == src:
         raise CheckpointError(f"--out {out} is the same directory as --workdir. Fix: give a new directory for the "
                               "compressed model")
+    if src in out.parents:  # the next `train` on the source would set it aside as an unreadable checkpoint
+        raise CheckpointError(f"--out={out} is inside the source workdir {src}. Fix: give a directory outside it "
+                              f"(e.g. {src.parent / (src.name + '_compressed')})")
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"--out={out} already holds files. Fix: choose a new --out, or delete that directory")
     return out

@@ -14,10 +14,12 @@ import logging
 import pathlib
 import time
 
+import numpy as np
 from tqdm import tqdm
 
 from scaling_sparse.data import Data, DataError, cache, corpus, packing, prefix_lm, span_corruption
-from scaling_sparse.data.tokenizer import Tokenizer, get_tokenizer
+from scaling_sparse.data.tokenizer import (TOKENIZER_FILES, Tokenizer, get_tokenizer, recorded_unknown_share,
+                                           record_unknown_share)
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +58,48 @@ def build_data(config, workdir: pathlib.Path, process_index: int = 0, process_co
         raise DataError("config.data.objective=span_corruption corrupts plain text, but config.data.input_field="
                         f"{d.input_field!r} asks for prefix-LM examples. Fix: leave --config.data.input_field "
                         "empty, or use --config.data.objective=lm.")
+    trained_here = not d.tokenizer_path and not (workdir / TOKENIZER_FILES[0]).is_file()
     tokenizer = get_tokenizer(config, workdir,
                               lambda: prefix_lm.texts_of(load().train) if prefix else load().train)
+    try:
+        return _assemble(config, workdir, tokenizer, source, load, prefix, span, start, process_index,
+                         process_count, unknowns="record" if trained_here else None if d.tokenizer_path else "check")
+    except DataError:
+        # A tokenizer trained by a run whose data then failed (too little text, say) was trained on that
+        # data: a later run on a fixed corpus must train its own, not trust this one.
+        if trained_here:
+            for name in TOKENIZER_FILES:
+                (workdir / name).unlink(missing_ok=True)
+        raise
+
+
+# A tokenizer trained on this corpus encodes it with the share of <unk> recorded when it was trained
+# (its rarest characters, fit_alphabet); this much more means it was trained on other text (a 7-piece
+# tokenizer trained on "hi" encodes a real corpus 47% <unk>; adding text with new characters to a small
+# corpus raises the share too, by 15 points in tests/test_data.py, and stays allowed).
+UNKNOWN_SHARE_MARGIN = 0.25
+
+
+def _check_unknowns(tokenizer: Tokenizer, stream: np.ndarray, workdir: pathlib.Path, mode: str) -> None:
+    share = float(np.mean(stream == tokenizer.unk_id)) if len(stream) else 0.0
+    if mode == "record":
+        record_unknown_share(workdir, share)
+        return
+    recorded = recorded_unknown_share(workdir)
+    if share > recorded + UNKNOWN_SHARE_MARGIN:
+        raise DataError(f"{tokenizer.path or 'the tokenizer'} encodes {share:.0%} of the training split as <unk> "
+                        f"({recorded:.0%} when it was trained): it was trained on other text. Fix: delete "
+                        f"{workdir / TOKENIZER_FILES[0]} and {workdir / TOKENIZER_FILES[1]} to train one on this "
+                        f"corpus (checkpoints in {workdir} belong to the old tokenizer: use a fresh --workdir to keep "
+                        "them)")
+
+
+def _assemble(config, workdir, tokenizer, source, load, prefix, span, start, process_index, process_count,
+              unknowns: str | None) -> Data:
+    """The token streams (cached under WORKDIR/data_cache), then the training iterator and eval batches.
+    unknowns: "record" the <unk> share of a tokenizer trained by this run, "check" a reused one's against
+    it, or None (a tokenizer the user gave)."""
+    d, t = config.data, config.train
     corpus_id = {"format": _CACHE_FORMAT, "source": d.source, "root": str(source.root),
                  "text_field": list(corpus.jsonl_fields(d)) if d.source == "jsonl" else "",
                  "validation_fraction": d.validation_fraction, "files": source.signature()}
@@ -82,6 +124,8 @@ def build_data(config, workdir: pathlib.Path, process_index: int = 0, process_co
             arrays = [encode_documents(tokenizer, c.train, "tokenizing train", t.progress),
                       encode_documents(tokenizer, c.validation, "tokenizing validation", t.progress)]
         corpus_stats = c.stats
+        if unknowns:
+            _check_unknowns(tokenizer, arrays[0], workdir, unknowns)
         for p, a in zip(array_paths, arrays):
             cache.save_array(p, a)
         cache.write_json(meta_path, corpus_stats)

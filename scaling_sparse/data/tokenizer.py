@@ -36,6 +36,8 @@ from scaling_sparse.data import DataError, cache, corpus
 log = logging.getLogger(__name__)
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+# What a trained tokenizer leaves in its workdir: the model, and the request it was trained for.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 # Byte fallback costs 256 pieces; below this vocabulary size unseen characters map to unk instead.
 _BYTE_FALLBACK_MIN_VOCAB = 1024
 MAX_SENTINELS = 100  # T5's extra ids
@@ -307,10 +309,10 @@ def cached_or_trained(workdir, request: dict, vocab_size: int, max_chars: int, t
     `sentinels` > 0: vocab_size - sentinels pieces are learned and the sentinels appended on top.
     """
     workdir = pathlib.Path(workdir)
-    model_path, meta_path = workdir / "tokenizer.model", workdir / "tokenizer.json"
+    model_path, meta_path = (workdir / name for name in TOKENIZER_FILES)
     if model_path.is_file():
         if meta_path.is_file():
-            stored = cache.read_json(meta_path)
+            stored = {k: v for k, v in cache.read_json(meta_path).items() if k != UNKNOWN_SHARE_KEY}
             if stored != request:
                 diff = {k: (stored.get(k), request.get(k)) for k in set(stored) | set(request)
                         if stored.get(k) != request.get(k)}
@@ -339,6 +341,22 @@ def tokenizer_request(config) -> dict:
     if config_sentinels(config):  # only then: a language-model workdir's stored request stays valid
         request["sentinels"] = config_sentinels(config)
     return request
+
+
+# tokenizer.json also records the share of <unk> in the training split the first time that split was
+# encoded with the tokenizer trained there; a later encoding with far more is text it was not trained on.
+UNKNOWN_SHARE_KEY = "train_unknown_share"
+
+
+def record_unknown_share(workdir, share: float) -> None:
+    meta_path = pathlib.Path(workdir) / TOKENIZER_FILES[1]
+    cache.write_json(meta_path, {**cache.read_json(meta_path), UNKNOWN_SHARE_KEY: round(share, 6)})
+
+
+def recorded_unknown_share(workdir) -> float:
+    """The recorded share (0 for a tokenizer.json written before it was recorded)."""
+    meta_path = pathlib.Path(workdir) / TOKENIZER_FILES[1]
+    return float(cache.read_json(meta_path).get(UNKNOWN_SHARE_KEY, 0.0)) if meta_path.is_file() else 0.0
 
 
 def get_tokenizer(config, workdir, train_texts=None) -> Tokenizer:

@@ -3,9 +3,10 @@
 Compiles every `*.cc` next to this file (they include the `*.h` here) into `lib/libscaling_sparse_cpu.so` with g++ (C++17, -O3,
 -march=native: the library is built for, and loaded on, the machine that runs it) against the XLA
 FFI headers of the installed jaxlib (`jax.ffi.include_dir()`), and writes `lib/build_stamp.json`:
-a hash of the sources, the jaxlib version and the flags. `cpu.py` loads the library only when the
-stamp matches, so an edited source or an upgraded jaxlib falls back to the JAX path (with the reason
-in `cpu.status()`) until this is run again. The library is written to a temporary name and renamed,
+a hash of the sources, the jaxlib version and the flags, and the hash of the library it wrote. `cpu.py`
+loads the library only when the stamp matches, so an edited source or an upgraded jaxlib falls back to
+the JAX path (with the reason in `cpu.status()`) until this is run again, and a damaged library (its
+bytes not the ones built) is never loaded. The library is written to a temporary name and renamed,
 so a failed or interrupted build leaves the previous one intact.
 """
 
@@ -43,13 +44,37 @@ def expected_stamp() -> dict:
     return {"sources_sha256": digest.hexdigest(), "jaxlib": jaxlib.__version__, "flags": list(FLAGS)}
 
 
-def up_to_date(lib_dir: pathlib.Path = LIB_DIR) -> bool:
-    """The library exists and its stamp matches the current sources, jaxlib and flags."""
+def read_stamp(lib_dir: pathlib.Path | None = None) -> dict | None:
+    lib_dir = lib_dir or LIB_DIR
     try:
         stamp = json.loads((lib_dir / STAMP_NAME).read_text())
     except (OSError, ValueError):
+        return None
+    return stamp if isinstance(stamp, dict) else None
+
+
+def up_to_date(lib_dir: pathlib.Path | None = None) -> bool:
+    """The library exists and its stamp matches the current sources, jaxlib and flags."""
+    lib_dir = lib_dir or LIB_DIR
+    stamp = read_stamp(lib_dir)
+    if stamp is None or "library_sha256" not in stamp or not (lib_dir / LIB_NAME).exists():
+        return False  # (a stamp without the library's hash: an older build, made again)
+    return {k: v for k, v in stamp.items() if k != "library_sha256"} == expected_stamp()
+
+
+def file_sha256(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def library_intact(lib_dir: pathlib.Path | None = None) -> bool:
+    """The library's bytes are the ones its build wrote (the stamp's hash). Checked before it is loaded:
+    dlopen of a truncated library (a failed copy, a full disk) can kill the process with a bus error."""
+    lib_dir = lib_dir or LIB_DIR
+    stamp = read_stamp(lib_dir)
+    try:
+        return stamp is not None and stamp.get("library_sha256") == file_sha256(lib_dir / LIB_NAME)
+    except OSError:
         return False
-    return (lib_dir / LIB_NAME).exists() and stamp == expected_stamp()
 
 
 def compiler() -> str | None:
@@ -79,7 +104,7 @@ def build(lib_dir: pathlib.Path = LIB_DIR, *, verbose: bool = True) -> pathlib.P
     finally:
         tmp_path.unlink(missing_ok=True)
     stamp_tmp = lib_dir / (STAMP_NAME + ".tmp")
-    stamp_tmp.write_text(json.dumps(expected_stamp(), indent=1))
+    stamp_tmp.write_text(json.dumps({**expected_stamp(), "library_sha256": file_sha256(target)}, indent=1))
     os.replace(stamp_tmp, lib_dir / STAMP_NAME)
     return target
 

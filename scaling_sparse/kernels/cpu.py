@@ -49,6 +49,10 @@ def status() -> dict:
     if not build.up_to_date():
         return {"available": False, "reason": "stale build (sources, jaxlib or flags changed since it was built: "
                 "run `python -m scaling_sparse.kernels.build`)", "library": str(path)}
+    if not build.library_intact():
+        return {"available": False, "reason": "damaged library (its bytes differ from the ones its build wrote: a "
+                "failed copy or a full disk?): rebuild it with `python -m scaling_sparse.kernels.build --force`",
+                "library": str(path)}
     try:
         lib = ctypes.cdll.LoadLibrary(str(path))
         jax.ffi.register_ffi_target(FFN_TARGET, jax.ffi.pycapsule(lib.ScalingSparseFfnDecode), platform="cpu")
