@@ -26,7 +26,7 @@ demo: install
 	  --prompt="def main(" --max_new_tokens=64
 
 test: install
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --durations=25 tests
 
 bench: install
 	$(PY) benchmarks/decode_latency.py

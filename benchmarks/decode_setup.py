@@ -78,3 +78,9 @@ def finish_preset(meta: dict, timer: DecodeTimer, bandwidth: dict) -> dict:
     timing = timer.summary()
     return {**meta, **reporting.bandwidth_figures(meta["bytes_per_token"], timing["ms_per_token"], bandwidth),
             **timing}
+
+
+def fits_together(presets: list[str], args, capacity_bytes: int) -> bool:
+    """Whether every preset's weights fit memory at once (then their repeats are interleaved)."""
+    total = sum(models.weight_bytes(n, args.dtype) for n in presets)
+    return models.size_group(presets[0]) != "large" and total <= 0.6 * capacity_bytes

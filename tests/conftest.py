@@ -2,16 +2,35 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 # Tests run on the CPU, offline, on 2 cores.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-# One JAX persistent compilation cache for the whole test session: most of the suite's time on two cores
-# is XLA compiling the same few tiny programs (the tiny preset's train step, eval step, decode loop) again
-# in each xdist worker and in every `python -m scaling_sparse` subprocess a test starts. The controller
-# process makes the folder before the workers start; the workers and every subprocess inherit it through
-# the environment, and the controller removes it at the end (pytest_unconfigure). Programs that compile
-# in under 0.2 s are not worth a file. A cache set by the caller (JAX_COMPILATION_CACHE_DIR) is used as is.
+# Compile fast, run slower: the suite's tiny programs run in milliseconds, but XLA compiling them is most of
+# its time on 2 cores. LLVM at -O0 and XLA's older CPU emitters (not its fusion emitters) compile the tiny
+# Terraformer encoder-decoder's train step in 4.1 s instead of 18.8 s; its sharded-equivalence subprocess
+# runs in 1:50 instead of 3:00 (-O0 alone). Numerics agree to float tolerance (the tests' tolerances are
+# unchanged). Subprocesses inherit the flags; tests that start one with more flags add theirs with
+# `xla_flags(...)`. Benchmarks and users compile with XLA's defaults.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+
+
+def xla_flags(*flags: str) -> str:
+    """XLA_FLAGS for a subprocess: the test session's, plus `flags`."""
+    return " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
+
+
+# One JAX persistent compilation cache for the whole test session: the same tiny programs (the tiny
+# preset's train step, eval step, decode loop) would otherwise compile again in each xdist worker, in
+# each test that jits them anew and in every `python -m scaling_sparse` subprocess a test starts. The
+# controller process makes the folder before the workers start; the workers and every subprocess inherit
+# it through the environment, and the controller removes it at the end (pytest_unconfigure). Programs
+# that compile in under 0.2 s are not worth a file. A cache the caller set (JAX_COMPILATION_CACHE_DIR) is
+# used as it is.
 _OWN_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _OWN_CACHE = tempfile.mkdtemp(prefix="scaling_sparse_test_jax_cache_")
@@ -20,9 +39,24 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """With `--dist loadgroup` every xdist_group test's id must carry its group (xdist adds "@group" in each
+    worker): otherwise the groups are ignored and their shared subprocesses and training runs are made once
+    per worker, the suite's time nearly doubled without a word."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    lost = [item.nodeid for item in items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+    if lost:
+        raise pytest.UsageError(f"pytest-xdist's --dist loadgroup did not group {len(lost)} tests (e.g. {lost[0]}): "
+                                f"this pytest ({pytest.__version__}) and pytest-xdist do not work together. Fix: "
+                                "pip install -e '.[test]' (setup.py pins a pytest that does)")
+
+
 def pytest_unconfigure(config):
     if _OWN_CACHE is not None and not hasattr(config, "workerinput"):  # the controller made it
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
 
 # Shared test helpers (test modules import them: `from conftest import make_model`): tiny configs and
 # models, random inputs, and `VARIANTS`, one tiny model per layer / model variant, which tests
@@ -32,7 +66,6 @@ import random  # noqa: E402
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from scaling_sparse.models import DecoderLM  # noqa: E402

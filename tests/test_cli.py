@@ -16,6 +16,10 @@ from conftest import run_cli
 from scaling_sparse.kernels import cpu as cpu_kernels
 from scaling_sparse.metrics import read_metrics
 
+# One xdist worker runs this module's tests: its module-scoped training run is then made once
+# (`--dist loadgroup` otherwise schedules each test on its own).
+pytestmark = pytest.mark.xdist_group("cli")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "experiments", "configs", "tiny.py")
 

@@ -11,6 +11,10 @@ import pytest
 
 from benchmarks import compare_methods
 
+# One xdist worker runs this module's tests: its module-scoped training run is then made once
+# (`--dist loadgroup` otherwise schedules each test on its own).
+pytestmark = pytest.mark.xdist_group("compare_methods")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

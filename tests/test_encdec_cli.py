@@ -10,6 +10,10 @@ import pytest
 from conftest import run_cli
 from scaling_sparse.metrics import read_metrics
 
+# One xdist worker runs this module's tests: its module-scoped training run is then made once
+# (`--dist loadgroup` otherwise schedules each test on its own).
+pytestmark = pytest.mark.xdist_group("encdec_cli")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "experiments", "configs", "tiny.py")
 ENCDEC = ["--config.model.arch=encdec", "--config.data.objective=span_corruption", "--config.model.ff_sparsity=8",

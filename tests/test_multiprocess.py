@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 
+from conftest import xla_flags
 from scaling_sparse.metrics import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -23,7 +24,7 @@ def free_port() -> int:
 
 
 def cli(*args, devices: int = 1, process: tuple | None = None) -> subprocess.Popen:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={devices}"))
     extra = []
     if process is not None:
         port, index, count = process

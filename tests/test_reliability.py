@@ -19,6 +19,10 @@ from conftest import run_cli  # noqa: F401
 from scaling_sparse.checkpoint import SET_ASIDE_DIR
 from scaling_sparse.metrics import read_metrics
 
+# One xdist worker runs this module's tests: its module-scoped training run is then made once
+# (`--dist loadgroup` otherwise schedules each test on its own).
+pytestmark = pytest.mark.xdist_group("reliability")
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = ROOT / "experiments" / "configs" / "tiny.py"
 

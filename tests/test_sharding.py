@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import tiny_config
+from conftest import tiny_config, xla_flags
 from scaling_sparse import sharding
 from scaling_sparse.config import ConfigError
 
@@ -17,7 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def run_on_8_devices(script: str, *args) -> dict:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"), JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / script), *map(str, args)], env=env,
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -121,7 +121,6 @@ def test_batch_must_divide_over_the_batch_axes():
 
 def test_sharded_memory_benchmark_reports_less_per_device_with_more_fsdp(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # the script sets the virtual device count itself
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sharded_memory.py"), "--preset=tiny",
                            "--fsdp=1,8", f"--out={tmp_path}", "--no_plot"], env=env, capture_output=True, text=True,
                           timeout=600)

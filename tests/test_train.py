@@ -20,6 +20,10 @@ from scaling_sparse.metrics import read_metrics
 from scaling_sparse.optim import make_optimizer, make_schedule
 from scaling_sparse.train import evaluate, load_params, train
 
+# One xdist worker runs this module's tests: its module-scoped training run is then made once
+# (`--dist loadgroup` otherwise schedules each test on its own).
+pytestmark = pytest.mark.xdist_group("train")
+
 VOCAB = 64
 
 

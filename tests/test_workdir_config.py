@@ -24,8 +24,9 @@ def cli(*args):
 def workdir(tmp_path):
     config = load_config("tiny")
     config.model.d_model = 48
-    save_config(config, tmp_path)
-    return tmp_path
+    (tmp_path / "w").mkdir()
+    save_config(config, tmp_path / "w")
+    return tmp_path / "w"  # beside tmp_path / "out": a compress --out inside the source is refused
 
 
 def test_the_stored_config_is_used_and_overrides_apply(workdir):
