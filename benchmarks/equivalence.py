@@ -12,20 +12,23 @@ from scaling_sparse import sharding
 from scaling_sparse.config import load_config, validate
 from scaling_sparse.state import init_train_state
 from scaling_sparse.train import global_batch, make_train_step, weighted_cross_entropy
+from scaling_sparse.variants import SPARSE_ALL
 
 MODELS = {
     "dense": {},
-    "sparse_all": dict(ff_sparsity=8, attn_sparsity=4, loss_sparsity=4),
+    "sparse_all": SPARSE_ALL,
     "terraformer": dict(reversible=True, attention="lsh", lsh_chunk_len=8, lsh_n_hashes=2, ff_sru_units=8,
-                        ff_sparsity=8, attn_sparsity=4, loss_sparsity=4, n_layers=1),
+                        **SPARSE_ALL, n_layers=1),
     # The encoder-decoders (span-corruption batches): sparse, and the reference's C4 Terraformer.
-    "encdec": dict(arch="encdec", n_encoder_layers=1, ff_sparsity=8, attn_sparsity=4, loss_sparsity=4),
+    "encdec": dict(arch="encdec", n_encoder_layers=1, **SPARSE_ALL),
     "terraformer_encdec": dict(arch="encdec", reversible=True, n_encoder_layers=1, n_layers=1, ff_sru_units=8,
-                               ff_sparsity=8, attn_sparsity=4, loss_sparsity=4),
+                               **SPARSE_ALL),
     # A compressed dense model (docs/compression.md): factor pairs in a CoFi-pruned shape.
     "compressed": dict(d_model=24, d_head=8, layer_heads=(3, 2), layer_d_ff=(0, 40), factor_rank_attn=4,
                        factor_rank_ff=8),
 }
+
+
 def config_of(model: dict, mesh: dict, dtype: str = "float32"):
     config = load_config("tiny")
     config.model.update(model)

@@ -1,6 +1,6 @@
 """Where a decoded token's time goes: XLA ops of the jitted decode loop, by time per token.
 
-Runs one preset's decode loop (batch 1, decode_latency.py's set-up: benchmarks/models.py) under the
+Runs one preset's decode loop (batch 1, decode_latency.py's set-up: benchmarks/decode_setup.py, models.py) under the
 JAX profiler, reads the Perfetto trace, sums each XLA op's time and names it by the JAX operation it
 came from (the HLO's op_name metadata). The profiler adds a few microseconds per op, so totals exceed the untraced
 latency; the ranking is what to read.

@@ -363,6 +363,16 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                      f"e.g. --config.mesh.{axis}=2")
         _require(list(sizes.values()).count(-1) <= 1, "mesh", f"at most one axis may be -1, got {sizes}",
                  "give the other axes explicit sizes")
+
+    # Sampling (generate, and the sample at the end of training): checked here, before any training.
+    if "generate" in config:
+        g = config.generate
+        _require(isinstance(g.temperature, (int, float)) and 0 <= g.temperature < float("inf"),
+                 "generate.temperature", f"must be a finite number >= 0 (0 = greedy), got {g.temperature!r}",
+                 "e.g. --config.generate.temperature=0.8")
+        _require(isinstance(g.top_k, int) and 0 <= g.top_k <= m.vocab_size, "generate.top_k",
+                 f"must be in 0..model.vocab_size={m.vocab_size} (0 = off), got {g.top_k!r}",
+                 "e.g. --config.generate.top_k=40")
     return config
 
 

@@ -20,7 +20,7 @@ _SIZE_FIELDS = ("arch", "n_encoder_layers", "vocab_size", "d_model", "d_ff", "n_
 
 
 def abstract_model(model_config):
-    """The model (model.build_model) with ShapeDtypeStructs instead of arrays (no memory allocated)."""
+    """The model (models.build_model) with ShapeDtypeStructs instead of arrays (no memory allocated)."""
     from scaling_sparse.config import ModelConfig
     from scaling_sparse.state import model_spec
 

@@ -1,4 +1,4 @@
-"""The encoder-decoder (model.arch = "encdec", scaling_sparse/encdec.py): decoding with the encoder
+"""The encoder-decoder (model.arch = "encdec", scaling_sparse/models/encdec.py): decoding with the encoder
 run once and a KV cache equals the full pass, token by token, for the dense, sparse and Terraformer
 variants; padding in the encoder input changes nothing; generation; the paper presets' sizes."""
 

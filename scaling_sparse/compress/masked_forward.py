@@ -1,5 +1,5 @@
 """The dense decoder's forward pass as a pure function of its params, with CoFi's masks
-(docs/compression.md). It mirrors model.DecoderLM with layers/block.DecoderBlock (pre-LayerNorm,
+(docs/compression.md). It mirrors models.DecoderLM with layers/block.DecoderBlock (pre-LayerNorm,
 causal softmax attention, ReLU FFN) exactly; with every mask 1 it equals the model's eval pass
 (tests/test_compress_cofi.py), and a model pruned by cofi.prune equals it at the masks pruned.
 

@@ -62,6 +62,11 @@ def up_to_date(lib_dir: pathlib.Path | None = None) -> bool:
     return {k: v for k, v in stamp.items() if k != "library_sha256"} == expected_stamp()
 
 
+def up_to_date_and_intact(lib_dir: pathlib.Path | None = None) -> bool:
+    """What `make install` asks before skipping a build: current, and its bytes the ones built."""
+    return up_to_date(lib_dir) and library_intact(lib_dir)
+
+
 def file_sha256(path: pathlib.Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -114,7 +119,7 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--force", action="store_true", help="rebuild even when the library is up to date")
     args = p.parse_args(argv)
-    if not args.force and up_to_date():
+    if not args.force and up_to_date_and_intact():
         print(f"CPU kernels up to date: {LIB_DIR / LIB_NAME}")
         return 0
     try:

@@ -1,7 +1,7 @@
 """Loads the compiled CPU decode kernels (docs/kernels.md) and says when decoding uses them.
 
-`status()`: whether the library is loaded, and if not why (not built, stale build, disabled by
-SCALING_SPARSE_CPU_KERNELS=0, a load error). Nothing here needs the library to import, so GPU images
+`status()`: whether the library is loaded, and if not why (not built, stale build, damaged library,
+disabled by SCALING_SPARSE_CPU_KERNELS=0, a load error). Nothing here needs the library to import, so GPU images
 and machines without a compiler run the pure-JAX path.
 
 Whether a traced decode uses a kernel is decided when it is traced: `Decoder` traces its functions
@@ -47,8 +47,8 @@ def status() -> dict:
         return {"available": False, "reason": "not built (run `make install` or `python -m "
                 "scaling_sparse.kernels.build`)", "library": None}
     if not build.up_to_date():
-        return {"available": False, "reason": "stale build (sources, jaxlib or flags changed since it was built: "
-                "run `python -m scaling_sparse.kernels.build`)", "library": str(path)}
+        return {"available": False, "reason": "stale build (sources, jaxlib, flags or the stamp's format changed "
+                "since it was built: run `python -m scaling_sparse.kernels.build`)", "library": str(path)}
     if not build.library_intact():
         return {"available": False, "reason": "damaged library (its bytes differ from the ones its build wrote: a "
                 "failed copy or a full disk?): rebuild it with `python -m scaling_sparse.kernels.build --force`",
