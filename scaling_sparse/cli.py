@@ -24,7 +24,7 @@ Commands:
             latest checkpoint in DIR (--step=N: of checkpoint N).
   generate  Continue --prompt with the latest checkpoint: greedy (--temperature=0) or sampled with a
             temperature and optionally top-k; the defaults are the config's generate section (greedy for
-            most presets, temperature 0.8 and top-k 40 for the stdlib demo presets). The whole loop runs jitted with a
+            most presets, temperature 0.7 and top-k 40 for the stdlib demo presets). The whole loop runs jitted with a
             KV cache. --max_new_tokens defaults to as many as fit in model.max_len, at most 64.
   params    Parameter counts: total and read per decoded token, per component (no weights built).
   compress  Make a smaller model from a trained dense one (docs/compression.md): SVD or activation-aware
