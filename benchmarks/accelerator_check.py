@@ -232,31 +232,24 @@ def main(argv=None) -> dict:
     info = machine.machine_info()
     print(f"accelerator check{' (smoke)' if smoke else ''}: {', '.join(info['devices'])}", flush=True)
     sections, seconds = {}, {}
+
+    def section(name: str, run) -> None:
+        if name not in skip:
+            start = time.perf_counter()
+            sections[name] = run()
+            seconds[name] = time.perf_counter() - start
+
     # Correctness in float32 at full matmul precision (GPUs otherwise use TF32 for float32 dots).
-    with jax.default_matmul_precision("highest"), tempfile.TemporaryDirectory() as scratch:
-        steps = {
-            "decode_equals_forward": lambda: decode_checks(
-                SMOKE["variants"] if smoke else tuple(variants.VARIANTS),
-                SMOKE["encdec_variants"] if smoke else tuple(variants.ENCDEC_VARIANTS), dtypes),
-            "sharded": lambda: sharded_checks(SMOKE["sharded_models"] if smoke else SHARDED_MODELS, dtypes),
-        }
-        for name, run in steps.items():
-            if name not in skip:
-                start = time.perf_counter()
-                sections[name] = run()
-                seconds[name] = time.perf_counter() - start
+    with jax.default_matmul_precision("highest"):
+        section("decode_equals_forward", lambda: decode_checks(
+            SMOKE["variants"] if smoke else tuple(variants.VARIANTS),
+            SMOKE["encdec_variants"] if smoke else tuple(variants.ENCDEC_VARIANTS), dtypes))
+        section("sharded", lambda: sharded_checks(SMOKE["sharded_models"] if smoke else SHARDED_MODELS, dtypes))
     with tempfile.TemporaryDirectory() as scratch:
-        steps = {
-            "train": lambda: train_section(SMOKE["train_presets"] if smoke else TRAIN_PRESETS, smoke,
-                                           pathlib.Path(scratch)),
-            "decode_latency": lambda: decode_section(SMOKE["decode_presets"] if smoke else DECODE_PRESETS, smoke,
-                                                     pathlib.Path(scratch)),
-        }
-        for name, run in steps.items():
-            if name not in skip:
-                start = time.perf_counter()
-                sections[name] = run()
-                seconds[name] = time.perf_counter() - start
+        section("train", lambda: train_section(SMOKE["train_presets"] if smoke else TRAIN_PRESETS, smoke,
+                                               pathlib.Path(scratch)))
+        section("decode_latency", lambda: decode_section(SMOKE["decode_presets"] if smoke else DECODE_PRESETS, smoke,
+                                                         pathlib.Path(scratch)))
     checks = [r for key in ("decode_equals_forward", "sharded") for r in sections.get(key, []) if "ok" in r]
     failed = [r for r in checks if not r["ok"]]
     report = {**reporting.run_header("accelerator check" + (" (smoke)" if smoke else ""), info),

@@ -32,8 +32,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` and the chec
 import jax  # noqa: E402
 
 from benchmarks import machine, models, paper_rows, reporting  # noqa: E402
-from benchmarks.decode_setup import finish_preset, fits_together, jax_path_twin, prepare_preset  # noqa: E402
-from benchmarks.decode_timing import run_timers  # noqa: E402
+from benchmarks.decode_setup import fits_together, jax_path_twin, prepare_preset, time_presets  # noqa: E402
 from scaling_sparse.config import ConfigError, load_config  # noqa: E402
 from scaling_sparse.kernels import cpu as cpu_kernels  # noqa: E402
 
@@ -151,18 +150,12 @@ def main(argv=None) -> dict:
         if interleave:
             prepared += pair
             continue
-        run_timers([t for _, t in pair], args)
-        for meta, timer in pair:
-            results.append(finish_preset(meta, timer, bandwidth))
-            print(reporting.decode_line(results[-1]), flush=True)
+        results += time_presets(pair, args, bandwidth)
         del timer, pair
         gc.collect()
     if interleave:
         print(f"timing {len(prepared)} presets, {args.repeats} interleaved repeats ...", flush=True)
-        run_timers([timer for _, timer in prepared], args)
-        for meta, timer in prepared:
-            results.append(finish_preset(meta, timer, bandwidth))
-            print(reporting.decode_line(results[-1]), flush=True)
+        results += time_presets(prepared, args, bandwidth)
     reporting.add_speedups(results)
 
     print(reporting.format_decode_table(results, bandwidth))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from benchmarks import models, reporting
-from benchmarks.decode_timing import DecodeTimer, make_timer
+from benchmarks.decode_timing import DecodeTimer, make_timer, run_timers
 from scaling_sparse.decode import Decoder
 
 
@@ -78,6 +78,16 @@ def finish_preset(meta: dict, timer: DecodeTimer, bandwidth: dict) -> dict:
     timing = timer.summary()
     return {**meta, **reporting.bandwidth_figures(meta["bytes_per_token"], timing["ms_per_token"], bandwidth),
             **timing}
+
+
+def time_presets(pairs: list[tuple[dict, DecodeTimer]], args, bandwidth: dict) -> list[dict]:
+    """Times prepared (meta, timer) pairs together, their repeats round-robin -> their result rows, each
+    printed as it is made."""
+    run_timers([timer for _, timer in pairs], args)
+    rows = [finish_preset(meta, timer, bandwidth) for meta, timer in pairs]
+    for row in rows:
+        print(reporting.decode_line(row), flush=True)
+    return rows
 
 
 def fits_together(presets: list[str], args, capacity_bytes: int) -> bool:

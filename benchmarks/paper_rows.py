@@ -14,8 +14,7 @@ import time
 import jax.numpy as jnp
 
 from benchmarks import machine, models, reporting
-from benchmarks.decode_setup import finish_preset, prepare_preset
-from benchmarks.decode_timing import run_timers
+from benchmarks.decode_setup import prepare_preset, time_presets
 from scaling_sparse.config import ConfigError, load_config
 from scaling_sparse.kernels import cpu as cpu_kernels
 
@@ -192,17 +191,12 @@ def run_paper_rows(args, info: dict, backend: str, bandwidth: dict) -> tuple[lis
             if plan["schedule"] == "interleaved":
                 prepared.append((meta, timer))
                 continue
-            run_timers([timer], gargs)
-            rows_out.append(finish_preset(meta, timer, bandwidth))
-            print(reporting.decode_line(rows_out[-1]), flush=True)
+            rows_out += time_presets([(meta, timer)], gargs, bandwidth)
             del timer, meta
             gc.collect()
         if prepared:
             print(f"timing {len(prepared)} models, {gargs.repeats} interleaved repeats ...", flush=True)
-            run_timers([timer for _, timer in prepared], gargs)
-            for meta, timer in prepared:
-                rows_out.append(finish_preset(meta, timer, bandwidth))
-                print(reporting.decode_line(rows_out[-1]), flush=True)
+            rows_out += time_presets(prepared, gargs, bandwidth)
             del prepared
             gc.collect()
     add_paper_speedups(rows_out)
