@@ -50,11 +50,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pathlib
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from scaling_sparse.process_watch import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_INIT_TIMEOUT_S
 
 COMMANDS = ("train", "eval", "generate", "params", "config", "compress")
 # Python loggers held at WARNING unless --verbosity is given (main()).
@@ -92,6 +95,12 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "HOST:PORT of process 0's coordinator, for a run of several processes.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run (0..N-1).")
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "distributed_init_timeout", DEFAULT_INIT_TIMEOUT_S, "Multi-process runs: seconds to wait for every process to join before "
+    "giving up with a message naming the missing one (JAX's initialization_timeout).")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "distributed_heartbeat_timeout", DEFAULT_HEARTBEAT_TIMEOUT_S, "Multi-process runs: seconds without a heartbeat after which a process "
+    "counts as dead and the run stops (JAX's heartbeat_timeout_seconds).")
 
 EXIT_USAGE = 2  # bad config, flags or prompt
 EXIT_FAILURE = 1  # e.g. no checkpoint to load
@@ -128,10 +137,25 @@ def cmd_train(config, workdir) -> int:
 
     summary = train(config, workdir, step=_STEP.value)
     if summary.get("interrupted"):
-        print(f"stopped at step {summary['step']} (checkpoint saved); run the same command again to resume",
-              file=sys.stderr)
-        return 128 + int(summary.get("signal", 15))
+        if summary.get("saved_step") is not None:
+            kept = f"checkpoint saved at step {summary['saved_step']}"
+        elif summary.get("last_checkpoint") is not None:
+            kept = f"before its first step; no new checkpoint, the latest is still step {summary['last_checkpoint']}"
+        else:
+            kept = "before its first step; no checkpoint saved"
+        print(f"stopped by {_signal_name(summary['signal'])} at step {summary['step']} ({kept}); run the same "
+              "command again to resume", file=sys.stderr)
+        return 128 + int(summary["signal"])
     return 0
+
+
+def _signal_name(signum: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def cmd_eval(config, workdir) -> int:
@@ -322,6 +346,7 @@ def cmd_compress(config, workdir) -> int:
 
 
 def main(argv) -> int:
+    from scaling_sparse import process_watch
     from scaling_sparse.config import ConfigError
 
     if not flags.FLAGS["verbosity"].present:
@@ -330,6 +355,7 @@ def main(argv) -> int:
         # machine. Keep the console to our own output and real warnings; --verbosity=0 (or 1) shows all.
         for name in QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
+    process_watch.log_fatal_dumps()
     try:
         commands = argv[1:]
         if len(commands) != 1 or commands[0] not in COMMANDS:
@@ -344,7 +370,8 @@ def main(argv) -> int:
         if command != "params":
             from scaling_sparse import distributed
 
-            distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+            distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                   init_timeout=_INIT_TIMEOUT.value, heartbeat_timeout=_HEARTBEAT_TIMEOUT.value)
         if command == "params":
             return cmd_params(config)
         workdir = _workdir()
@@ -357,6 +384,7 @@ def main(argv) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILURE
     except RuntimeError as e:
+        _exit_if_peer_failed(e)
         # Errors that carry their own exit status (e.g. train.NonFiniteError, checkpoint.CheckpointError,
         # train.WorkdirBusyError): a message naming the cause and the fix, not a traceback.
         code = getattr(e, "exit_code", None)
@@ -364,6 +392,20 @@ def main(argv) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return code
+    except Exception as e:
+        _exit_if_peer_failed(e)
+        raise
+
+
+def _exit_if_peer_failed(error: Exception) -> None:
+    """A multi-process run whose peer died: one message, then exit at once (JAX's exit-time shutdown would
+    abort on the broken runtime with a stack dump)."""
+    from scaling_sparse import process_watch
+
+    message = process_watch.peer_failure_message(error, _WORKDIR.value)
+    if message is not None:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        os._exit(EXIT_FAILURE)
 
 
 STORED_CONFIG = pathlib.Path(__file__).resolve().parent / "stored_config.py"
@@ -411,6 +453,10 @@ def _parse_flags(argv):
 
 def run() -> None:
     """Console entry point (`python -m scaling_sparse`, `scaling-sparse`)."""
+    from scaling_sparse import process_watch
+
+    if process_watch.wanted(sys.argv):  # a multi-process run: a peer's failure ends in one message
+        sys.exit(process_watch.run_watched(sys.argv))
     # absl's --help prints the __main__ module's docstring: make it this module's usage text.
     sys.modules["__main__"].__doc__ = __doc__
     app.run(main, flags_parser=_parse_flags)

@@ -195,6 +195,7 @@ class GracefulStop:
 
     def __init__(self, echo=print):
         self.signal = None
+        self.agreed = None  # the signal every process stopped for (agree())
         self._echo = echo
         self._previous = {}
 
@@ -209,16 +210,23 @@ class GracefulStop:
     def requested(self) -> bool:
         return self.signal is not None
 
-    def agree(self) -> None:
-        """With several processes, a signal any of them received stops all of them at this step
-        (they must save the same checkpoint together); one small all-gather per step."""
+    def agree(self) -> bool:
+        """-> whether to stop now: the same answer in every process. A signal any process received
+        before this call stops all of them here (they save the same checkpoint together); one small
+        all-gather. The decision is made from the gathered values only: the handler may run at any
+        bytecode, e.g. right after the all-gather returned, and a signal arriving then must wait for the
+        next agreement, or this process would save while the others run the next step (a hang)."""
+        local = np.int32(self.signal or 0)  # read once: what this process reports is what it acts on
         if jax.process_count() == 1:
-            return
-        from jax.experimental import multihost_utils
+            signals = np.asarray([local])
+        else:
+            from jax.experimental import multihost_utils
 
-        signals = multihost_utils.process_allgather(np.int32(self.signal or 0))
-        if self.signal is None and np.any(signals):
-            self.signal = int(np.max(signals))
+            signals = np.asarray(multihost_utils.process_allgather(local))
+        if not np.any(signals):
+            return False
+        self.agreed = int(np.max(signals))
+        return True
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # signal() only works there
@@ -307,17 +315,18 @@ def _train_locked(config, workdir, data, echo, mesh, step, primary) -> dict:
             say(f"nothing to train: the checkpoint is at step {start} and train.num_steps is {t.num_steps}")
         window, window_start, window_time = [], start, time.perf_counter()
         since_save = []  # every loss since the last checkpoint (on device): checked before a save
-        step = start
+        step, saved = start, None  # saved: the last step this run checkpointed
         try:
-            while step < t.num_steps and not stop.requested:
+            stopping = stop.agree()  # a signal during start-up stops every process before the first step
+            while step < t.num_steps and not stopping:
                 state, m = train_step(state, global_batch(next(data.train), mesh, rules))
                 step += 1
                 window.append(m["loss"])  # stays on device: no host sync per step
                 since_save.append(m["loss"])
                 if bar is not None:
                     bar.update(1)
-                stop.agree()  # every process stops at the same step
-                final, stopping = step == t.num_steps, stop.requested
+                stopping = stop.agree()  # every process stops at the same step
+                final = step == t.num_steps
                 # A stop signal skips the evaluation: a preempted job has little time left.
                 is_eval = step % t.eval_every == 0 or final
                 if step % t.log_every == 0 or is_eval or stopping:
@@ -343,7 +352,7 @@ def _train_locked(config, workdir, data, echo, mesh, step, primary) -> dict:
                     if not bool(all_finite(state["params"])):
                         raise _diverged(step, "a parameter", last_good, ckpt.directory, t)
                     ckpt.save(step, state, data.train.get_state())
-                    last_good, since_save = step, []
+                    last_good, saved, since_save = step, step, []
         finally:
             if bar is not None:
                 bar.close()
@@ -351,9 +360,10 @@ def _train_locked(config, workdir, data, echo, mesh, step, primary) -> dict:
         if primary:
             ckpt.rotate()
         summary["step"] = step
-        summary["interrupted"] = stop.requested and step < t.num_steps
-        if stop.requested:
-            summary["signal"] = int(stop.signal)
+        summary["interrupted"] = stopping and step < t.num_steps
+        summary["saved_step"], summary["last_checkpoint"] = saved, last_good
+        if stopping:
+            summary["signal"] = stop.agreed
 
     if t.sample_at_end and step > start and step == t.num_steps and not summary["interrupted"]:
         _print_sample(config, data, layout.graphdef, state["params"], mesh, echo if primary else None)

@@ -124,7 +124,10 @@ def run_cli(capsys, *argv):
     sys_argv, sys.argv = sys.argv, ["scaling_sparse", *argv]
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = cli.main(flags.FLAGS(sys.argv))  # config_flags reads its overrides from sys.argv
+            try:  # the CLI's own flag parsing (a workdir's stored config, one-line flag errors)
+                code = cli.main(cli._parse_flags(sys.argv))  # config_flags reads its overrides from sys.argv
+            except SystemExit as e:
+                code = e.code
     finally:
         sys.argv = sys_argv
         flags.FLAGS.unparse_flags()
@@ -136,3 +139,27 @@ def run_cli(capsys, *argv):
         captured = capsys.readouterr()
         return code, captured.out + out.getvalue(), captured.err + err.getvalue()
     return code, out.getvalue(), err.getvalue()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_cli(*args, devices: int = 1, process: tuple | None = None):
+    """`python -m scaling_sparse *args` as a subprocess (Popen, text pipes) on `devices` virtual CPU devices;
+    process=(port, index, count) makes it process `index` of a local multi-process run."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={devices}"))
+    extra = []
+    if process is not None:
+        port, index, count = process
+        extra = [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={count}", f"--process_id={index}"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.Popen([sys.executable, "-m", "scaling_sparse", *args, *extra], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -2,35 +2,20 @@
 collectives over a localhost coordinator) train, checkpoint, stop, resume, and see the losses of a
 1-process run with the same global batch."""
 
-import os
 import pathlib
-import socket
 import subprocess
-import sys
 
 import numpy as np
 
-from conftest import xla_flags
+from conftest import free_port, start_cli
 from scaling_sparse.metrics import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = ROOT / "experiments" / "configs" / "tiny.py"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cli(*args, devices: int = 1, process: tuple | None = None) -> subprocess.Popen:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={devices}"))
-    extra = []
-    if process is not None:
-        port, index, count = process
-        extra = [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={count}", f"--process_id={index}"]
-    return subprocess.Popen([sys.executable, "-m", "scaling_sparse", "train", *args, *extra], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_cli("train", *args, devices=devices, process=process)
 
 
 def wait(procs) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import run_cli  # noqa: F401
+from conftest import free_port, run_cli, start_cli
 from scaling_sparse.checkpoint import SET_ASIDE_DIR
 from scaling_sparse.metrics import read_metrics
 
@@ -213,3 +214,85 @@ def test_a_failed_first_run_leaves_no_tokenizer_and_a_foreign_one_is_refused(cor
     assert code == 2 and "as <unk> (0% when it was trained): it was trained on other text" in err, err
     assert "Fix: delete" in err
     assert (workdir / "tokenizer.model").exists()  # not ours to delete: the message says what to do
+
+
+# ----------------------------------------------------------------------------- several processes (issue cases 1, 7)
+
+def two_process_args(workdir, corpus, tokenizer, num_steps, *extra):
+    return ["train", *args(workdir, corpus, f"--config.train.num_steps={num_steps}", "--config.train.batch_size=8",
+                           "--config.train.log_every=1", "--config.train.eval_every=1000",
+                           "--config.train.checkpoint_every=1000", "--config.train.sample_at_end=False",
+                           "--config.train.progress=False", f"--config.data.tokenizer_path={tokenizer}", *extra)]
+
+
+def start_two(workdir, corpus, tokenizer, num_steps, *extra):
+    port = free_port()
+    return [start_cli(*two_process_args(workdir, corpus, tokenizer, num_steps, *extra), process=(port, i, 2))
+            for i in range(2)]
+
+
+def wait_for_step(workdir, procs, step, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        if (workdir / "metrics.jsonl").exists() and len(read_metrics(workdir)) >= step:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"step {step} not reached: {[p.poll() for p in procs]}")
+
+
+def finish(procs, timeout=120):
+    return [(p.wait(timeout=timeout), *p.communicate()) for p in procs]
+
+
+def watched_child(pid: int) -> int:
+    """The JAX process a multi-process command's watcher (process_watch.py) started."""
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            return int(stat.parent.name)
+    raise AssertionError(f"no child of {pid}")
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step_then_a_dead_peer_is_one_message(
+        trained, corpus, tmp_path):
+    """Case 1: a preempted host gets SIGTERM alone; both processes save the same step and exit 143, and
+    resume. Case 7: a peer killed outright ends the other with one message; the checkpoint restores."""
+    workdir, tokenizer = tmp_path / "w", trained / "tokenizer.model"
+    procs = start_two(workdir, corpus, tokenizer, 100000)
+    wait_for_step(workdir, procs, 3)
+    procs[1].send_signal(signal.SIGTERM)
+    results = finish(procs)
+    stopped = [re.search(r"stopped by SIGTERM at step (\d+) \(checkpoint saved at step (\d+)\)", err) for _, _, err in results]
+    assert [code for code, _, _ in results] == [143, 143] and all(stopped), results
+    step = int(stopped[0].group(1))
+    assert {int(m.group(1)) for m in stopped} | {int(m.group(2)) for m in stopped} == {step}
+    assert steps_in(workdir) == [step]
+
+    procs = start_two(workdir, corpus, tokenizer, 100000)  # resumes; then process 1's JAX process is killed
+    wait_for_step(workdir, procs, step + 2)
+    os.kill(watched_child(procs[1].pid), signal.SIGKILL)
+    (code0, out0, err0), (code1, _, err1) = finish(procs, timeout=60)
+    assert f"resumed from the checkpoint at step {step}" in out0
+    assert code0 == 1 and "error: process 0" in err0 and "Fix: start every process again" in err0, err0
+    assert code1 == 128 + signal.SIGKILL
+    for err in (err0, err1):
+        assert "Traceback" not in err and "Check failure" not in err and "Fatal Python error" not in err, err
+    assert steps_in(workdir) == [step]
+    code, out, err = run_cli(None, "eval", f"--workdir={workdir}", "--json")
+    assert code == 0 and json.loads(out)["step"] == step, err
+
+
+def test_a_process_that_never_joins_is_named_after_the_init_timeout(corpus, tmp_path):
+    """Case 7: process 0 alone, and process 1 alone (no coordinator), each with a 3 s wait."""
+    tokenizer = tmp_path / "none.model"  # never read: the runtime gives up first
+    procs = [start_cli(*two_process_args(tmp_path / f"w{i}", corpus, tokenizer, 10, "--distributed_init_timeout=3"),
+                       process=(free_port(), i, 2)) for i in range(2)]
+    (code0, _, err0), (code1, _, err1) = finish(procs)
+    assert code0 == 1 and "process 1 did not connect to this coordinator" in err0, err0
+    assert code1 == 1 and "process 0 (the coordinator at 127.0.0.1:" in err1 and "is not running" in err1, err1
+    for err in (err0, err1):
+        assert "--distributed_init_timeout=3 s" in err and "Traceback" not in err and "Check failure" not in err
+    assert not (tmp_path / "w0" / "checkpoints").exists()
