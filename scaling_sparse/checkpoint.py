@@ -22,9 +22,12 @@ instead of a pytree mismatch deep inside orbax.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import pathlib
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -42,6 +45,38 @@ class CheckpointError(RuntimeError):
     """No usable checkpoint (or not the one asked for); the message says which and why."""
 
     exit_code = 1
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save failed (a full disk, a lost mount); the message says what is intact."""
+
+    exit_code = 1
+
+
+@contextlib.contextmanager
+def _held_orbax_errors():
+    """Holds the ERROR records orbax logs (from each of its writer threads, with tracebacks) during a save:
+    re-logged if the save succeeds anyway, dropped if it fails (the caller's one message says why).
+    -> the held list. With --verbosity (absl at DEBUG) nothing is held."""
+    logger = logging.getLogger("absl")
+    held: list = []
+    if logger.getEffectiveLevel() <= logging.DEBUG:
+        yield held
+        return
+
+    def hold(record):
+        if record.levelno >= logging.ERROR and "orbax" in record.pathname:
+            held.append(record)
+            return False
+        return True
+
+    logger.addFilter(hold)
+    try:
+        yield held
+    finally:
+        logger.removeFilter(hold)
+    for record in held:
+        logger.handle(record)
 
 
 class Checkpointer:
@@ -84,9 +119,33 @@ class Checkpointer:
             raise RuntimeError("this Checkpointer was opened read_only")
         state = jax.tree.map(lambda x: np.asarray(x) if isinstance(x, np.generic) else x, state)
         args = ocp.args.Composite(state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state or {}))
-        self.manager.save(int(step), args=args, force=True)
-        self.manager.wait_until_finished()
+        with _held_orbax_errors() as held:
+            try:
+                self.manager.save(int(step), args=args, force=True)
+                self.manager.wait_until_finished()
+            except Exception as e:
+                held.clear()  # the message below says it once; orbax logged it from each of its threads
+                raise self._save_failed(int(step), e) from None
         self.rotate()
+
+    def _save_failed(self, step: int, error: Exception) -> "CheckpointSaveError":
+        """Removes the incomplete step a failed save left (its space is what a full disk needs) and says what
+        is intact."""
+        import shutil
+
+        for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+            shutil.rmtree(partial, ignore_errors=True)
+        text = str(error)
+        cause = ("no space left on the device" if "No space left" in text or "os_error_code='28'" in text
+                 else f"{type(error).__name__}: {text.strip().splitlines()[0][:200] if text.strip() else ''}")
+        self.manager.reload()
+        intact = [s for s in self.all_steps() if s != step]
+        kept = (f"The checkpoints at steps {intact} in {self.directory} are intact and the incomplete one was "
+                f"removed; running the same command again resumes from step {intact[-1]}" if intact else
+                f"No earlier checkpoint is in {self.directory}; the incomplete one was removed")
+        fix = "free space on that disk" if cause.startswith("no space") else "check the disk and its permissions"
+        return CheckpointSaveError(f"saving the checkpoint at step {step} failed ({cause}). {kept}. Fix: {fix}, "
+                                   "then run the same command again")
 
     def rotate(self) -> None:
         """Deletes all but the newest `keep` steps and the protected ones."""
@@ -118,22 +177,53 @@ class Checkpointer:
         if step is not None and step not in steps:
             raise CheckpointError(f"no checkpoint at step {step} in {self.directory}; the steps there are "
                                   f"{steps or 'none'}. Fix: pick one of them with --step, or leave --step out")
-        failures = []
+        if not steps:
+            raise CheckpointError(f"there are no checkpoints in {self.directory} yet (the run there saved none). "
+                                  f"Fix: train first (python -m scaling_sparse train --workdir={self.directory.parent})")
+        failures, other_shapes = [], []
         for candidate in ([step] if step is not None else sorted(steps, reverse=True)):
+            # Shapes first, from the checkpoint's metadata: a model of another size is a config error, and a
+            # restore that fails part-way leaves orbax's reads to fail noisily in the background.
+            mismatch = self._other_shapes(target, candidate)
             try:
-                state, data_state = self.restore(target, candidate, partial=partial)
+                if mismatch:
+                    other_shapes.append(candidate)
+                    raise ValueError(f"its parameters have other shapes than the model's: {mismatch}")
+                with quiet_failed_reads():
+                    state, data_state = self.restore(target, candidate, partial=partial)
             except Exception as e:  # orbax, tensorstore and JSON raise many types for a damaged step
-                reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+                first = str(e).strip().splitlines()[0].split(" See full TensorStore details")[0] if str(e).strip() else ""
+                reason = f"{type(e).__name__}: {first[:300]}"
                 failures.append((candidate, reason))
-                echo(f"warning: the checkpoint at step {candidate} in {self.directory} cannot be read ({reason})"
-                     + ("; trying an older one" if step is None else ""))
+                if not mismatch:
+                    echo(f"warning: the checkpoint at step {candidate} in {self.directory} cannot be read ({reason})"
+                         + ("; trying an older one" if step is None else ""))
                 continue
             return state, data_state, candidate, failures
-        listing = "; ".join(f"step {s}: {r}" for s, r in failures) or "there are none"
+        listing = "; ".join(f"step {s}: {r}" for s, r in failures)
+        if len(other_shapes) == len(failures):
+            raise CheckpointError(
+                f"the checkpoints in {self.directory} hold a model of other shapes than the config's ({failures[0][1]}"
+                f"). Nothing was changed there. Fix: pass the config they were trained with (their run's "
+                f"{CONFIG_FILE}, unless it was edited, or the config file and overrides used to train them)")
         raise CheckpointError(
-            f"no readable checkpoint in {self.directory} ({listing}). Nothing was changed there. Fix: if the "
-            f"model config changed, pass the config the checkpoints were trained with (saved in {CONFIG_FILE}); "
-            "otherwise train in a new --workdir")
+            f"no readable checkpoint in {self.directory} ({listing}). Nothing was changed there. Fix: restore "
+            "the checkpoints from a copy of the work directory, or train in a new --workdir")
+
+    def _other_shapes(self, target: dict, step: int) -> str:
+        """'' when the checkpoint's stored parameter shapes are those of `target` (or its metadata cannot be
+        read: the restore then says why), else the first few that differ."""
+        if "params" not in target:
+            return ""
+        try:
+            stored = self.manager.item_metadata(step)["state"]
+            stored = getattr(stored, "tree", stored)["params"]
+        except Exception:  # damaged metadata: the restore reports it
+            return ""
+        have, want = _shapes_by_name(stored), _shapes_by_name(target["params"])
+        differ = [f"{k}: checkpoint {have.get(k, 'absent')}, model {want[k]}" for k in want if have.get(k) != want[k]]
+        differ += [f"{k}: checkpoint {have[k]}, model absent" for k in have if k not in want]
+        return "; ".join(differ[:3]) + (f" (and {len(differ) - 3} more)" if len(differ) > 3 else "")
 
     def set_aside(self, steps, why: str, echo=print) -> None:
         """Moves step directories out of the way (never deletes them): WORKDIR/checkpoints_set_aside/."""
@@ -162,6 +252,47 @@ class Checkpointer:
         self.close()
 
 
+def _shapes_by_name(tree) -> dict:
+    """{"stack/blocks/0/attn/out/kernel": shape} (orbax's metadata keeps list indices as strings)."""
+    def name(path):
+        return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+    return {name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+class _MainThreadOnly:
+    """sys.stderr for the rest of a process whose restore failed: what other threads write is dropped
+    (orbax's reads still in flight fail when its event loop has closed, each printing a traceback)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        if threading.current_thread() is threading.main_thread():
+            return self._stream.write(text)
+        return len(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def quiet_failed_reads():
+    """Around a restore that may fail part-way (a damaged or deleted file): orbax's remaining reads then
+    fail in background threads ("Event loop is closed", "Exception ignored in <coroutine ...>"), tens of
+    tracebacks after the one error that matters. Those are not printed unless --verbosity is given
+    (logging at DEBUG); the restore's own exception is raised as usual."""
+    try:
+        yield
+    except Exception:
+        if logging.getLogger("absl").getEffectiveLevel() > logging.DEBUG:
+            if not isinstance(sys.stderr, _MainThreadOnly):
+                sys.stderr = _MainThreadOnly(sys.stderr)
+            default = sys.unraisablehook
+            sys.unraisablehook = lambda u: None if "coroutine" in repr(u.object) else default(u)
+        raise
+
+
 def _abstract(x):
     if isinstance(x, jax.ShapeDtypeStruct):
         return x
@@ -172,18 +303,40 @@ def _abstract(x):
 
 
 def save_config(config: ml_collections.ConfigDict, workdir) -> None:
-    """Writes WORKDIR/config.json atomically."""
+    """Writes WORKDIR/config.json atomically; a damaged one there is renamed, not overwritten."""
     path = pathlib.Path(workdir) / CONFIG_FILE
+    try:
+        load_saved_config(workdir)
+    except DamagedConfigError:
+        import time
+
+        path.rename(path.with_name(f"{CONFIG_FILE}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"))
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
     tmp.replace(path)
 
 
+class DamagedConfigError(ConfigError):
+    """WORKDIR/config.json exists but is not a config (truncated, garbled, edited into another shape)."""
+
+
 def load_saved_config(workdir) -> ml_collections.ConfigDict | None:
-    path = pathlib.Path(workdir) / CONFIG_FILE
+    """WORKDIR/config.json (or the .json file `workdir` names), None if absent; DamagedConfigError if it
+    cannot be read as a config."""
+    path = pathlib.Path(workdir)
+    path = path if path.suffix == ".json" else path / CONFIG_FILE
     if not path.exists():
         return None
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    try:
+        values = json.loads(path.read_text())
+        sections = [k for k, v in values.items() if not isinstance(v, dict)] if isinstance(values, dict) else None
+        if sections is None or sections or "model" not in values or "train" not in values:
+            raise ValueError("not a JSON object with model, train, ... sections" if sections is None or not sections
+                             else f"{sections[0]!r} is not a section")
+        return ml_collections.ConfigDict(values)
+    except (ValueError, UnicodeDecodeError, TypeError, OSError) as e:
+        raise DamagedConfigError(f"{path} cannot be read as a config ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
 
 
 def _param_shapes(model_config) -> dict:
@@ -194,8 +347,13 @@ def _param_shapes(model_config) -> dict:
 
 def check_compatible(config: ml_collections.ConfigDict, workdir) -> None:
     """Raises ConfigError when `config.model` builds parameters the workdir's checkpoints don't hold."""
-    saved = load_saved_config(workdir)
-    if saved is None or "model" not in saved:
+    try:
+        saved = load_saved_config(workdir)
+    except DamagedConfigError as e:  # the config given (--config) is the one to trust; restoring checks it
+        print(f"warning: {e}; not compared with the config given. A training run keeps it as "
+              f"{CONFIG_FILE}.damaged-<time> and writes the config it runs with", file=sys.stderr)
+        return
+    if saved is None:
         return
     current = config.model.to_dict()
     before = saved.model.to_dict()

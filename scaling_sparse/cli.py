@@ -129,6 +129,9 @@ def _config():
 def _workdir() -> str:
     if not _WORKDIR.value:
         raise UsageError("--workdir is required: the run directory holding checkpoints (e.g. --workdir=workdirs/demo)")
+    if pathlib.Path(_WORKDIR.value).exists() and not pathlib.Path(_WORKDIR.value).is_dir():
+        raise UsageError(f"--workdir={_WORKDIR.value} is a file, not a directory. Fix: give the run's directory (a "
+                         "new one for a new run)")
     return _WORKDIR.value
 
 
@@ -188,6 +191,13 @@ def cmd_generate(config, workdir) -> int:
         raise UsageError(f"--top_k must be in 0..vocab_size={config.model.vocab_size} (0 = off), got {top_k}")
     if not prompt:
         raise UsageError('the prompt is empty: give the text to continue with --prompt="..."')
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # bytes that are not UTF-8 arrive as lone surrogates
+        raise UsageError(f"--prompt is not valid UTF-8 text (a byte that is not UTF-8 at character {e.start}). "
+                         "Fix: give the prompt in UTF-8 (the encoding the model's text was read in)") from None
+    if not 0 <= seed < 2**63:
+        raise UsageError(f"--seed must be an integer in [0, 2**63), got {seed}")
     tokenizer = get_tokenizer(config, workdir)
     encdec = config.model.arch == "encdec"
     if encdec:  # the prompt is the encoder's input, eos-terminated as the training inputs are
@@ -201,6 +211,12 @@ def cmd_generate(config, workdir) -> int:
         given = f"--max_new_tokens defaulted to {max_new}"
     else:
         given = f"--max_new_tokens={max_new}"
+    limit = config.model.max_len if encdec else config.model.max_len - 1
+    if len(ids) > limit:  # no --max_new_tokens can make room: say how long a prompt may be
+        raise UsageError(f"the prompt is {len(ids)} tokens (with its eos), but this model reads at most {limit} "
+                         f"(model.max_len {config.model.max_len}{'' if encdec else ', less one new token'}). Fix: "
+                         f"shorten --prompt to about {int(len(prompt) * (limit - 1) / len(ids))} characters, e.g. keep "
+                         "its end, the part the continuation depends on")
     try:
         check_request(len(ids), max_new, config.model.max_len, prompt_in_decoder=not encdec)
     except ValueError as e:
@@ -414,6 +430,18 @@ STORED_CONFIG = pathlib.Path(__file__).resolve().parent / "stored_config.py"
 def _with_stored_config(argv: list[str]) -> list[str]:
     """argv with --config=stored_config.py:WORKDIR added when --workdir is given and --config is not,
     so the workdir's own config.json is loaded by config_flags and --config.FIELD overrides apply."""
+    given = [i for i, a in enumerate(argv) if a.startswith("--config=")]
+    if given and argv[given[-1]].endswith(".json"):  # a workdir's config.json: read it as the stored config
+        from scaling_sparse import stored_config
+        from scaling_sparse.config import ConfigError
+
+        path = argv[given[-1]].split("=", 1)[1]
+        try:
+            stored_config.get_config(path)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(EXIT_USAGE)
+        return [*argv[:given[-1]], f"--config={STORED_CONFIG}:{path}", *argv[given[-1] + 1:]]
     if any(a == "--config" or a.startswith("--config=") for a in argv):
         return argv
     workdir = None
@@ -442,13 +470,24 @@ def _parse_flags(argv):
         return flags.FLAGS(argv)
     except flags.Error as e:
         message = f"{e}"
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-        # ml_collections raises these for --config.<field> overrides naming no field or of the wrong type.
-        overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-        message = (f"cannot apply the config overrides {overrides} ({type(e).__name__}: {e}). Fix: use field "
-                   "names and value types of the config file (e.g. --config.train.num_steps=100)")
+    except AttributeError as e:
+        if "get_config" not in str(e):
+            message = _override_error(argv, e)
+        else:
+            message = (f"the --config file has no get_config() function ({e}). Fix: a config file defines "
+                       "get_config() returning an ml_collections.ConfigDict, as experiments/configs/tiny.py does")
+    except (KeyError, TypeError, ValueError) as e:
+        message = _override_error(argv, e)
     print(f"error: {message}\nSee --help for the usage.", file=sys.stderr)
     sys.exit(EXIT_USAGE)
+
+
+def _override_error(argv, e) -> str:
+    """ml_collections raises AttributeError, KeyError, TypeError or ValueError for --config.<field> overrides
+    naming no field or of the wrong type."""
+    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    return (f"cannot apply the config overrides {overrides} ({type(e).__name__}: {e}). Fix: use field "
+            "names and value types of the config file (e.g. --config.train.num_steps=100)")
 
 
 def run() -> None:

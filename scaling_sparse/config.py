@@ -9,6 +9,7 @@ fields; absl's `config_flags` lets the command line override any of them
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import ml_collections
 
@@ -309,7 +310,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              "use adafactor | adamw")
     _require(t.schedule in ("rsqrt", "cosine"), "train.schedule", f"unknown {t.schedule!r}",
              "use rsqrt | cosine")
-    _require(t.learning_rate > 0, "train.learning_rate", "must be > 0", "e.g. 1.0 (rsqrt) or 3e-4")
+    _require(0 < t.learning_rate < math.inf, "train.learning_rate", f"must be a finite number > 0, got {t.learning_rate}",
+             "e.g. 1.0 (rsqrt) or 3e-4")
+    for name in ("weight_decay", "grad_clip", "adam_b1", "adam_b2"):  # inf or NaN diverges a few steps later
+        _require(math.isfinite(t[name]) and t[name] >= 0, f"train.{name}", f"must be a finite number >= 0, got "
+                 f"{t[name]}", f"set --config.train.{name} to the preset's value ({base_config().train[name]})")
+    _require(_is_seed(t.seed), "train.seed", f"must be an integer in [0, 2**63), got {t.seed!r}", "e.g. 0")
     _require(t.warmup_steps >= 1, "train.warmup_steps", "must be >= 1", "e.g. 1000")
     _require(isinstance(t.weight_decay_steps, int) and not isinstance(t.weight_decay_steps, bool)
              and t.weight_decay_steps >= 0, "train.weight_decay_steps",
@@ -370,10 +376,17 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _require(isinstance(g.temperature, (int, float)) and 0 <= g.temperature < float("inf"),
                  "generate.temperature", f"must be a finite number >= 0 (0 = greedy), got {g.temperature!r}",
                  "e.g. --config.generate.temperature=0.8")
+        _require(_is_seed(g.seed), "generate.seed", f"must be an integer in [0, 2**63), got {g.seed!r}",
+                 "e.g. --config.generate.seed=0")
         _require(isinstance(g.top_k, int) and 0 <= g.top_k <= m.vocab_size, "generate.top_k",
                  f"must be in 0..model.vocab_size={m.vocab_size} (0 = off), got {g.top_k!r}",
                  "e.g. --config.generate.top_k=40")
     return config
+
+
+def _is_seed(value) -> bool:
+    """A seed JAX takes as an int64 key (a larger one fails deep inside jax.random)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
 
 
 def _validate_compressed(m) -> None:

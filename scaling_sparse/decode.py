@@ -43,8 +43,9 @@ def check_request(prompt_len: int, max_new_tokens: int, max_len: int, *, prompt_
     if prompt_len + max_new_tokens > max_len:
         raise ValueError(
             f"the prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = {prompt_len + max_new_tokens} "
-            f"exceeds model.max_len {max_len}: shorten the prompt or lower max_new_tokens to "
-            f"{max(max_len - prompt_len, 0)}")
+            f"exceeds model.max_len {max_len}: "
+            + (f"lower max_new_tokens to {max_len - prompt_len} or shorten the prompt" if prompt_len < max_len
+               else f"shorten the prompt to at most {max_len - 1} tokens"))
 
 
 def sample_logits(logits: jax.Array, rng, *, temperature: float = 0.0, top_k: int = 0) -> jax.Array:

@@ -5,24 +5,22 @@ of a workdir need no config file, and `--config.FIELD=VALUE` overrides still app
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 from scaling_sparse.config import ConfigError
 
 
 def get_config(workdir: str):
+    """The config stored in WORKDIR/config.json (`workdir` may also name a .json file written there)."""
     from scaling_sparse.checkpoint import CONFIG_FILE, load_saved_config
 
-    path = pathlib.Path(workdir) / CONFIG_FILE
+    path = pathlib.Path(workdir)
+    path = path if path.suffix == ".json" else path / CONFIG_FILE
     if not path.is_file():
         raise ConfigError(f"no --config was given and {path} does not exist. Fix: pass --config=FILE (e.g. "
                           "experiments/configs/stdlib.py), or a --workdir holding config.json from a training run")
     try:
-        config = load_saved_config(workdir)
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as e:
-        raise ConfigError(f"{path} cannot be read as a config ({type(e).__name__}: {e}). It was left as it is. "
-                          "Fix: pass --config=FILE with the config the run was trained with") from None
-    if "model" not in config or "train" not in config:
-        raise ConfigError(f"{path} has no model or train section. Fix: pass --config=FILE")
-    return config
+        return load_saved_config(workdir)
+    except ConfigError as e:
+        raise ConfigError(f"{e}. It was left as it is. Fix: pass --config=FILE with the config the run was "
+                          "trained with (e.g. experiments/configs/stdlib.py and its overrides)") from None

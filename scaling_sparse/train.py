@@ -35,7 +35,7 @@ from scaling_sparse.checkpoint import CheckpointError, Checkpointer, check_compa
 from scaling_sparse.config import ConfigError, ModelConfig, validate
 from scaling_sparse.metrics import MetricsWriter
 from scaling_sparse.optim import make_optimizer, make_schedule, optimizer_settings
-from scaling_sparse.workdir_lock import workdir_lock
+from scaling_sparse.workdir_lock import check_writable, workdir_lock
 from scaling_sparse.state import (TrainStateLayout, init_train_state, model_spec, restore_params,
                                   restore_train_state)
 
@@ -256,7 +256,7 @@ def train(config, workdir, *, data=None, echo=print, mesh=None, step: int | None
     validate(config)
     mesh = run_mesh(config, mesh)
     workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    check_writable(workdir)
     check_compatible(config, workdir)
     primary = distributed.is_primary()
     with workdir_lock(workdir, enabled=primary):  # one run per workdir; the run's primary holds it

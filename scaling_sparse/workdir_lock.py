@@ -25,15 +25,47 @@ class WorkdirBusyError(RuntimeError):
     exit_code = 1
 
 
+class WorkdirNotWritableError(RuntimeError):
+    """The work directory cannot be created or written (a read-only disk, no permission)."""
+
+    exit_code = 1
+
+
+def check_writable(workdir) -> None:
+    """Creates `workdir` if needed and writes (then removes) a file there, so a read-only or full disk stops
+    a run before it reads, trains or changes anything."""
+    import tempfile
+
+    workdir = pathlib.Path(workdir)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_check_"):
+            pass
+    except OSError as e:
+        raise WorkdirNotWritableError(
+            f"the work directory {workdir} cannot be written ({e.strerror or e}): training writes its checkpoints, "
+            "metrics and config.json there. Nothing was changed. Fix: make it writable, or give a --workdir on a "
+            "writable disk (a copy of this one resumes from its checkpoints)") from None
+
+
 @contextlib.contextmanager
 def workdir_lock(workdir, *, enabled: bool = True):
     """Holds WORKDIR/.lock for the block; raises WorkdirBusyError at once if another run holds it."""
     if not enabled:
         yield
         return
+    busy = (f"{workdir} is in use by another training run ({{who}}). Two runs in one workdir would overwrite "
+            "each other's checkpoints and metrics. Fix: wait for it or stop it, or use another --workdir")
+    with file_lock(pathlib.Path(workdir) / LOCK_FILE, busy):
+        yield
+
+
+@contextlib.contextmanager
+def file_lock(path, busy_message: str):
+    """Holds an exclusive lock on the file `path` (created if absent) for the block, recording who holds
+    it; raises WorkdirBusyError(busy_message with {who} filled in) at once if another process holds it."""
     import fcntl
 
-    path = pathlib.Path(workdir) / LOCK_FILE
     f = open(path, "a+")
     try:
         try:
@@ -46,9 +78,7 @@ def workdir_lock(workdir, *, enabled: bool = True):
                 holder = {}
             who = (f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
                    if holder else "another process")
-            raise WorkdirBusyError(
-                f"{workdir} is in use by another training run ({who}). Two runs in one workdir would overwrite "
-                "each other's checkpoints and metrics. Fix: wait for it or stop it, or use another --workdir") from None
+            raise WorkdirBusyError(busy_message.format(who=who)) from None
         f.seek(0)
         f.truncate()
         f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),

@@ -12,14 +12,17 @@ def run_compress(config, workdir, out, *, method: str, rank: int | None = None, 
                  step: int | None = None, echo=print) -> dict:
     """Compresses the dense model in `workdir` (its checkpoint `step`, default the latest) into `out`
     -> a summary dict (method, parameters before / after, extra training steps, ...)."""
-    if method in ("svd", "asvd"):
-        from scaling_sparse.compress.svd import compress_svd
+    if method not in METHODS:
+        raise ValueError(f"unknown compression method {method!r}: one of {METHODS}")
+    from scaling_sparse.compress.workdir import claim_out
 
-        return compress_svd(config, workdir, out, method=method, rank=rank, keep=keep,
-                            calibration_batches=calibration_batches, step=step, echo=echo)
-    if method == "cofi":
+    with claim_out(workdir, out):  # one run per --out, from the start: a second stops before any work
+        if method in ("svd", "asvd"):
+            from scaling_sparse.compress.svd import compress_svd
+
+            return compress_svd(config, workdir, out, method=method, rank=rank, keep=keep,
+                                calibration_batches=calibration_batches, step=step, echo=echo)
         from scaling_sparse.compress.cofi import compress_cofi
 
         return compress_cofi(config, workdir, out, target_sparsity=target_sparsity, steps=steps, step=step,
                              echo=echo)
-    raise ValueError(f"unknown compression method {method!r}: one of {METHODS}")

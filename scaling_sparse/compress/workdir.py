@@ -4,6 +4,7 @@ compression.json saying what was done."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 import shutil
@@ -17,6 +18,7 @@ from scaling_sparse.config import ConfigError, ModelConfig, validate
 from scaling_sparse.data.tokenizer import TOKENIZER_FILES
 
 PROVENANCE_FILE = "compression.json"
+LOCK_NAME = ".compress.lock"  # in the assembly folder, held while a run writes it
 # What the new run needs from the source workdir to read the same text the same way (the token
 # cache is fingerprinted by its source and tokenizer, data/cache.py: copied, it spares a re-tokenisation).
 DATA_CACHE_DIR = "data_cache"
@@ -71,9 +73,45 @@ def check_out(src, out) -> pathlib.Path:
     if src in out.parents:  # the next `train` on the source would set it aside as an unreadable checkpoint
         raise CheckpointError(f"--out={out} is inside the source workdir {src}. Fix: give a directory outside it "
                               f"(e.g. {src.parent / (src.name + '_compressed')})")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out={out} is an existing file. Fix: give a new directory for the compressed model")
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"--out={out} already holds files. Fix: choose a new --out, or delete that directory")
     return out
+
+
+def partial_dir(out: pathlib.Path) -> pathlib.Path:
+    """Where the compressed model is assembled before it is renamed to `out`."""
+    return out.parent / f".{out.name}.partial"
+
+
+@contextlib.contextmanager
+def claim_out(src, out):
+    """Holds `out` for one compress run: its assembly folder is created and locked (a second run to the same
+    --out stops at once, naming the first), leftovers of a crashed run are cleared, and a run that fails
+    removes what it assembled. -> the checked `out` path."""
+    from scaling_sparse.workdir_lock import file_lock
+
+    out = check_out(src, out)
+    partial = partial_dir(out)
+    try:
+        partial.mkdir(parents=True, exist_ok=True)
+        lock = partial / LOCK_NAME
+        lock.touch()
+    except OSError as e:
+        raise CheckpointError(f"--out={out} cannot be written ({e.strerror or e}: {e.filename or partial.parent}). "
+                              "Fix: give a --out on a writable disk") from None
+    busy = (f"--out={out} is being written by another compress run ({{who}}). Fix: wait for it to finish, or "
+            "give another --out")
+    with file_lock(lock, busy):
+        for leftover in partial.iterdir():  # a crashed earlier run's: it held no lock, so nothing is writing it
+            if leftover.name != LOCK_NAME:
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        try:
+            yield out
+        finally:
+            if partial.exists():  # the run failed before its rename: nothing it assembled stays behind
+                shutil.rmtree(partial, ignore_errors=True)
 
 
 def write_model(new_config, params: dict, src_workdir, out, *, step: int, data_state: dict, provenance: dict,
@@ -84,10 +122,7 @@ def write_model(new_config, params: dict, src_workdir, out, *, step: int, data_s
     from scaling_sparse.state import model_spec, train_key, train_state_layout
 
     out = check_out(src_workdir, out)
-    partial = out.parent / f".{out.name}.partial"
-    if partial.exists():
-        shutil.rmtree(partial)  # a previous crashed attempt of this same command
-    partial.mkdir(parents=True)
+    partial = partial_dir(out)  # created and locked by claim_out
     for name in TOKENIZER_FILES:
         if (pathlib.Path(src_workdir) / name).exists():
             shutil.copy2(pathlib.Path(src_workdir) / name, partial / name)
@@ -110,9 +145,11 @@ def write_model(new_config, params: dict, src_workdir, out, *, step: int, data_s
         ckpt.save(step, state, data_state)
     (partial / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str))
     save_config(new_config, partial)
+    out = check_out(src_workdir, out)  # still new: nothing written there meanwhile
     if out.exists():
         out.rmdir()  # empty (check_out)
     partial.rename(out)
+    (out / LOCK_NAME).unlink()  # the lock stays held (by descriptor) until claim_out ends
     echo(f"wrote {out} ({CONFIG_FILE}, tokenizer, checkpoint at step {step}, {PROVENANCE_FILE})")
     return out
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import pathlib
+import sys
 import time
 
 import numpy as np
@@ -94,6 +95,20 @@ def _check_unknowns(tokenizer: Tokenizer, stream: np.ndarray, workdir: pathlib.P
                         "them)")
 
 
+def _read_cache(meta_path, array_paths):
+    """-> (corpus stats, arrays) from the data cache, or None when it is absent or damaged (a truncated or
+    overwritten file: said on stderr, then rebuilt, since it is derived from the corpus and tokenizer)."""
+    if not (meta_path.is_file() and all(p.is_file() for p in array_paths)):
+        return None
+    try:
+        return cache.read_json(meta_path), [cache.load_array(p) for p in array_paths]
+    except (OSError, ValueError, EOFError) as e:  # numpy: ValueError "Failed to read all data", JSON: ValueError
+        print(f"warning: the data cache {meta_path.with_suffix('')}.* is damaged ({type(e).__name__}: "
+              f"{str(e).splitlines()[0][:200]}); rebuilding it from the corpus (derived data: nothing is lost)",
+              file=sys.stderr)
+        return None
+
+
 def _assemble(config, workdir, tokenizer, source, load, prefix, span, start, process_index, process_count,
               unknowns: str | None) -> Data:
     """The token streams (cached under WORKDIR/data_cache), then the training iterator and eval batches.
@@ -110,9 +125,9 @@ def _assemble(config, workdir, tokenizer, source, load, prefix, span, start, pro
     meta_path = stem.parent / (stem.name + ".json")
 
     # The meta file is written last: if it exists, all arrays were completely written before it.
-    if meta_path.is_file() and all(p.is_file() for p in array_paths):
-        corpus_stats = cache.read_json(meta_path)
-        arrays = [cache.load_array(p) for p in array_paths]
+    cached = _read_cache(meta_path, array_paths)
+    if cached is not None:
+        corpus_stats, arrays = cached
         cache_hit = True
     else:
         c = load()

@@ -312,14 +312,14 @@ def cached_or_trained(workdir, request: dict, vocab_size: int, max_chars: int, t
     model_path, meta_path = (workdir / name for name in TOKENIZER_FILES)
     if model_path.is_file():
         if meta_path.is_file():
-            stored = {k: v for k, v in cache.read_json(meta_path).items() if k != UNKNOWN_SHARE_KEY}
+            stored = {k: v for k, v in read_tokenizer_meta(workdir).items() if k != UNKNOWN_SHARE_KEY}
             if stored != request:
                 diff = {k: (stored.get(k), request.get(k)) for k in set(stored) | set(request)
                         if stored.get(k) != request.get(k)}
                 raise DataError(f"{model_path} was trained for a different data config (stored vs now: {diff}). "
                                 "Fix: use a fresh --workdir, or delete tokenizer.model there to retrain "
                                 "(checkpoints in that workdir belong to the old tokenizer).")
-        tok = Tokenizer(model_path.read_bytes(), str(model_path))
+        tok = _workdir_tokenizer(model_path)
         check_vocab(tok, vocab_size)
         return tok
     tok = train_tokenizer(train_texts(), vocab_size - sentinels, max_chars)
@@ -329,6 +329,38 @@ def cached_or_trained(workdir, request: dict, vocab_size: int, max_chars: int, t
     cache.write_json(meta_path, request)
     tok.path = str(model_path)
     return tok
+
+
+def _workdir_tokenizer(model_path: pathlib.Path) -> Tokenizer:
+    """WORKDIR/tokenizer.model; a DataError naming the fix when it is empty or damaged (truncated)."""
+    proto = model_path.read_bytes()
+    try:
+        if not proto:
+            raise RuntimeError("the file is empty")
+        return Tokenizer(proto, str(model_path))
+    except RuntimeError as e:
+        raise DataError(
+            f"{model_path} is damaged ({str(e).strip().splitlines()[0][:200]}; {len(proto)} bytes): the checkpoints "
+            f"in {model_path.parent} belong to the tokenizer that was there, so it is not retrained over it. Fix: "
+            "restore tokenizer.model from a copy of this work directory; or, if no checkpoint there is worth "
+            "keeping, delete tokenizer.model and tokenizer.json and train again (a new tokenizer is trained)") from None
+
+
+def read_tokenizer_meta(workdir) -> dict:
+    """WORKDIR/tokenizer.json ({} when absent); a DataError naming the fix when it is damaged."""
+    meta_path = pathlib.Path(workdir) / TOKENIZER_FILES[1]
+    if not meta_path.is_file():
+        return {}
+    try:
+        meta = cache.read_json(meta_path)
+        if not isinstance(meta, dict):
+            raise ValueError(f"a JSON {type(meta).__name__}, not an object")
+        return meta
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(
+            f"{meta_path} is damaged ({type(e).__name__}: {str(e)[:160]}): it records what tokenizer.model was "
+            "trained on, checked each time it is reused. Fix: restore it from a copy of this work directory, or "
+            "delete it to use tokenizer.model as it is, unchecked") from None
 
 
 def tokenizer_request(config) -> dict:
@@ -350,13 +382,12 @@ UNKNOWN_SHARE_KEY = "train_unknown_share"
 
 def record_unknown_share(workdir, share: float) -> None:
     meta_path = pathlib.Path(workdir) / TOKENIZER_FILES[1]
-    cache.write_json(meta_path, {**cache.read_json(meta_path), UNKNOWN_SHARE_KEY: round(share, 6)})
+    cache.write_json(meta_path, {**read_tokenizer_meta(workdir), UNKNOWN_SHARE_KEY: round(share, 6)})
 
 
 def recorded_unknown_share(workdir) -> float:
     """The recorded share (0 for a tokenizer.json written before it was recorded)."""
-    meta_path = pathlib.Path(workdir) / TOKENIZER_FILES[1]
-    return float(cache.read_json(meta_path).get(UNKNOWN_SHARE_KEY, 0.0)) if meta_path.is_file() else 0.0
+    return float(read_tokenizer_meta(workdir).get(UNKNOWN_SHARE_KEY, 0.0))
 
 
 def get_tokenizer(config, workdir, train_texts=None) -> Tokenizer:
