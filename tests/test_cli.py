@@ -82,7 +82,8 @@ def test_generate_rejects_empty_and_too_long_prompts(trained, run_args, capsys):
     code, _, err = run_cli(capsys, "generate", *run_args, "--prompt=")
     assert code == 2 and "prompt is empty" in err
     code, _, err = run_cli(capsys, "generate", *run_args, "--prompt=" + "the cat sat on the mat " * 20)
-    assert code == 2 and "exceeds model.max_len 64" in err and "Traceback" not in err
+    assert code == 2 and "this model reads at most 63 (model.max_len 64" in err and "Traceback" not in err
+    assert "Fix: shorten --prompt" in err and "max_new_tokens" not in err  # no advice that cannot work
 
 
 def test_generate_default_length_fits_max_len(trained, run_args, capsys):

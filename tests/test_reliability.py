@@ -2,10 +2,12 @@
 a config that does not match, and SIGKILL at random moments (the resumed run's losses equal an
 uninterrupted run's)."""
 
+import contextlib
 import json
 import os
 import pathlib
 import random
+import resource
 import re
 import shutil
 import signal
@@ -148,7 +150,7 @@ def test_a_mismatched_config_without_config_json_writes_nothing(trained, corpus,
     (workdir / "config.json").unlink()
     code, _, err = run_cli(None, "train", *args(workdir, corpus, "--config.model.d_model=64",
                                                 "--config.train.num_steps=30"))
-    assert code == 1 and "no readable checkpoint" in err and "Nothing was changed there" in err
+    assert code == 1 and "hold a model of other shapes than the config's" in err and "Nothing was changed there" in err
     assert not (workdir / "config.json").exists() and steps_in(workdir) == [10, 20]
     code, _, err = run_cli(None, "train", *args(workdir, corpus, "--config.train.num_steps=21",
                                                 "--config.train.sample_at_end=False"))
@@ -296,3 +298,218 @@ def test_a_process_that_never_joins_is_named_after_the_init_timeout(corpus, tmp_
     for err in (err0, err1):
         assert "--distributed_init_timeout=3 s" in err and "Traceback" not in err and "Check failure" not in err
     assert not (tmp_path / "w0" / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------- one message, nothing lost (case 6)
+
+def mounted(kind: str, path: pathlib.Path, size_kb: int = 0) -> bool:
+    """Mounts a small tmpfs at `path` ("tmpfs") or remounts `path` read-only in place ("ro"), where this
+    user may (root); False where not."""
+    path.mkdir(parents=True, exist_ok=True)
+    commands = ({"tmpfs": [["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(path)]],
+                 "ro": [["mount", "--bind", str(path), str(path)], ["mount", "-o", "remount,bind,ro", str(path)]]}[kind])
+    for i, command in enumerate(commands):
+        if os.geteuid() != 0 or subprocess.run(command, capture_output=True).returncode != 0:
+            if i:
+                subprocess.run(["umount", str(path)], capture_output=True)
+            return False
+    return True
+
+
+def unmount(path) -> None:
+    subprocess.run(["umount", str(path)], capture_output=True)
+
+
+@contextlib.contextmanager
+def read_only(path: pathlib.Path):
+    """`path` read-only for the block: a read-only bind mount as root (permissions do not stop root), else
+    the directory's write permission removed."""
+    if os.geteuid() == 0:
+        if not mounted("ro", path):
+            pytest.skip("root without mount: cannot make a directory read-only")
+        try:
+            yield
+        finally:
+            unmount(path)
+        return
+    mode = path.stat().st_mode
+    path.chmod(mode & ~0o222)
+    try:
+        yield
+    finally:
+        path.chmod(mode)
+
+
+def test_a_full_disk_during_a_save_is_one_message_and_the_earlier_checkpoints_restore(trained, corpus, tmp_path):
+    """A real full file system (a small tmpfs) where the test can mount one; else a file size limit, a write
+    that really fails (EFBIG)."""
+    disk = tmp_path / "disk"
+    size_kb = sum(f.stat().st_size for f in trained.rglob("*") if f.is_file()) // 1024 + 500
+    tmpfs = mounted("tmpfs", disk, size_kb)
+    try:
+        workdir = disk / "w"
+        shutil.copytree(trained, workdir)
+        limit = None if tmpfs else (lambda: (signal.signal(signal.SIGXFSZ, signal.SIG_IGN),
+                                             resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))))
+        done = subprocess.run([sys.executable, "-m", "scaling_sparse", "train", f"--workdir={workdir}",
+                               "--config.train.num_steps=60", "--config.train.checkpoint_every=1",
+                               "--config.train.keep_checkpoints=100", "--config.train.progress=False"],
+                              cwd=ROOT, capture_output=True, text=True, preexec_fn=limit, timeout=300)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+        error = re.search(r"error: saving the checkpoint at step (\d+) failed \((.*?)\)\. The checkpoints at steps "
+                          r"\[.*?\] in .* are intact", done.stderr)
+        assert error and (error.group(2) == "no space left on the device" or not tmpfs), done.stderr[-3000:]
+        assert done.stderr.count("\n") <= 3  # the error, and at most the data line before it
+        steps = steps_in(workdir)
+        assert int(error.group(1)) not in steps and {10, 20} <= set(steps)
+        assert not list((workdir / "checkpoints").glob("*tmp*"))  # the incomplete step was removed
+        code, out, err = run_cli(None, "eval", f"--workdir={workdir}", "--json")
+        assert code == 0 and json.loads(out)["step"] == steps[-1], err
+    finally:
+        if tmpfs:
+            unmount(disk)
+
+
+def test_sigint_before_the_first_step_claims_no_checkpoint(trained, corpus, tmp_path, monkeypatch):
+    from scaling_sparse import train as train_module
+
+    workdir = copy_of(trained, tmp_path)
+    restore = train_module._restore_or_init
+
+    def restore_then_ctrl_c(*a, **k):
+        result = restore(*a, **k)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the run starts: before step 21
+        return result
+
+    monkeypatch.setattr(train_module, "_restore_or_init", restore_then_ctrl_c)
+    code, _, err = run_cli(None, "train", *args(workdir, corpus, "--config.train.num_steps=30"))
+    assert code == 130 and "stopped by SIGINT at step 20 (before its first step; no new checkpoint, the latest is " \
+        "still step 20)" in err, err
+    assert steps_in(workdir) == [10, 20]
+
+
+@pytest.mark.parametrize("damage", ["{bad", '{"model": 3}'])
+def test_a_damaged_config_json_with_config_given_is_a_warning_and_kept(trained, corpus, tmp_path, damage):
+    workdir = copy_of(trained, tmp_path)
+    (workdir / "config.json").write_text(damage)
+    code, _, err = run_cli(None, "eval", f"--workdir={workdir}")  # without --config: the stored one is needed
+    assert code == 2 and "cannot be read as a config" in err and "Fix: pass --config=FILE" in err
+    code, out, err = run_cli(None, "eval", *args(workdir, corpus))
+    assert code == 0 and "warning:" in err and "cannot be read as a config" in err and "Traceback" not in err
+    if damage != "{bad":
+        return
+    code, _, err = run_cli(None, "train", *args(workdir, corpus, "--config.train.num_steps=21",
+                                                "--config.train.sample_at_end=False"))
+    assert code == 0, err
+    kept = list(workdir.glob("config.json.damaged-*"))
+    assert len(kept) == 1 and kept[0].read_text() == damage
+    assert json.loads((workdir / "config.json").read_text())["model"]["d_model"] == 32
+
+
+def test_config_json_edited_to_another_model_size_names_the_shapes(trained, tmp_path):
+    workdir = copy_of(trained, tmp_path)
+    config = json.loads((workdir / "config.json").read_text())
+    config["model"]["d_model"] = 64
+    (workdir / "config.json").write_text(json.dumps(config))
+    code, _, err = run_cli(None, "eval", f"--workdir={workdir}")
+    assert code == 1 and "hold a model of other shapes than the config's" in err and "checkpoint (32," in err
+    assert "strict" not in err and "Traceback" not in err and steps_in(workdir) == [10, 20]
+
+
+@pytest.mark.parametrize("damage", ["truncated_model", "empty_model", "garbage_json"])
+def test_a_damaged_tokenizer_is_named_and_left_as_it_is(trained, corpus, tmp_path, damage):
+    workdir = copy_of(trained, tmp_path)
+    model, meta = workdir / "tokenizer.model", workdir / "tokenizer.json"
+    if damage == "truncated_model":
+        model.write_bytes(model.read_bytes()[:100])
+    elif damage == "empty_model":
+        model.write_bytes(b"")
+    else:
+        meta.write_text("garbage{")
+    before = (model.read_bytes(), meta.read_bytes())
+    for command in (["generate", f"--workdir={workdir}", "--prompt=the cat"], ["train", f"--workdir={workdir}"]):
+        code, _, err = run_cli(None, *command)
+        assert code == 2 and "is damaged" in err and "Fix: restore" in err and "Traceback" not in err, err
+    assert (model.read_bytes(), meta.read_bytes()) == before and steps_in(workdir) == [10, 20]
+
+
+def test_a_truncated_data_cache_is_rebuilt_with_a_word(trained, corpus, tmp_path):
+    workdir = copy_of(trained, tmp_path)
+    for array in (workdir / "data_cache").glob("*.npy"):
+        array.write_bytes(array.read_bytes()[:200])
+    code, _, err = run_cli(None, "train", *args(workdir, corpus, "--config.train.num_steps=21",
+                                                "--config.train.sample_at_end=False"))
+    assert code == 0 and "is damaged" in err and "rebuilding it from the corpus" in err, err
+    assert steps_in(workdir) == [10, 20, 21]
+    code, _, err = run_cli(None, "eval", *args(workdir, corpus))
+    assert code == 0 and "data cache" not in err  # rebuilt whole
+
+
+def test_deleted_checkpoint_files_fall_back_in_one_warning(trained, tmp_path):
+    """The failed restore's reads still in flight used to print dozens of tracebacks."""
+    workdir = copy_of(trained, tmp_path)
+    for f in (workdir / "checkpoints" / "20" / "state").glob("ocdbt.process_0/d/*"):
+        f.unlink()
+    done = subprocess.run([sys.executable, "-m", "scaling_sparse", "eval", f"--workdir={workdir}", "--json"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and json.loads(done.stdout)["step"] == 10
+    assert "the checkpoint at step 20" in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "Exception ignored" not in done.stderr and done.stderr.count("\n") <= 3, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--prompt=caf\udce9", "--prompt is not valid UTF-8 text"),
+    (f"--seed={2**64 + 1}", "--seed must be an integer in [0, 2**63)"),
+    ("--temperature=nan", "--temperature must be a finite number"),
+    ("--prompt=" + "the cat sat " * 100, "Fix: shorten --prompt to about"),
+])
+def test_bad_generate_input_is_one_line(trained, flag, message):
+    code, out, err = run_cli(None, "generate", f"--workdir={trained}", "--prompt=the", flag)
+    assert code == 2 and message in err and "Traceback" not in err and not out, err
+
+
+def test_compress_out_a_file_read_only_or_claimed_is_refused_and_leaves_nothing(trained, tmp_path):
+    from scaling_sparse.compress.workdir import claim_out, partial_dir
+
+    compress = ["compress", f"--workdir={trained}", "--method=svd", "--rank=2"]
+    (tmp_path / "file").write_text("mine")
+    code, _, err = run_cli(None, *compress, f"--out={tmp_path / 'file'}")
+    assert code == 2 and "is an existing file" in err and (tmp_path / "file").read_text() == "mine"
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    with read_only(locked):
+        code, _, err = run_cli(None, *compress, f"--out={locked / 'new'}")
+    assert code in (1, 2) and "cannot be written" in err and "Traceback" not in err, err
+    out = tmp_path / "out"
+    with claim_out(trained, out):  # another compress run writing the same --out
+        code, _, err = run_cli(None, *compress, f"--out={out}")
+        assert code == 1 and "is being written by another compress run (pid" in err, err
+    assert not partial_dir(out).exists() and not out.exists()  # a run that ends without a model leaves nothing
+    code, _, err = run_cli(None, *compress, f"--out={out}")
+    assert code == 0 and (out / "config.json").exists() and not partial_dir(out).exists(), err
+
+
+def test_workdir_and_config_mistakes_are_one_line(trained, corpus, tmp_path):
+    workdir = copy_of(trained, tmp_path)
+    before = sorted(p.name for p in workdir.iterdir())
+    with read_only(workdir):
+        code, _, err = run_cli(None, "train", *args(workdir, corpus, "--config.train.num_steps=21"))
+    assert code == 1 and "cannot be written" in err and "Nothing was changed" in err, err
+    assert sorted(p.name for p in workdir.iterdir()) == before and steps_in(workdir) == [10, 20]
+    (tmp_path / "file").write_text("")
+    code, _, err = run_cli(None, "eval", *args(tmp_path / "file", corpus))
+    assert code == 2 and "is a file, not a directory" in err
+    code, out, err = run_cli(None, "eval", f"--config={workdir / 'config.json'}", f"--workdir={workdir}", "--json")
+    assert code == 0 and json.loads(out)["step"] == 20, err
+    (tmp_path / "no_get_config.py").write_text("x = 1\n")
+    done = subprocess.run([sys.executable, "-m", "scaling_sparse", "eval", f"--config={tmp_path / 'no_get_config.py'}",
+                           f"--workdir={workdir}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "has no get_config() function" in done.stderr, done.stderr  # (config_flags
+    # caches config modules in a process: a real one, not run_cli)
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    shutil.copy(workdir / "config.json", tmp_path / "empty")
+    code, _, err = run_cli(None, "eval", f"--workdir={tmp_path / 'empty'}")
+    assert code == 1 and "no checkpoints in" in err and "yet" in err and "model config changed" not in err, err
+    code, _, err = run_cli(None, "train", *args(tmp_path / "new", corpus, "--config.train.learning_rate=inf"))
+    assert code == 2 and "train.learning_rate: must be a finite number > 0, got inf" in err
+    assert not (tmp_path / "new").exists()
