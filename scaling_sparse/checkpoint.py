@@ -217,10 +217,10 @@ class Checkpointer:
             return ""
         try:
             stored = self.manager.item_metadata(step)["state"]
-            stored = getattr(stored, "tree", stored)["params"]
+            have = _shapes_by_name(getattr(stored, "tree", stored)["params"])
         except Exception:  # damaged metadata: the restore reports it
             return ""
-        have, want = _shapes_by_name(stored), _shapes_by_name(target["params"])
+        want = _shapes_by_name(target["params"])
         differ = [f"{k}: checkpoint {have.get(k, 'absent')}, model {want[k]}" for k in want if have.get(k) != want[k]]
         differ += [f"{k}: checkpoint {have[k]}, model absent" for k in have if k not in want]
         return "; ".join(differ[:3]) + (f" (and {len(differ) - 3} more)" if len(differ) > 3 else "")

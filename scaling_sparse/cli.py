@@ -12,7 +12,9 @@ Usage:
   With --workdir and no --config, every command uses the config stored in WORKDIR/config.json (the
   run's own); --config.FIELD=VALUE overrides still apply.
   Several processes (one per host): add --coordinator_address=HOST:PORT --num_processes=N --process_id=I
-  (none of them under SLURM or on a multi-host TPU VM: JAX detects the cluster).
+  (none of them under SLURM or on a multi-host TPU VM: JAX detects the cluster). A process that never
+  joins, or dies, ends the others with one message after --distributed_init_timeout=300 or
+  --distributed_heartbeat_timeout=100 seconds (docs/reliability.md: what every failure prints).
 
 Commands:
   train     Train from scratch, or resume from the latest checkpoint in DIR (--step=N: from checkpoint
