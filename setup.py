@@ -18,12 +18,14 @@ CORE = [
     "matplotlib>=3.7",
     "tensorboardX>=2.6",
 ]
-# The C4 pipeline only: TensorFlow stays out of the model, decoding and training imports.
-C4 = ["tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9.4"]
+# The C4 pipeline only: TensorFlow stays out of the model, decoding and training imports. Grain reads
+# TFDS's ArrayRecord files by index (config.data.tfds_reader=grain).
+C4 = ["tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9.4", "grain>=0.2.10", "array-record>=0.5"]
 # pytest 9.2 keeps a test's id in Node._id, where pytest-xdist (3.8) does not put the xdist_group name, so
 # `--dist loadgroup` scheduled every grouped test on its own (a model's sharded-equivalence subprocess ran
 # once per worker that drew one of its tests). tests/conftest.py refuses to run in that state.
-TEST = C4 + ["pytest>=7.4,<9.2", "pytest-xdist>=3.5"]
+# importlib_resources: tfds's store_as_tfds_dataset (the tests' small ArrayRecord datasets) imports it.
+TEST = C4 + ["pytest>=7.4,<9.2", "pytest-xdist>=3.5", "importlib_resources>=5"]
 
 setup(
     name="scaling-sparse",

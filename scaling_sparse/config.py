@@ -163,6 +163,9 @@ def base_config() -> ml_collections.ConfigDict:
     d.target_field = ""        # prefix-LM: jsonl field of the target ("" = text_field); loss on it only
     d.tfds_name = "c4/en:3.1.0"
     d.tfds_data_dir = ""
+    d.tfds_reader = "tf.data"  # tf.data: the split in stored order, every process reads all of it, resume skips
+                               # the records read (O(records)); grain: ArrayRecord by index, a seeded order,
+                               # each process reads its rows' records only, resume in O(1) (data/grain_rows.py)
     d.tokenizer_path = ""      # a SentencePiece .model; "" = train one on the training split
     d.tokenizer_train_chars = 20_000_000
     d.validation_fraction = 0.02
@@ -325,6 +328,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     # Data.
     _require(d.source in ("stdlib", "files", "jsonl", "tfds"), "data.source", f"unknown {d.source!r}",
              "use stdlib | files | jsonl | tfds")
+    _require(d.get("tfds_reader", "tf.data") in ("tf.data", "grain"), "data.tfds_reader",
+             f"unknown {d.get('tfds_reader')!r}", "use tf.data | grain")
     if d.source in ("files", "jsonl"):
         _require(bool(d.path), "data.path", f"source={d.source} needs a path",
                  "set --config.data.path=DIR, a glob, or a .jsonl file")

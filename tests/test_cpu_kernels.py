@@ -5,6 +5,7 @@ with the reason, where the kernels are not built; `make install` builds them."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -108,7 +109,7 @@ def test_switch_and_stale_build_fall_back_to_jax(tmp_path, monkeypatch):
     env = dict(os.environ, **{cpu.ENV_SWITCH: "0"})
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1])["reason"].startswith("disabled")
-    if not (build.LIB_DIR / build.LIB_NAME).exists():
+    if not (build.host_lib_dir() / build.LIB_NAME).exists():
         pytest.skip("no built library to make stale")
     available_before = cpu.status()["available"]  # False when this run itself has the switch off
     stale = dict(build.expected_stamp(), sources_sha256="0" * 64)
@@ -126,8 +127,10 @@ def test_switch_and_stale_build_fall_back_to_jax(tmp_path, monkeypatch):
 def test_a_damaged_library_is_not_loaded_and_the_reason_is_given(tmp_path):
     """A truncated library (a failed copy, a full disk) with its stamp: dlopen of it could kill the process
     with a bus error, so status() compares its bytes with the stamp's hash first (in a fresh process)."""
-    (tmp_path / build.LIB_NAME).write_bytes(b"\x7fELF" + bytes(4000))
-    (tmp_path / build.STAMP_NAME).write_text(json.dumps({**build.expected_stamp(), "library_sha256": "0" * 64}))
+    lib_dir = build.host_lib_dir(tmp_path)
+    lib_dir.mkdir()
+    (lib_dir / build.LIB_NAME).write_bytes(b"\x7fELF" + bytes(4000))
+    (lib_dir / build.STAMP_NAME).write_text(json.dumps({**build.expected_stamp(), "library_sha256": "0" * 64}))
     code = ("import json, pathlib, sys; from scaling_sparse.kernels import build, cpu; "
             "build.LIB_DIR = pathlib.Path(sys.argv[1]); print(json.dumps(cpu.status()))")
     env = {k: v for k, v in os.environ.items() if k != cpu.ENV_SWITCH}
@@ -135,6 +138,46 @@ def test_a_damaged_library_is_not_loaded_and_the_reason_is_given(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     status = json.loads(out.stdout.strip().splitlines()[-1])
     assert not status["available"] and status["reason"].startswith("damaged library") and "--force" in status["reason"]
+
+
+def test_a_build_for_another_cpu_is_never_loaded_and_the_reason_names_what_this_cpu_lacks(tmp_path, monkeypatch):
+    """A venv shared by hosts of two CPUs (an AVX-512 login node, AVX2 compute nodes), with faked CPU
+    features: -march=native code of the first would die with an illegal instruction on the second. Each
+    CPU has its own build directory; a stamp's features are checked before loading (never loaded here)."""
+    monkeypatch.delenv(cpu.ENV_SWITCH, raising=False)
+    monkeypatch.setattr(build, "LIB_DIR", tmp_path)
+    wide = frozenset({"sse2", "avx", "avx2", "fma", "avx512f", "avx512bw"})
+    narrow = wide - {"avx512f", "avx512bw"}
+
+    def write_build_on(features):  # what build() leaves, with a stand-in library
+        monkeypatch.setattr(build, "cpu_features", lambda: features)
+        lib_dir = build.host_lib_dir()
+        lib_dir.mkdir()
+        (lib_dir / build.LIB_NAME).write_bytes(b"\x7fELF" + bytes(100))
+        stamp = {**build.expected_stamp(), "library_sha256": build.file_sha256(lib_dir / build.LIB_NAME)}
+        (lib_dir / build.STAMP_NAME).write_text(json.dumps(stamp))
+        return lib_dir
+
+    def status_on(features):
+        monkeypatch.setattr(build, "cpu_features", lambda: features)
+        cpu.status.cache_clear()
+        return cpu.status()
+
+    try:
+        wide_build = write_build_on(wide)
+        status = status_on(narrow)
+        assert not status["available"] and status["reason"].startswith("not built for this CPU"), status
+        assert "instructions this one lacks (avx512bw, avx512f)" in status["reason"] and wide_build.name in status["reason"]
+        assert not build.up_to_date() and build.host_lib_dir() != wide_build  # make install builds this host's own
+        monkeypatch.setattr(build, "cpu_features", lambda: wide)
+        assert build.up_to_date() and build.host_lib_dir() == wide_build  # the wide host keeps its own
+
+        shutil.copytree(wide_build, tmp_path / build.host_key(narrow))
+        status = status_on(narrow)  # copied by hand into the narrow host's directory
+        assert status["reason"].startswith("built on a CPU with instructions this one lacks (avx512bw, avx512f)"), status
+    finally:
+        monkeypatch.undo()
+        cpu.status.cache_clear()
 
 
 @needs_kernels

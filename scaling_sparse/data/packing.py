@@ -75,8 +75,9 @@ def check_state(state: dict, *, kind: str, fingerprint: str | None) -> None:
     """A checkpointed iterator state must come from the same kind of iterator over the same corpus and
     tokenizer, or a resumed run would not see the same batches."""
     if state.get("kind") != kind:
-        raise DataError(f"iterator state {state!r} is not a {kind!r} iterator state. Fix: resume with the "
-                        "data config (config.data.source) the checkpoint was written with.")
+        raise DataError(f"the saved data position (kind {state.get('kind')!r}) is not a {kind!r} iterator state. "
+                        "Fix: resume with the data config (config.data.source, config.data.tfds_reader) the "
+                        "checkpoint was written with.")
     if fingerprint and state.get("fingerprint") not in (None, fingerprint):
         raise DataError("the checkpoint's data iterator was saved over a different corpus or tokenizer "
                         f"(fingerprint {state.get('fingerprint')!r}, now {fingerprint!r}), so resuming "

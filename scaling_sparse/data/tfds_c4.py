@@ -86,6 +86,12 @@ def open_builder(data_config):
     return builder
 
 
+def file_formats(builder) -> set[str]:
+    """The file formats a prepared copy holds ("tfrecord", "array_record", ...)."""
+    info = builder.info
+    return {str(getattr(f, "value", f)) for f in [info.file_format, *getattr(info, "alternative_file_formats", [])]}
+
+
 def record_reader(builder, split: str) -> Callable[[int], Iterator[str]]:
     """-> open(skip): an iterator over the split's texts starting at record `skip`."""
     tf, tfds = import_tfds()
@@ -227,25 +233,48 @@ def _split_name(builder, *candidates: str) -> str:
 
 
 def build_data(config, workdir, process_index: int = 0, process_count: int = 1) -> Data:
-    """Every process reads the same record stream and keeps its rows of each global batch, so the
-    global batch and the iterator state do not depend on the process count."""
+    """tfds_reader="tf.data" (default): every process reads the same record stream in stored order and
+    keeps its rows of each global batch. tfds_reader="grain" (grain_rows.py): each process reads only its
+    rows' records, in a seeded order. Either way the global batch does not depend on the process count."""
     d, t = config.data, config.train
     builder = open_builder(d)
     train_split = _split_name(builder, "train")
     val_split = _split_name(builder, "validation", "test")
-    open_train, open_val = record_reader(builder, train_split), record_reader(builder, val_split)
+    reader = d.get("tfds_reader", "tf.data")
+    if reader == "grain":
+        from scaling_sparse.data import grain_rows
+
+        if d.get("objective", "lm") != "lm":
+            raise DataError("config.data.tfds_reader=grain reads for objective=lm only. Fix: use "
+                            "--config.data.tfds_reader=tf.data for span corruption.")
+        train_source = grain_rows.open_source(builder, train_split)
+        open_train = grain_rows.texts_in_order(train_source)
+        open_val = grain_rows.texts_in_order(grain_rows.open_source(builder, val_split))
+    else:
+        if "tfrecord" not in file_formats(builder):  # tf.data reads TFRecord files only
+            raise DataError(f"{builder.info.full_name} under {builder.data_dir} is stored as "
+                            f"{sorted(file_formats(builder))}, which tf.data cannot read in order. Fix: read it "
+                            "by index with --config.data.tfds_reader=grain.")
+        open_train, open_val = record_reader(builder, train_split), record_reader(builder, val_split)
     tokenizer = get_tokenizer(config, workdir, lambda: open_train(0))
     key = cache.fingerprint({"dataset": d.tfds_name, "tokenizer": cache.bytes_digest(tokenizer.model_proto)})
     if d.get("objective", "lm") == "span_corruption":
         return _span_corruption_data(config, builder, tokenizer, key, (train_split, open_train),
                                      (val_split, open_val), process_index, process_count)
-    train = StreamIterator(open_train, tokenizer, t.batch_size, t.seq_len, fingerprint=key[:16], split=train_split,
-                           process_index=process_index, process_count=process_count)
+    if reader == "grain":
+        order_key = cache.fingerprint({"data": key, "reader": "grain", "seed": d.shuffle_seed})[:16]
+        train = grain_rows.RowStreamIterator(
+            train_source, tokenizer, t.batch_size, t.seq_len, seed=d.shuffle_seed, fingerprint=order_key,
+            split=train_split, process_index=process_index, process_count=process_count,
+            gather=grain_rows.process_allgather if process_count > 1 else None)
+    else:
+        train = StreamIterator(open_train, tokenizer, t.batch_size, t.seq_len, fingerprint=key[:16],
+                               split=train_split, process_index=process_index, process_count=process_count)
     val = validation_stream(open_val, tokenizer, t.eval_batches * t.batch_size * t.seq_len + 1)
     evals = packing.eval_batches(val, t.batch_size, t.seq_len, t.eval_batches, tokenizer.pad_id,
                                  process_index=process_index, process_count=process_count)
     splits = builder.info.splits
-    stats = {"source": "tfds", "dataset": d.tfds_name, "data_dir": str(builder.data_dir),
+    stats = {"source": "tfds", "dataset": d.tfds_name, "data_dir": str(builder.data_dir), "reader": reader,
              "train_records": int(splits[train_split].num_examples) if train_split in splits else None,
              "validation_records": int(splits[val_split].num_examples) if val_split in splits else None,
              "validation_tokens": int(len(val)), "eval_batches": len(evals), "tokenizer": tokenizer.path,

@@ -1,7 +1,8 @@
 """Loads the compiled CPU decode kernels (docs/kernels.md) and says when decoding uses them.
 
-`status()`: whether the library is loaded, and if not why (not built, stale build, damaged library,
-disabled by SCALING_SPARSE_CPU_KERNELS=0, a load error). Nothing here needs the library to import, so GPU images
+`status()`: whether the library is loaded, and if not why (not built, built only for other CPUs, built on a
+CPU with instructions this one lacks, stale build, damaged library, disabled by SCALING_SPARSE_CPU_KERNELS=0,
+a load error). Nothing here needs the library to import, so GPU images
 and machines without a compiler run the pure-JAX path.
 
 Whether a traced decode uses a kernel is decided when it is traced: `Decoder` traces its functions
@@ -40,12 +41,24 @@ _active = contextvars.ContextVar("scaling_sparse_cpu_kernels", default=False)
 @functools.lru_cache(maxsize=1)
 def status() -> dict:
     """{"available": bool, "reason": str, "library": path or None}; loads and registers the kernels once."""
-    path = build.LIB_DIR / build.LIB_NAME
+    path = build.host_lib_dir() / build.LIB_NAME
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return {"available": False, "reason": f"disabled ({ENV_SWITCH}=0)", "library": None}
     if not path.exists():
+        others = build.other_builds()
+        if others:  # a venv shared with hosts of another CPU (a login node and compute nodes)
+            lacks = sorted({f for stamp in others.values() for f in build.missing_features(stamp)})
+            return {"available": False, "reason": f"not built for this CPU ({build.host_key()}): the builds in "
+                    f"{build.LIB_DIR} are for other CPUs ({', '.join(others)})"
+                    + (f", built with instructions this one lacks ({_listed(lacks)})" if lacks else "")
+                    + "; run `python -m scaling_sparse.kernels.build` on this host to add its own", "library": None}
         return {"available": False, "reason": "not built (run `make install` or `python -m "
                 "scaling_sparse.kernels.build`)", "library": None}
+    lacks = build.missing_features(build.read_stamp())
+    if lacks:  # a library copied in from another host: loading it could die with an illegal instruction
+        return {"available": False, "reason": f"built on a CPU with instructions this one lacks ({_listed(lacks)}): "
+                "not loaded; rebuild it here with `python -m scaling_sparse.kernels.build --force`",
+                "library": str(path)}
     if not build.up_to_date():
         return {"available": False, "reason": "stale build (sources, jaxlib, flags or the stamp's format changed "
                 "since it was built: run `python -m scaling_sparse.kernels.build`)", "library": str(path)}
@@ -62,6 +75,10 @@ def status() -> dict:
     except (OSError, AttributeError, ValueError, RuntimeError) as e:
         return {"available": False, "reason": f"load failed: {e}", "library": str(path)}
     return {"available": True, "reason": "loaded", "library": str(path)}
+
+
+def _listed(names: list[str], most: int = 6) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def available() -> bool:
