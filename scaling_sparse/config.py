@@ -154,6 +154,11 @@ def base_config() -> ml_collections.ConfigDict:
     t.seed = 0
     t.sample_at_end = True     # print a sample after training (with the generate settings)
     t.progress = True          # tqdm progress bar
+    t.objective = "ce"         # ce | trime (in-batch memory, scaling_sparse/trime_loss.py, docs/trime.md)
+    tr = t.trime = ml_collections.ConfigDict()
+    tr.memory = "local"        # local (same segment, earlier tokens) | ext (also every other row of the batch)
+    tr.ce_warmup_fraction = 0.05  # plain cross-entropy for this share of train.num_steps, then TRIME (the reference's)
+    tr.hide_own_probability = 0.9  # ext: per step, the chance the own segment is hidden (--cross-sent-ratio)
 
     d = c.data = ml_collections.ConfigDict()
     d.source = "stdlib"        # stdlib | files | jsonl | tfds
@@ -324,6 +329,24 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              and t.weight_decay_steps >= 0, "train.weight_decay_steps",
              f"must be an integer >= 0, got {t.weight_decay_steps!r}",
              "set --config.train.weight_decay_steps=100000 (the reference's) or 0 (constant decay)")
+
+    # TRIME (scaling_sparse/trime_loss.py).
+    objective = t.get("objective", "ce")
+    _require(objective in ("ce", "trime"), "train.objective", f"unknown {objective!r}", "use ce | trime")
+    if objective == "trime":
+        tr = t.trime
+        _require(tr.memory in ("local", "ext"), "train.trime.memory",
+                 f"{tr.memory!r} is not available" + (": TRIME_long needs batches of consecutive segments of one "
+                                                       "stream, a batching not built yet" if tr.memory == "long" else ""),
+                 "use local or ext")
+        _require(0.0 <= tr.ce_warmup_fraction < 1.0, "train.trime.ce_warmup_fraction",
+                 f"must be in [0, 1), got {tr.ce_warmup_fraction}", "use 0.05 (the reference's)")
+        _require(0.0 <= tr.hide_own_probability <= 1.0, "train.trime.hide_own_probability",
+                 f"must be in [0, 1], got {tr.hide_own_probability}", "use 0.9 (the reference's)")
+        _require(m.arch == "decoder" and not d.input_field, "train.objective",
+                 "TRIME is a decoder-only language-model objective; this config trains "
+                 + ("an encoder-decoder" if m.arch != "decoder" else "prefix-LM examples"),
+                 "use --config.train.objective=ce, or a decoder-only model on plain text")
 
     # Data.
     _require(d.source in ("stdlib", "files", "jsonl", "tfds"), "data.source", f"unknown {d.source!r}",

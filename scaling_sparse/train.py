@@ -38,6 +38,7 @@ from scaling_sparse.optim import make_optimizer, make_schedule, optimizer_settin
 from scaling_sparse.workdir_lock import check_writable, workdir_lock
 from scaling_sparse.state import (TrainStateLayout, init_train_state, model_spec, restore_params,
                                   restore_train_state)
+from scaling_sparse.trime_loss import weighted_trime_loss
 
 SAMPLE_PROMPT_TOKENS = 16
 SAMPLE_NEW_TOKENS = 48
@@ -83,8 +84,37 @@ def batch_shardings(mesh, rules, keys=BATCH_KEYS) -> dict:
     return {k: s for k in keys}
 
 
+def objective_settings(t) -> tuple:
+    """config.train's objective as a hashable jit-cache key: ("ce",) or ("trime", memory, CE warm-up
+    steps, the ext hide-own probability) (trime_loss.py)."""
+    if t.get("objective", "ce") != "trime":
+        return ("ce",)
+    tr = t.trime
+    return ("trime", tr.memory, int(round(tr.ce_warmup_fraction * t.num_steps)), float(tr.hide_own_probability))
+
+
+def _loss(model, batch, rng, step, objective):
+    """-> (sum of weighted token losses, sum of weights, 1.0 where the step used TRIME's loss)."""
+    if objective[0] == "ce":
+        logits = model.logits(batch, mode="train", rng=rng)
+        return (*weighted_cross_entropy(logits, batch["targets"], batch["weights"])[:2], jnp.float32(0))
+    _, memory, ce_steps, hide_probability = objective
+    logits, features = model.logits(batch, mode="train", rng=rng, features=True)
+    targets, weights = batch["targets"], batch["weights"]
+    hide_own = jax.random.bernoulli(jax.random.fold_in(rng, 0x7E1), hide_probability)  # one coin a step
+
+    def memory_loss():
+        return weighted_trime_loss(logits, features, targets, weights, memory, hide_own=hide_own)
+
+    def plain_loss():  # the reference's warm-up: pure cross-entropy, then pure TRIME (no mixture)
+        return weighted_cross_entropy(logits, targets, weights)[:2]
+
+    use_memory = step >= ce_steps
+    return (*jax.lax.cond(use_memory, memory_loss, plain_loss), use_memory.astype(jnp.float32))
+
+
 @functools.lru_cache(maxsize=8)
-def _train_step(layout: TrainStateLayout, settings: tuple):
+def _train_step(layout: TrainStateLayout, settings: tuple, objective: tuple = ("ce",)):
     tx, schedule = make_optimizer(dict(settings), layout.axes), make_schedule(dict(settings))
     graphdef = layout.graphdef
 
@@ -97,16 +127,15 @@ def _train_step(layout: TrainStateLayout, settings: tuple):
         rng = jax.random.fold_in(state["rng"], step)
 
         def loss_fn(params):
-            logits = nnx.merge(graphdef, params).logits(batch, mode="train", rng=rng)
-            loss_sum, weight_sum, _ = weighted_cross_entropy(logits, batch["targets"], batch["weights"])
-            return loss_sum / jnp.maximum(weight_sum, 1.0), weight_sum
+            loss_sum, weight_sum, used_memory = _loss(nnx.merge(graphdef, params), batch, rng, step, objective)
+            return loss_sum / jnp.maximum(weight_sum, 1.0), (weight_sum, used_memory)
 
-        (loss, weight_sum), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        (loss, (weight_sum, used_memory)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new_state = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
                      "step": step + 1, "rng": state["rng"]}
         metrics = {"loss": loss, "tokens": weight_sum, "grad_norm": optax.global_norm(grads),
-                   "learning_rate": schedule(step)}
+                   "learning_rate": schedule(step), "trime": used_memory}
         return new_state, metrics
 
     replicated = sharding.replicated(layout.mesh)
@@ -117,7 +146,7 @@ def _train_step(layout: TrainStateLayout, settings: tuple):
 def make_train_step(layout: TrainStateLayout, train_config):
     """-> jitted (train state, batch) -> (train state, metrics); the state is donated. Cached per
     (layout, optimizer settings), so a resumed or repeated run in the same process compiles once."""
-    return _train_step(layout, optimizer_settings(train_config))
+    return _train_step(layout, optimizer_settings(train_config), objective_settings(train_config))
 
 
 @functools.lru_cache(maxsize=8)
@@ -309,6 +338,7 @@ def _train_locked(config, workdir, data, echo, mesh, step, primary) -> dict:
         train_step = make_train_step(layout, t)
         eval_step = make_eval_step(layout.graphdef, mesh, rules)
         tokens_per_step = t.batch_size * t.seq_len
+        trime = t.get("objective", "ce") == "trime"  # the log says which loss each step used
 
         summary = {"step": start, "interrupted": False}
         if start >= t.num_steps:
@@ -335,6 +365,7 @@ def _train_locked(config, workdir, data, echo, mesh, step, primary) -> dict:
                     record = {"train_loss": train_loss,
                               "learning_rate": float(m["learning_rate"]),
                               "grad_norm": float(m["grad_norm"]),
+                              **({"trime": float(m["trime"])} if trime else {}),  # 1: TRIME's loss, 0: CE warm-up
                               "tokens_per_s": (step - window_start) * tokens_per_step / max(now - window_time, 1e-9)}
                     if not np.isfinite(train_loss):
                         raise _diverged(step, f"the training loss ({train_loss})", last_good, ckpt.directory, t)

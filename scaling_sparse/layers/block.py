@@ -16,6 +16,17 @@ def pre_norm(norm, x):
     return x if norm is None else norm(x)
 
 
+def ffn_features(norm, ffn, x):
+    """The LayerNorm output an FFN reads (TRIME's key and query, trime_loss.py): LN(x), or, for an FFN that
+    normalises the raw stream itself (SRU), its main FFN's LayerNorm of x."""
+    if norm is not None:
+        return norm(x)
+    main_norm = getattr(ffn, "main_norm", None)
+    if main_norm is None:
+        raise ValueError("this layer has no LayerNorm before its FFN: TRIME's features are undefined for it")
+    return main_norm(x)
+
+
 def ffn_norm_for(ffn, m):
     """The block's LayerNorm before the FFN: none when the FFN takes the raw stream (SRU, layers/sru.py)."""
     return None if getattr(ffn, "takes_raw_stream", False) else LayerNorm(m.d_model, eps=m.layer_norm_eps)
@@ -34,16 +45,22 @@ class DecoderBlock(nnx.Module):
         self.ffn_norm = ffn_norm_for(self.ffn, m) if d_ff else None
         self.dropout_rate = m.dropout
 
-    def __call__(self, x, *, mode: str = "eval", rng=None):
+    def __call__(self, x, *, mode: str = "eval", rng=None, features: bool = False):
+        """-> x, or (x, the FFN's LayerNorm output) with features=True (TRIME, trime_loss.py)."""
         train = check_mode(mode)
         keys = jax.random.split(rng, 4) if train else [None] * 4
         if self.attn is not None:
             h = self.attn(self.attn_norm(x), mode=mode, rng=keys[0])
             x = x + dropout(h, self.dropout_rate, keys[1], train=train)
-        if self.ffn is not None:
-            h = self.ffn(pre_norm(self.ffn_norm, x), mode=mode, rng=keys[2])
-            x = x + dropout(h, self.dropout_rate, keys[3], train=train)
-        return x
+        if self.ffn is None:
+            if features:
+                raise ValueError("TRIME needs the last block's FFN input, but this (pruned) block has no FFN")
+            return x
+        ffn_in = pre_norm(self.ffn_norm, x)
+        g = ffn_features(self.ffn_norm, self.ffn, x) if features and self.ffn_norm is None else ffn_in
+        h = self.ffn(ffn_in, mode=mode, rng=keys[2])
+        x = x + dropout(h, self.dropout_rate, keys[3], train=train)
+        return (x, g) if features else x
 
     def init_cache(self, batch: int, cache_len: int, dtype):
         return {"attn": {} if self.attn is None else self.attn.init_cache(batch, cache_len, dtype),

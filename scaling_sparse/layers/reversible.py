@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from scaling_sparse.layers.base import check_mode
-from scaling_sparse.layers.block import ffn_norm_for, pre_norm
+from scaling_sparse.layers.block import ffn_features, ffn_norm_for, pre_norm
 from scaling_sparse.layers.factory import make_attention, make_ffn
 from scaling_sparse.layers.norm import LayerNorm
 
@@ -200,9 +200,17 @@ class ReversibleStack(nnx.Module):
         self.blocks = nnx.List([block(m, rngs=rngs) for _ in range(m.n_layers if n_layers is None else n_layers)])
         self.recompute = recompute
 
-    def __call__(self, x, *, mode: str = "eval", rng=None):
+    def __call__(self, x, *, mode: str = "eval", rng=None, features: bool = False):
+        """-> the streams' average, or (it, the last block's FFN LayerNorm output) with features=True
+        (TRIME). The FFN is the last half-residual, (a, b) -> (b + F(LN a), a), so its input stream a is
+        the second output stream: no second pass and nothing stored."""
         x1, x2 = self.streams(x, x, mode=mode, rng=rng)
-        return (x1 + x2) / 2
+        if not features:
+            return (x1 + x2) / 2
+        last = self.blocks[-1]
+        if last.SUBLAYERS[-1] != "ffn":
+            raise ValueError("TRIME's features need a block whose last sub-layer is its FFN")
+        return (x1 + x2) / 2, ffn_features(last.ffn_norm, last.ffn, x2)
 
     def streams(self, x1, x2, *, mode: str = "eval", rng=None, context=None):
         """(x1, x2) through every block -> (y1, y2); `context` reaches every block (the encoder's mask)."""

@@ -14,9 +14,14 @@ class StandardStack(nnx.Module):
     def __init__(self, m, *, rngs: nnx.Rngs):
         self.blocks = nnx.List([DecoderBlock(m, rngs=rngs, layer=i) for i in range(m.n_layers)])
 
-    def __call__(self, x, *, mode: str = "eval", rng=None):
+    def __call__(self, x, *, mode: str = "eval", rng=None, features: bool = False):
+        """-> x, or (x, the last block's FFN LayerNorm output) with features=True (TRIME)."""
+        last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            x = block(x, mode=mode, rng=None if rng is None else jax.random.fold_in(rng, i))
+            key = None if rng is None else jax.random.fold_in(rng, i)
+            if features and i == last:
+                return block(x, mode=mode, rng=key, features=True)
+            x = block(x, mode=mode, rng=key)
         return x
 
     def init_cache(self, batch: int, cache_len: int, dtype):

@@ -44,8 +44,10 @@ class DecoderLM(nnx.Module):
         x = jnp.take(self.token_embed[...], tokens, axis=0) + jnp.take(self.pos_embed[...], positions, axis=0)
         return x.astype(self.dtype)
 
-    def __call__(self, tokens: jax.Array, *, mode: str = "eval", rng=None) -> jax.Array:
-        """tokens [batch, T] -> logits [batch, T, vocab] (float32), causal."""
+    def __call__(self, tokens: jax.Array, *, mode: str = "eval", rng=None, features: bool = False):
+        """tokens [batch, T] -> logits [batch, T, vocab] (float32), causal. features=True: (logits, g) with
+        g [batch, T, d_model] the last block's LayerNorm output before its FFN (TRIME's key and query,
+        trime_loss.py), taken from the same pass."""
         train = check_mode(mode)
         if train and rng is None:
             raise ValueError("mode='train' needs rng=<PRNG key>")
@@ -54,12 +56,16 @@ class DecoderLM(nnx.Module):
         embed_rng, stack_rng = jax.random.split(rng) if train else (None, None)
         x = self._embed(tokens, jnp.arange(tokens.shape[1]))
         x = dropout(x, self.dropout_rate, embed_rng, train=train)
+        if features:
+            x, g = self.stack(x, mode=mode, rng=stack_rng, features=True)
+            return self.output(self.final_norm(x)).astype(jnp.float32), g
         x = self.stack(x, mode=mode, rng=stack_rng)
         return self.output(self.final_norm(x)).astype(jnp.float32)
 
-    def logits(self, batch: dict, *, mode: str = "eval", rng=None) -> jax.Array:
-        """The training loop's entry point: a language-model batch (data/pipeline.py) -> logits."""
-        return self(batch["inputs"], mode=mode, rng=rng)
+    def logits(self, batch: dict, *, mode: str = "eval", rng=None, features: bool = False):
+        """The training loop's entry point: a language-model batch (data/pipeline.py) -> logits, or
+        (logits, features) (TRIME)."""
+        return self(batch["inputs"], mode=mode, rng=rng, features=features)
 
     def prefill(self, prompt: jax.Array, cache_len: int):
         """Generation's start (decode.py): the prompt through the decoder -> (logits of the first
