@@ -35,17 +35,8 @@ KIND = "grain_rows"
 
 
 def open_source(builder, split: str):
-    """TFDS's random-access source of a prepared split, or a DataError saying how to get ArrayRecord files."""
-    from scaling_sparse.data.tfds_c4 import file_formats
-
-    formats = file_formats(builder)
-    if "array_record" not in formats:
-        raise DataError(
-            f"{builder.info.full_name} under {builder.data_dir} is stored as {sorted(formats)}, but "
-            "config.data.tfds_reader=grain reads records by index, which needs ArrayRecord files. Fix: convert "
-            f"the prepared copy once: `tfds convert_format --dataset_version_dir={builder.data_dir} "
-            "--out_file_format=array_record` (or build it with `tfds build ... --file_format=array_record`), "
-            "or read it in order with --config.data.tfds_reader=tf.data.")
+    """TFDS's random-access source of a prepared split (ArrayRecord files: tfds_c4.build_data checks the
+    copy holds them), or a DataError naming the unreadable files."""
     try:
         return builder.as_data_source(split=split)
     except Exception as e:  # noqa: BLE001 - tfds raises several types for unreadable shards

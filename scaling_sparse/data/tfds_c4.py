@@ -247,6 +247,14 @@ def build_data(config, workdir, process_index: int = 0, process_count: int = 1) 
         if d.get("objective", "lm") != "lm":
             raise DataError("config.data.tfds_reader=grain reads for objective=lm only. Fix: use "
                             "--config.data.tfds_reader=tf.data for span corruption.")
+        formats = file_formats(builder)
+        if "array_record" not in formats:  # Grain reads records by index
+            raise DataError(
+                f"{builder.info.full_name} under {builder.data_dir} is stored as {sorted(formats)}, but "
+                "config.data.tfds_reader=grain reads records by index, which needs ArrayRecord files. Fix: convert "
+                f"the prepared copy once: `tfds convert_format --dataset_version_dir={builder.data_dir} "
+                "--out_file_format=array_record` (or build it with `tfds build ... --file_format=array_record`), "
+                "or read it in order with --config.data.tfds_reader=tf.data.")
         train_source = grain_rows.open_source(builder, train_split)
         open_train = grain_rows.texts_in_order(train_source)
         open_val = grain_rows.texts_in_order(grain_rows.open_source(builder, val_split))
