@@ -23,7 +23,9 @@ Commands:
             Ctrl-C saves a checkpoint before exiting; running the same command again resumes with the
             same batches.
   eval      Validation loss (= log-perplexity, nats per token), perplexity and token accuracy of the
-            latest checkpoint in DIR (--step=N: of checkpoint N).
+            latest checkpoint in DIR (--step=N: of checkpoint N). --memory=local|long|ext: with TRIME's
+            in-batch memory, any model (a cross-entropy one: the continuous-cache baseline),
+            --memory_temperature=1.0,1.1,1.2 a sweep (docs/trime.md).
   generate  Continue --prompt with the latest checkpoint: greedy (--temperature=0) or sampled with a
             temperature and optionally top-k; the defaults are the config's generate section (greedy for
             most presets, temperature 0.7 and top-k 40 for the stdlib demo presets). The whole loop runs jitted with a
@@ -79,6 +81,13 @@ _TEMPERATURE = flags.DEFINE_float(
 _TOP_K = flags.DEFINE_integer("top_k", None, "generate: sample among the k most likely tokens; 0 = all. "
                               "Default: config.generate.top_k.")
 _SEED = flags.DEFINE_integer("seed", None, "generate: sampling seed. Default: config.generate.seed.")
+_MEMORY = flags.DEFINE_enum("memory", "none", ["none", "local", "long", "ext"],
+                            "eval: with TRIME's in-batch memory (docs/trime.md): local (the window's earlier tokens), "
+                            "long (every earlier token of the batch's consecutive windows), ext (also the other "
+                            "windows); none = plain cross-entropy.")
+_MEMORY_TEMPERATURE = flags.DEFINE_list("memory_temperature", ["1.0"],
+                                        "eval --memory: the memory scores' temperature; several (1.0,1.1,1.2) "
+                                        "= a sweep, the best reported.")
 _JSON = flags.DEFINE_bool("json", False, "eval, params, config: print JSON instead of text.")
 _STEP = flags.DEFINE_integer("step", None, "train: the checkpoint step to resume from; eval, generate: the "
                              "checkpoint step to load (default: the latest).")
@@ -166,13 +175,22 @@ def _signal_name(signum: int) -> str:
 def cmd_eval(config, workdir) -> int:
     from scaling_sparse.train import evaluate
 
-    metrics = evaluate(config, workdir, step=_STEP.value)
+    try:
+        temperatures = tuple(float(t) for t in _MEMORY_TEMPERATURE.value)
+    except ValueError:
+        raise UsageError(f"--memory_temperature must be numbers, got {','.join(_MEMORY_TEMPERATURE.value)}") from None
+    metrics = evaluate(config, workdir, step=_STEP.value, memory=_MEMORY.value, temperatures=temperatures)
     if _JSON.value:
         print(json.dumps(metrics))
-    else:
-        print(f"step {metrics['step']} | eval_loss (log-perplexity) {metrics['eval_loss']:.4f} | "
-              f"perplexity {metrics['eval_perplexity']:.2f} | accuracy {metrics['eval_accuracy']:.4f} | "
-              f"{metrics['eval_tokens']} tokens")
+        return 0
+    for row in metrics.get("memory_sweep", []) if len(temperatures) > 1 else []:
+        print(f"memory {metrics['memory']} temperature {row['temperature']:g}: eval_loss {row['eval_loss']:.4f} | "
+              f"perplexity {row['eval_perplexity']:.2f}")
+    memory = (f" | memory {metrics['memory']} (temperature {metrics['memory_temperature']:g})"
+              if "memory" in metrics else "")
+    print(f"step {metrics['step']} | eval_loss (log-perplexity) {metrics['eval_loss']:.4f} | "
+          f"perplexity {metrics['eval_perplexity']:.2f} | accuracy {metrics['eval_accuracy']:.4f} | "
+          f"{metrics['eval_tokens']} tokens{memory}")
     return 0
 
 

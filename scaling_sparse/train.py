@@ -38,7 +38,7 @@ from scaling_sparse.optim import make_optimizer, make_schedule, optimizer_settin
 from scaling_sparse.workdir_lock import check_writable, workdir_lock
 from scaling_sparse.state import (TrainStateLayout, init_train_state, model_spec, restore_params,
                                   restore_train_state)
-from scaling_sparse.trime_loss import weighted_trime_loss
+from scaling_sparse.trime_loss import trime_token_losses, weighted_trime_loss
 
 SAMPLE_PROMPT_TOKENS = 16
 SAMPLE_NEW_TOKENS = 48
@@ -150,16 +150,35 @@ def make_train_step(layout: TrainStateLayout, train_config):
 
 
 @functools.lru_cache(maxsize=8)
-def make_eval_step(graphdef, mesh, rules: tuple):
+def make_eval_step(graphdef, mesh, rules: tuple, memory: tuple = ("none",)):
     """-> jitted (params, batch) -> (loss_sum, weight_sum, correct_sum), eval mode (argmax masks).
-    Inputs keep the shardings they arrive with (state.py's, global_batch's)."""
+    memory=(kind, temperature): the loss of TRIME's joint distribution over the vocabulary and the
+    batch's memory (memory_eval_sums). Inputs keep the shardings they arrive with (state.py's,
+    global_batch's)."""
 
     def eval_step(params, batch):
         with sharding.activation_rules(mesh, rules):
-            logits = nnx.merge(graphdef, params).logits(batch, mode="eval")
-        return weighted_cross_entropy(logits, batch["targets"], batch["weights"])
+            model = nnx.merge(graphdef, params)
+            if memory[0] == "none":
+                logits = model.logits(batch, mode="eval")
+                return weighted_cross_entropy(logits, batch["targets"], batch["weights"])
+            logits, features = model.logits(batch, mode="eval", features=True)
+        return memory_eval_sums(logits, features, batch, *memory)
 
     return jax.jit(eval_step, out_shardings=sharding.replicated(mesh))
+
+
+def memory_eval_sums(logits, features, batch, kind: str, temperature: float):
+    """Evaluation with memory (docs/trime.md): -log p_joint(y) with the memory scores divided by the
+    temperature. local: the window's earlier tokens; ext: also every other row of the batch; long: every
+    earlier row of the batch (evaluation batches are consecutive windows of the validation stream, so
+    that is every earlier token of the batch). Accuracy stays the vocabulary logits' argmax."""
+    targets, weights = batch["targets"], batch["weights"]
+    loss_kind, group = ("long", targets.shape[0]) if kind == "long" else (kind, 1)
+    losses = trime_token_losses(logits, features, targets, weights, loss_kind, temperature=temperature,
+                                group_rows=group)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return jnp.sum(losses * weights), jnp.sum(weights), jnp.sum(correct * weights)
 
 
 def global_batch(batch: dict, mesh, rules) -> dict:
@@ -427,14 +446,31 @@ def _print_sample(config, data, graphdef, params, mesh, echo) -> None:
              f"  continuation: {tok.decode(out)!r}")
 
 
-def evaluate(config, workdir, *, data=None, step: int | None = None, mesh=None) -> dict:
-    """Validation metrics of the workdir's latest (or given) checkpoint."""
+def evaluate(config, workdir, *, data=None, step: int | None = None, mesh=None, memory: str = "none",
+             temperatures: tuple = (1.0,)) -> dict:
+    """Validation metrics of the workdir's latest (or given) checkpoint. memory local | long | ext: with
+    TRIME's memory (memory_eval_sums) at each of `temperatures` (a sweep); the metrics are the best
+    temperature's, and "memory_sweep" lists every one."""
     validate(config)
+    if memory not in ("none", "local", "long", "ext"):
+        raise ConfigError(f"--memory={memory!r}: use none | local | long | ext")
+    if memory != "none" and config.model.arch != "decoder":
+        raise ConfigError("--memory: evaluation with memory is for decoder-only models. Fix: --memory=none")
+    if not temperatures or not all(np.isfinite(t) and t > 0 for t in temperatures):
+        raise ConfigError(f"--memory_temperature must be numbers > 0, got {list(temperatures)}")
     mesh = run_mesh(config, mesh)
     rules = sharding.logical_rules(config.mesh)
     graphdef, params, step = load_params(config, workdir, step=step, mesh=mesh)  # first: no data work without one
     data = load_data(config, workdir, data)
-    metrics = evaluate_batches(make_eval_step(graphdef, mesh, rules), params, data.eval_batches, mesh, rules)
+    if memory == "none":
+        metrics = evaluate_batches(make_eval_step(graphdef, mesh, rules), params, data.eval_batches, mesh, rules)
+    else:
+        sweep = [{"temperature": float(tau), **evaluate_batches(make_eval_step(graphdef, mesh, rules, (memory, float(tau))),
+                                                                params, data.eval_batches, mesh, rules)}
+                 for tau in temperatures]
+        best = min(sweep, key=lambda r: r["eval_loss"])
+        metrics = {**{k: v for k, v in best.items() if k != "temperature"}, "memory": memory,
+                   "memory_temperature": best["temperature"], "memory_sweep": sweep}
     if not np.isfinite(metrics["eval_loss"]):
         raise NonFiniteError(f"the validation loss of the checkpoint at step {step} in {workdir} is "
                              f"{metrics['eval_loss']}: its weights are degenerate (a diverged run). Fix: evaluate an "

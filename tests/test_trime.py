@@ -130,13 +130,28 @@ def test_features_are_the_last_blocks_ffn_layernorm_output_from_the_same_pass(va
     np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
-def test_trime_trains_from_scratch_and_continues_a_cross_entropy_run(tmp_path, corpus):
+def test_a_cross_entropy_run_evaluates_with_memory_and_continues_with_trime(tmp_path, corpus):
     tiny = ROOT / "experiments" / "configs" / "tiny.py"
     common = [f"--config={tiny}", f"--workdir={tmp_path / 'w'}", "--config.data.source=files",
               f"--config.data.path={corpus}", "--config.model.vocab_size=128", "--config.train.log_every=1",
               "--config.train.sample_at_end=False", "--config.train.progress=False"]
     code, _, err = run_cli(None, "train", *common, "--config.train.num_steps=4")  # plain cross-entropy
     assert code == 0, err
+    # Evaluation with memory of this cross-entropy model (the continuous-cache baseline), with a sweep.
+    workdir = f"--workdir={tmp_path / 'w'}"
+    code, out, err = run_cli(None, "eval", workdir, "--json")
+    assert code == 0, err
+    plain = json.loads(out)
+    for memory in ("local", "long", "ext"):
+        code, out, err = run_cli(None, "eval", workdir, "--json", f"--memory={memory}", "--memory_temperature=1,2")
+        assert code == 0, err
+        with_memory = json.loads(out)
+        sweep = with_memory["memory_sweep"]
+        assert [r["temperature"] for r in sweep] == [1.0, 2.0] and with_memory["memory"] == memory
+        assert with_memory["eval_loss"] == min(r["eval_loss"] for r in sweep) != plain["eval_loss"]
+        assert with_memory["eval_tokens"] == plain["eval_tokens"] and np.isfinite(with_memory["eval_loss"])
+    code, _, err = run_cli(None, "eval", workdir, "--memory=local", "--memory_temperature=0")
+    assert code != 0 and "--memory_temperature must be numbers > 0" in err
     code, _, err = run_cli(None, "train", *common, "--config.train.num_steps=8", "--config.train.objective=trime",
                            "--config.train.trime.ce_warmup_fraction=0.75")  # CE until step 6, then TRIME
     assert code == 0, err
