@@ -26,6 +26,8 @@ Commands:
             latest checkpoint in DIR (--step=N: of checkpoint N). --memory=local|long|ext: with TRIME's
             in-batch memory, any model (a cross-entropy one: the continuous-cache baseline),
             --memory_temperature=1.0,1.1,1.2 a sweep (docs/trime.md).
+  datastore Keys (the last block's pre-FFN LayerNorm output, float16) and next tokens of the training
+            split into DIR/datastore with a faiss index, for eval --datastore (docs/trime.md).
   generate  Continue --prompt with the latest checkpoint: greedy (--temperature=0) or sampled with a
             temperature and optionally top-k; the defaults are the config's generate section (greedy for
             most presets, temperature 0.7 and top-k 40 for the stdlib demo presets). The whole loop runs jitted with a
@@ -63,7 +65,7 @@ from ml_collections import config_flags
 
 from scaling_sparse.process_watch import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_INIT_TIMEOUT_S
 
-COMMANDS = ("train", "eval", "generate", "params", "config", "compress")
+COMMANDS = ("train", "eval", "generate", "params", "config", "compress", "datastore")
 # Python loggers held at WARNING unless --verbosity is given (main()).
 QUIET_LOGGERS = ("absl", "jax")
 
@@ -88,6 +90,13 @@ _MEMORY = flags.DEFINE_enum("memory", "none", ["none", "local", "long", "ext"],
 _MEMORY_TEMPERATURE = flags.DEFINE_list("memory_temperature", ["1.0"],
                                         "eval --memory: the memory scores' temperature; several (1.0,1.1,1.2) "
                                         "= a sweep, the best reported.")
+_DATASTORE = flags.DEFINE_bool("datastore", False, "eval: add the neighbours from WORKDIR/datastore (build it with "
+                               "the datastore command): --memory=ext is TrimeLM_ext, --memory=none kNN-LM.")
+_KNN_K = flags.DEFINE_integer("knn_k", 1024, "eval --datastore: neighbours per token.")
+_KNN_LAMBDA = flags.DEFINE_float("knn_lambda", 0.3, "eval --datastore: weight of the kNN distribution.")
+_KNN_TEMPERATURE = flags.DEFINE_float("knn_temperature", 10.5, "eval --datastore: temperature of the kNN distribution.")
+_DATASTORE_TOKENS = flags.DEFINE_integer("datastore_tokens", 0, "datastore: at most this many training tokens "
+                                         "(0 = the whole training split of a local corpus; required for TFDS).")
 _JSON = flags.DEFINE_bool("json", False, "eval, params, config: print JSON instead of text.")
 _STEP = flags.DEFINE_integer("step", None, "train: the checkpoint step to resume from; eval, generate: the "
                              "checkpoint step to load (default: the latest).")
@@ -179,6 +188,19 @@ def cmd_eval(config, workdir) -> int:
         temperatures = tuple(float(t) for t in _MEMORY_TEMPERATURE.value)
     except ValueError:
         raise UsageError(f"--memory_temperature must be numbers, got {','.join(_MEMORY_TEMPERATURE.value)}") from None
+    if _DATASTORE.value:
+        from scaling_sparse import datastore
+
+        if len(temperatures) > 1:
+            raise UsageError("eval --datastore takes one --memory_temperature")
+        metrics = datastore.evaluate(config, workdir, step=_STEP.value, memory=_MEMORY.value, temperature=temperatures[0],
+                                     k=_KNN_K.value, knn_lambda=_KNN_LAMBDA.value, knn_temperature=_KNN_TEMPERATURE.value)
+        print(json.dumps(metrics) if _JSON.value else
+              f"step {metrics['step']} | eval_loss (log-perplexity) {metrics['eval_loss']:.4f} | perplexity "
+              f"{metrics['eval_perplexity']:.2f} | {metrics['eval_tokens']} tokens | "
+              f"{'TrimeLM_ext' if metrics['memory'] == 'ext' else 'kNN-LM'} with {metrics['datastore']['count']} keys "
+              f"(k {_KNN_K.value}, lambda {_KNN_LAMBDA.value:g})")
+        return 0
     metrics = evaluate(config, workdir, step=_STEP.value, memory=_MEMORY.value, temperatures=temperatures)
     if _JSON.value:
         print(json.dumps(metrics))
@@ -191,6 +213,15 @@ def cmd_eval(config, workdir) -> int:
     print(f"step {metrics['step']} | eval_loss (log-perplexity) {metrics['eval_loss']:.4f} | "
           f"perplexity {metrics['eval_perplexity']:.2f} | accuracy {metrics['eval_accuracy']:.4f} | "
           f"{metrics['eval_tokens']} tokens{memory}")
+    return 0
+
+
+def cmd_datastore(config, workdir) -> int:
+    from scaling_sparse import datastore
+
+    if _DATASTORE_TOKENS.value < 0:
+        raise UsageError(f"--datastore_tokens must be >= 0, got {_DATASTORE_TOKENS.value}")
+    datastore.build(config, workdir, step=_STEP.value, max_tokens=_DATASTORE_TOKENS.value)
     return 0
 
 
@@ -412,7 +443,7 @@ def main(argv) -> int:
             return cmd_params(config)
         workdir = _workdir()
         return {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
-                "compress": cmd_compress}[command](config, workdir)
+                "compress": cmd_compress, "datastore": cmd_datastore}[command](config, workdir)
     except (ConfigError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
