@@ -23,9 +23,10 @@ Commands:
             Ctrl-C saves a checkpoint before exiting; running the same command again resumes with the
             same batches.
   eval      Validation loss (= log-perplexity, nats per token), perplexity and token accuracy of the
-            latest checkpoint in DIR (--step=N: of checkpoint N). --memory=local|long|ext: with TRIME's
+            latest checkpoint in DIR (--step=N: of checkpoint N). --memory=local|long: with TRIME's
             in-batch memory, any model (a cross-entropy one: the continuous-cache baseline),
-            --memory_temperature=1.0,1.1,1.2 a sweep (docs/trime.md).
+            --memory_temperature=1.0,1.1,1.2 a sweep; --datastore adds the training set's nearest keys
+            (--memory=local: TrimeLM_ext, none: kNN-LM) (docs/trime.md).
   datastore Keys (the last block's pre-FFN LayerNorm output, float16) and next tokens of the training
             split into DIR/datastore with a faiss index, for eval --datastore (docs/trime.md).
   generate  Continue --prompt with the latest checkpoint: greedy (--temperature=0) or sampled with a
@@ -85,13 +86,14 @@ _TOP_K = flags.DEFINE_integer("top_k", None, "generate: sample among the k most 
 _SEED = flags.DEFINE_integer("seed", None, "generate: sampling seed. Default: config.generate.seed.")
 _MEMORY = flags.DEFINE_enum("memory", "none", ["none", "local", "long", "ext"],
                             "eval: with TRIME's in-batch memory (docs/trime.md): local (the window's earlier tokens), "
-                            "long (every earlier token of the batch's consecutive windows), ext (also the other "
-                            "windows); none = plain cross-entropy.")
+                            "long (every earlier token of the batch's consecutive windows); none = plain "
+                            "cross-entropy. With --datastore: local = TrimeLM_ext, none = kNN-LM. (ext is a "
+                            "training memory: refused here, it would see later text.)")
 _MEMORY_TEMPERATURE = flags.DEFINE_list("memory_temperature", ["1.0"],
                                         "eval --memory: the memory scores' temperature; several (1.0,1.1,1.2) "
                                         "= a sweep, the best reported.")
 _DATASTORE = flags.DEFINE_bool("datastore", False, "eval: add the neighbours from WORKDIR/datastore (build it with "
-                               "the datastore command): --memory=ext is TrimeLM_ext, --memory=none kNN-LM.")
+                               "the datastore command): --memory=local is TrimeLM_ext, --memory=none kNN-LM.")
 _KNN_K = flags.DEFINE_integer("knn_k", 1024, "eval --datastore: neighbours per token.")
 _KNN_LAMBDA = flags.DEFINE_float("knn_lambda", 0.3, "eval --datastore: weight of the kNN distribution.")
 _KNN_TEMPERATURE = flags.DEFINE_float("knn_temperature", 10.5, "eval --datastore: temperature of the kNN distribution.")
@@ -198,7 +200,7 @@ def cmd_eval(config, workdir) -> int:
         print(json.dumps(metrics) if _JSON.value else
               f"step {metrics['step']} | eval_loss (log-perplexity) {metrics['eval_loss']:.4f} | perplexity "
               f"{metrics['eval_perplexity']:.2f} | {metrics['eval_tokens']} tokens | "
-              f"{'TrimeLM_ext' if metrics['memory'] == 'ext' else 'kNN-LM'} with {metrics['datastore']['count']} keys "
+              f"{'kNN-LM' if metrics['memory'] == 'none' else 'TrimeLM_ext, memory ' + metrics['memory']} with {metrics['datastore']['count']} keys "
               f"(k {_KNN_K.value}, lambda {_KNN_LAMBDA.value:g})")
         return 0
     metrics = evaluate(config, workdir, step=_STEP.value, memory=_MEMORY.value, temperatures=temperatures)

@@ -2,7 +2,7 @@
 searched with faiss (docs/trime.md, "Datastore").
 
     python -m scaling_sparse datastore --workdir=W [--datastore_tokens=N]
-    python -m scaling_sparse eval --workdir=W --memory=ext --datastore [--knn_k=1024 --knn_lambda=0.3 ...]
+    python -m scaling_sparse eval --workdir=W --memory=local --datastore [--knn_k=1024 --knn_lambda=0.3 ...]
 
 Build: the model (eval mode, one forward pass per batch of windows) gives every training token's
 features g (the last block's pre-FFN LayerNorm output, trime_loss.py) and the token that followed it.
@@ -14,8 +14,9 @@ where d_model has no 64 equal parts, fewer bits for a store too small to train t
 `datastore.partial/` and renamed when complete: a crash leaves no half datastore that a later eval trusts.
 
 Search: the top-k keys by inner product with each query g. Scoring (`knn_token_losses`):
-  memory=ext (TrimeLM_ext): the neighbours join the joint softmax of trime_loss.py as IP / sqrt(d) / tau
-  next to the vocabulary and the in-batch memory, then p = (1 - lambda) p_joint + lambda p_kNN;
+  memory=local or long (TrimeLM_ext): the neighbours join the joint softmax of trime_loss.py as
+  IP / sqrt(d) / tau next to the vocabulary and the in-batch memory (the window's earlier tokens, or every
+  earlier token of the batch), then p = (1 - lambda) p_joint + lambda p_kNN;
   memory=none (kNN-LM): p = (1 - lambda) p_LM + lambda p_kNN;
   p_kNN(w) = sum over neighbours with value w of exp(IP / tau_knn), normalised over the k neighbours.
 """
@@ -214,13 +215,14 @@ def knn_token_losses(logits, features, targets, weights, knn_scores, knn_values,
     lp_vocab = logits - _lse(logits)[:, None]
     if memory == "none":
         log_p_model = lp_vocab[np.arange(b * t), y]
-    else:  # ext: in-batch memory (trime_loss.batch_visibility) and the neighbours in one softmax
+    else:  # TrimeLM_ext: the in-batch memory (local or long) and the neighbours in one softmax
         from scaling_sparse.trime_loss import batch_visibility
 
         g = features.astype(np.float64).reshape(b * t, d)
         scale = 1.0 / (math.sqrt(d) * temperature)
         batch_scores = g @ g.T * scale
-        visible = np.asarray(batch_visibility(weights, "ext")).reshape(b * t, b * t)
+        visible = np.asarray(batch_visibility(weights, "long", group_rows=1 if memory == "local" else b))
+        visible = visible.reshape(b * t, b * t)
         neighbour = knn_scores.astype(np.float64) * scale
         valid = knn_values >= 0
         all_scores = np.concatenate([logits, np.where(visible, batch_scores, -np.inf),
@@ -236,9 +238,9 @@ def knn_token_losses(logits, features, targets, weights, knn_scores, knn_values,
     return (-log_p).reshape(b, t)
 
 
-def evaluate(config, workdir, *, step: int | None = None, memory: str = "ext", temperature: float = 1.0, k: int = 1024,
+def evaluate(config, workdir, *, step: int | None = None, memory: str = "local", temperature: float = 1.0, k: int = 1024,
              knn_lambda: float = 0.3, knn_temperature: float = 10.5) -> dict:
-    """Validation loss with the datastore (TrimeLM_ext with memory="ext", kNN-LM with "none"), one process."""
+    """Validation loss with the datastore (TrimeLM_ext with memory local or long, kNN-LM with none), one process."""
     import time
 
     import jax
@@ -247,8 +249,9 @@ def evaluate(config, workdir, *, step: int | None = None, memory: str = "ext", t
     from scaling_sparse import sharding
     from scaling_sparse.train import load_data, load_params
 
-    if memory not in ("none", "ext"):
-        raise DatastoreError(f"--datastore scores with --memory=ext (TrimeLM_ext) or none (kNN-LM), not {memory!r}")
+    if memory not in ("none", "local", "long"):
+        raise DatastoreError(f"--datastore scores with --memory=local or long (TrimeLM_ext) or none (kNN-LM), not "
+                             f"{memory!r} (at evaluation the batch's other windows are later text)")
     if not 0 <= knn_lambda <= 1 or not knn_temperature > 0 or not temperature > 0 or k < 1:
         raise DatastoreError("--knn_lambda must be in [0, 1], --knn_temperature and --memory_temperature > 0, "
                              "--knn_k >= 1")

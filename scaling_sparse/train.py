@@ -170,13 +170,12 @@ def make_eval_step(graphdef, mesh, rules: tuple, memory: tuple = ("none",)):
 
 def memory_eval_sums(logits, features, batch, kind: str, temperature: float):
     """Evaluation with memory (docs/trime.md): -log p_joint(y) with the memory scores divided by the
-    temperature. local: the window's earlier tokens; ext: also every other row of the batch; long: every
-    earlier row of the batch (evaluation batches are consecutive windows of the validation stream, so
-    that is every earlier token of the batch). Accuracy stays the vocabulary logits' argmax."""
+    temperature. local: the window's earlier tokens; long: every earlier row of the batch too (evaluation
+    batches are consecutive windows of the validation stream, so that is every earlier token of the
+    batch, and never a later one). Accuracy stays the vocabulary logits' argmax."""
     targets, weights = batch["targets"], batch["weights"]
-    loss_kind, group = ("long", targets.shape[0]) if kind == "long" else (kind, 1)
-    losses = trime_token_losses(logits, features, targets, weights, loss_kind, temperature=temperature,
-                                group_rows=group)
+    losses = trime_token_losses(logits, features, targets, weights, kind, temperature=temperature,
+                                group_rows=targets.shape[0])
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     return jnp.sum(losses * weights), jnp.sum(weights), jnp.sum(correct * weights)
 
@@ -452,8 +451,13 @@ def evaluate(config, workdir, *, data=None, step: int | None = None, mesh=None, 
     TRIME's memory (memory_eval_sums) at each of `temperatures` (a sweep); the metrics are the best
     temperature's, and "memory_sweep" lists every one."""
     validate(config)
-    if memory not in ("none", "local", "long", "ext"):
-        raise ConfigError(f"--memory={memory!r}: use none | local | long | ext")
+    if memory == "ext":
+        raise ConfigError("--memory=ext: at evaluation the batch's other windows are the text after this one "
+                          "(evaluation batches are consecutive windows), so seeing them would leak it. Fix: "
+                          "TrimeLM_ext is --memory=local --datastore (the training set's keys); --memory=long sees "
+                          "every earlier token of the batch")
+    if memory not in ("none", "local", "long"):
+        raise ConfigError(f"--memory={memory!r}: use none | local | long")
     if memory != "none" and config.model.arch != "decoder":
         raise ConfigError("--memory: evaluation with memory is for decoder-only models. Fix: --memory=none")
     if not temperatures or not all(np.isfinite(t) and t > 0 for t in temperatures):

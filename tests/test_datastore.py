@@ -89,7 +89,7 @@ def test_knn_lm_at_lambda_0_is_the_plain_evaluation_and_ext_scores_with_the_neig
                              "--knn_lambda=0")
     assert code == 0, err
     assert json.loads(out)["eval_loss"] == pytest.approx(plain, rel=1e-5)
-    for memory in ("none", "ext"):
+    for memory in ("none", "local", "long"):
         code, out, err = run_cli(None, "eval", f"--workdir={workdir}", "--json", "--datastore", f"--memory={memory}",
                                  "--knn_k=64")
         assert code == 0, err
@@ -108,7 +108,7 @@ def test_the_scores_follow_the_formula_on_a_hand_made_case():
     knn_scores = np.array([[1.0, 0.5], [2.0, -1.0]], np.float32)
     knn_values = np.array([[2, 0], [1, 1]])
     lam, tau, tau_knn = 0.3, 1.2, 10.5
-    got = datastore.knn_token_losses(logits, g, targets, weights, knn_scores, knn_values, memory="ext",
+    got = datastore.knn_token_losses(logits, g, targets, weights, knn_scores, knn_values, memory="local",
                                      temperature=tau, knn_lambda=lam, knn_temperature=tau_knn)
     for i in range(t):
         f, y = logits[0, i].astype(np.float64), targets[0, i]
