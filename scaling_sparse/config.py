@@ -156,7 +156,9 @@ def base_config() -> ml_collections.ConfigDict:
     t.progress = True          # tqdm progress bar
     t.objective = "ce"         # ce | trime (in-batch memory, scaling_sparse/trime_loss.py, docs/trime.md)
     tr = t.trime = ml_collections.ConfigDict()
-    tr.memory = "local"        # local (same segment, earlier tokens) | ext (also every other row of the batch)
+    tr.memory = "local"        # local (same segment, earlier tokens) | long (consecutive segments of a row group) |
+                               # ext (also every other row of the batch)
+    tr.group_rows = 4          # long: rows per group of consecutive segments (data/consecutive.py)
     tr.ce_warmup_fraction = 0.05  # plain cross-entropy for this share of train.num_steps, then TRIME (the reference's)
     tr.hide_own_probability = 0.9  # ext: per step, the chance the own segment is hidden (--cross-sent-ratio)
 
@@ -335,10 +337,15 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(objective in ("ce", "trime"), "train.objective", f"unknown {objective!r}", "use ce | trime")
     if objective == "trime":
         tr = t.trime
-        _require(tr.memory in ("local", "ext"), "train.trime.memory",
-                 f"{tr.memory!r} is not available" + (": TRIME_long needs batches of consecutive segments of one "
-                                                       "stream, a batching not built yet" if tr.memory == "long" else ""),
-                 "use local or ext")
+        _require(tr.memory in ("local", "long", "ext"), "train.trime.memory", f"unknown {tr.memory!r}",
+                 "use local | long | ext")
+        if tr.memory == "long":
+            _require(d.source in ("stdlib", "files", "jsonl"), "train.trime.memory",
+                     "TRIME_long needs batches of consecutive segments of one stream, built for the local corpora "
+                     f"only, not data.source={d.source!r}", "use memory=local or ext, or a local corpus")
+            _require(isinstance(tr.group_rows, int) and tr.group_rows >= 1 and t.batch_size % tr.group_rows == 0,
+                     "train.trime.group_rows", f"{tr.group_rows!r} does not divide train.batch_size {t.batch_size}",
+                     "use a divisor of the batch size, e.g. 4")
         _require(0.0 <= tr.ce_warmup_fraction < 1.0, "train.trime.ce_warmup_fraction",
                  f"must be in [0, 1), got {tr.ce_warmup_fraction}", "use 0.05 (the reference's)")
         _require(0.0 <= tr.hide_own_probability <= 1.0, "train.trime.hide_own_probability",

@@ -86,11 +86,12 @@ def batch_shardings(mesh, rules, keys=BATCH_KEYS) -> dict:
 
 def objective_settings(t) -> tuple:
     """config.train's objective as a hashable jit-cache key: ("ce",) or ("trime", memory, CE warm-up
-    steps, the ext hide-own probability) (trime_loss.py)."""
+    steps, the ext hide-own probability, long's rows per group) (trime_loss.py)."""
     if t.get("objective", "ce") != "trime":
         return ("ce",)
     tr = t.trime
-    return ("trime", tr.memory, int(round(tr.ce_warmup_fraction * t.num_steps)), float(tr.hide_own_probability))
+    return ("trime", tr.memory, int(round(tr.ce_warmup_fraction * t.num_steps)), float(tr.hide_own_probability),
+            int(tr.get("group_rows", 1)))
 
 
 def _loss(model, batch, rng, step, objective):
@@ -98,13 +99,13 @@ def _loss(model, batch, rng, step, objective):
     if objective[0] == "ce":
         logits = model.logits(batch, mode="train", rng=rng)
         return (*weighted_cross_entropy(logits, batch["targets"], batch["weights"])[:2], jnp.float32(0))
-    _, memory, ce_steps, hide_probability = objective
+    _, memory, ce_steps, hide_probability, group_rows = objective
     logits, features = model.logits(batch, mode="train", rng=rng, features=True)
     targets, weights = batch["targets"], batch["weights"]
     hide_own = jax.random.bernoulli(jax.random.fold_in(rng, 0x7E1), hide_probability)  # one coin a step
 
     def memory_loss():
-        return weighted_trime_loss(logits, features, targets, weights, memory, hide_own=hide_own)
+        return weighted_trime_loss(logits, features, targets, weights, memory, hide_own=hide_own, group_rows=group_rows)
 
     def plain_loss():  # the reference's warm-up: pure cross-entropy, then pure TRIME (no mixture)
         return weighted_cross_entropy(logits, targets, weights)[:2]

@@ -164,19 +164,57 @@ def test_a_cross_entropy_run_evaluates_with_memory_and_continues_with_trime(tmp_
 
 
 @pytest.mark.parametrize("change,match", [
-    (dict(memory="long"), "TRIME_long needs batches of consecutive segments"),
+    (dict(memory="long", source="tfds"), "TRIME_long needs batches of consecutive segments"),
+    (dict(memory="long", group_rows=3), "does not divide train.batch_size"),
     (dict(ce_warmup_fraction=1.0), "ce_warmup_fraction"),
     (dict(arch="encdec"), "decoder-only language-model objective"),
 ])
 def test_settings_trime_cannot_train_are_refused(change, match):
     c = load_config("tiny")
     c.train.objective = "trime"
+    change = dict(change)
+    if "source" in change:
+        c.data.source = change.pop("source")
     if "arch" in change:
         c.model.arch, c.data.objective = "encdec", "span_corruption"
     else:
         c.train.trime.update(change)
     with pytest.raises(ConfigError, match=match):
         validate(c)
+
+
+def test_trime_long_batches_are_consecutive_segments_and_resume():
+    from scaling_sparse.data.consecutive import ConsecutiveIterator
+
+    stream = np.arange(1000, dtype=np.int32)
+    it = ConsecutiveIterator(stream, batch_size=4, seq_len=10, group_rows=2, seed=0)
+    batches = [next(it) for _ in range(3)]
+    for b in batches:  # within a group, row 1 continues row 0
+        np.testing.assert_array_equal(b["inputs"][1::2, 0], b["targets"][0::2, -1])
+    for a, b in zip(batches, batches[1:]):  # the next step continues each group's last row
+        np.testing.assert_array_equal(b["inputs"][0::2, 0], a["targets"][1::2, -1])
+    state = it.get_state()
+    want = [next(it) for _ in range(30)]  # across the epoch's end (24 steps per epoch)
+    assert it.epoch >= 1
+    again = ConsecutiveIterator(stream, batch_size=4, seq_len=10, group_rows=2, seed=0)
+    again.set_state(state)
+    for w in want:
+        np.testing.assert_array_equal(next(again)["inputs"], w["inputs"])
+    halves = [ConsecutiveIterator(stream, 4, 10, 2, 0, process_index=i, process_count=2) for i in range(2)]
+    np.testing.assert_array_equal(np.concatenate([next(h)["inputs"] for h in halves]), batches[0]["inputs"])
+
+
+def test_trime_long_trains_on_a_local_corpus(tmp_path, corpus):
+    tiny = ROOT / "experiments" / "configs" / "tiny.py"
+    code, _, err = run_cli(None, "train", f"--config={tiny}", f"--workdir={tmp_path / 'w'}", "--config.data.source=files",
+                           f"--config.data.path={corpus}", "--config.model.vocab_size=128", "--config.train.num_steps=3",
+                           "--config.train.objective=trime", "--config.train.trime.memory=long",
+                           "--config.train.trime.group_rows=2", "--config.train.trime.ce_warmup_fraction=0",
+                           "--config.train.log_every=1", "--config.train.sample_at_end=False",
+                           "--config.train.progress=False")
+    assert code == 0, err
+    records = read_metrics(tmp_path / "w")
+    assert [r["trime"] for r in records] == [1.0, 1.0, 1.0] and all(np.isfinite(r["train_loss"]) for r in records)
 
 
 @pytest.mark.xdist_group("trime_sharded")

@@ -11,6 +11,7 @@ Files by concern (leaves import this package and each other, never pipeline.py):
   cache.py      atomic writes and content fingerprints for everything cached under WORKDIR
   tfds_c4.py    C4 from tensorflow-datasets (the only module that imports TensorFlow, lazily)
   grain_rows.py TFDS ArrayRecord through Grain (tfds_reader=grain): per-process row streams, O(1) resume
+  consecutive.py  TRIME_long's batches of consecutive segments (train.trime.memory=long)
   local.py      stdlib / files / jsonl assembled into Data (token-stream cache under WORKDIR)
   pipeline.py   build_data: dispatch on config.data.source
 """

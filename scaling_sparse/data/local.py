@@ -151,8 +151,16 @@ def _assemble(config, workdir, tokenizer, source, load, prefix, span, start, pro
         return _span_corruption_data(config, tokenizer, key, train_stream, val_stream, corpus_stats, cache_hit,
                                      start, process_index, process_count)
 
-    train = packing.PackedIterator(train_stream, t.batch_size, t.seq_len, d.shuffle_seed, fingerprint=key[:16],
-                                   loss_mask=train_mask, process_index=process_index, process_count=process_count)
+    if t.get("objective", "ce") == "trime" and t.trime.memory == "long":  # consecutive segments per row group
+        from scaling_sparse.data.consecutive import ConsecutiveIterator
+
+        train = ConsecutiveIterator(train_stream, t.batch_size, t.seq_len, t.trime.group_rows, d.shuffle_seed,
+                                    fingerprint=key[:16], process_index=process_index, process_count=process_count)
+        train.n_windows = train.groups * train.region
+    else:
+        train = packing.PackedIterator(train_stream, t.batch_size, t.seq_len, d.shuffle_seed, fingerprint=key[:16],
+                                       loss_mask=train_mask, process_index=process_index,
+                                       process_count=process_count)
     evals = packing.eval_batches(val_stream, t.batch_size, t.seq_len, t.eval_batches, tokenizer.pad_id,
                                  loss_mask=val_mask, process_index=process_index, process_count=process_count)
     stats = dict(corpus_stats, source=d.source, train_tokens=int(len(train_stream)),
