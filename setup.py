@@ -24,8 +24,8 @@ C4 = ["tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9.4", "grain>=0.2.10", "ar
 # pytest 9.2 keeps a test's id in Node._id, where pytest-xdist (3.8) does not put the xdist_group name, so
 # `--dist loadgroup` scheduled every grouped test on its own (a model's sharded-equivalence subprocess ran
 # once per worker that drew one of its tests). tests/conftest.py refuses to run in that state.
-# TRIME_ext / kNN-LM datastores (scaling_sparse/datastore.py, imported only there).
-TRIME = ["faiss-cpu>=1.7.4"]
+# TRIME: kNN-LM / TRIME_ext datastores (scaling_sparse/datastore.py) and BM25 batches (data/bm25_batches.py).
+TRIME = ["faiss-cpu>=1.7.4", "bm25s>=0.2"]
 # importlib_resources: tfds's store_as_tfds_dataset (the tests' small ArrayRecord datasets) imports it.
 TEST = C4 + TRIME + ["pytest>=7.4,<9.2", "pytest-xdist>=3.5", "importlib_resources>=5"]
 

@@ -159,6 +159,7 @@ def base_config() -> ml_collections.ConfigDict:
     tr.memory = "local"        # local (same segment, earlier tokens) | long (consecutive segments of a row group) |
                                # ext (also every other row of the batch)
     tr.group_rows = 4          # long: rows per group of consecutive segments (data/consecutive.py)
+    tr.ext_batching = "bm25"   # ext: bm25 (similar segments share a batch, data/bm25_batches.py) | random
     tr.ce_warmup_fraction = 0.05  # plain cross-entropy for this share of train.num_steps, then TRIME (the reference's)
     tr.hide_own_probability = 0.9  # ext: per step, the chance the own segment is hidden (--cross-sent-ratio)
 
@@ -339,6 +340,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         tr = t.trime
         _require(tr.memory in ("local", "long", "ext"), "train.trime.memory", f"unknown {tr.memory!r}",
                  "use local | long | ext")
+        if tr.memory == "ext":
+            batching = tr.get("ext_batching", "bm25")
+            _require(batching in ("bm25", "random"), "train.trime.ext_batching", f"unknown {batching!r}",
+                     "use bm25 | random")
+            _require(batching == "random" or d.source in ("stdlib", "files", "jsonl"), "train.trime.ext_batching",
+                     f"BM25 batches are built for the local corpora only, not data.source={d.source!r}",
+                     "set --config.train.trime.ext_batching=random")
         if tr.memory == "long":
             _require(d.source in ("stdlib", "files", "jsonl"), "train.trime.memory",
                      "TRIME_long needs batches of consecutive segments of one stream, built for the local corpora "

@@ -217,6 +217,46 @@ def test_trime_long_trains_on_a_local_corpus(tmp_path, corpus):
     assert [r["trime"] for r in records] == [1.0, 1.0, 1.0] and all(np.isfinite(r["train_loss"]) for r in records)
 
 
+def test_trime_ext_bm25_batches_group_similar_segments_and_resume():
+    from scaling_sparse.data.bm25_batches import BM25Iterator, group_windows
+
+    rng = np.random.default_rng(0)
+    seq_len, n = 16, 64
+    topics = rng.integers(0, 2, n)  # each window drawn from one of two disjoint vocabularies
+    stream = np.concatenate([rng.integers(10 + 50 * k, 60 + 50 * k, seq_len) for k in topics] + [[1]]).astype(np.int32)
+    order = group_windows(stream, seq_len, batch_size=4, seed=0)
+    assert len(order) % 4 == 0 and len(set(order.tolist())) == len(order) >= 56
+    pure = [len(set(topics[order[i:i + 4]])) == 1 for i in range(0, len(order), 4)]
+    assert np.mean(pure) >= 0.8, pure  # random batches of 4 would be pure 1/8 of the time
+    it = BM25Iterator(stream, order, 4, seq_len, seed=0)
+    first = next(it)
+    np.testing.assert_array_equal(np.sort(first["inputs"][:, 0]),
+                                  np.sort(stream[order[it._batch_order()[0] * 4:][:4] * seq_len]))
+    state = it.get_state()
+    want = [next(it) for _ in range(20)]  # past the epoch's end
+    again = BM25Iterator(stream, order, 4, seq_len, seed=0)
+    again.set_state(state)
+    for w in want:
+        np.testing.assert_array_equal(next(again)["inputs"], w["inputs"])
+    halves = [BM25Iterator(stream, order, 4, seq_len, 0, process_index=i, process_count=2) for i in range(2)]
+    np.testing.assert_array_equal(np.concatenate([next(h)["inputs"] for h in halves]), first["inputs"])
+
+
+def test_trime_ext_trains_on_bm25_batches_cached_in_the_workdir(tmp_path, corpus):
+    tiny = ROOT / "experiments" / "configs" / "tiny.py"
+    args = ["train", f"--config={tiny}", f"--workdir={tmp_path / 'w'}", "--config.data.source=files",
+            f"--config.data.path={corpus}", "--config.model.vocab_size=128", "--config.train.objective=trime",
+            "--config.train.trime.memory=ext", "--config.train.trime.ce_warmup_fraction=0",
+            "--config.train.log_every=1", "--config.train.sample_at_end=False", "--config.train.progress=False"]
+    code, _, err = run_cli(None, *args, "--config.train.num_steps=2")
+    assert code == 0, err
+    cached = list((tmp_path / "w" / "data_cache").glob("*.bm25-*.npy"))
+    assert len(cached) == 1
+    code, _, err = run_cli(None, *args, "--config.train.num_steps=4")  # resumes on the cached grouping
+    assert code == 0, err
+    assert [r["trime"] for r in read_metrics(tmp_path / "w")] == [1.0] * 4
+
+
 @pytest.mark.xdist_group("trime_sharded")
 def test_sharded_trime_equals_unsharded():
     env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"), JAX_PLATFORMS="cpu")

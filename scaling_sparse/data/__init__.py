@@ -12,6 +12,7 @@ Files by concern (leaves import this package and each other, never pipeline.py):
   tfds_c4.py    C4 from tensorflow-datasets (the only module that imports TensorFlow, lazily)
   grain_rows.py TFDS ArrayRecord through Grain (tfds_reader=grain): per-process row streams, O(1) resume
   consecutive.py  TRIME_long's batches of consecutive segments (train.trime.memory=long)
+  bm25_batches.py TRIME_ext's batches of BM25-similar segments (train.trime.memory=ext)
   local.py      stdlib / files / jsonl assembled into Data (token-stream cache under WORKDIR)
   pipeline.py   build_data: dispatch on config.data.source
 """

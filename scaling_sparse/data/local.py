@@ -109,6 +109,25 @@ def _read_cache(meta_path, array_paths):
         return None
 
 
+def _bm25_order(stem, train_stream, seq_len: int, batch_size: int, seed: int, progress: bool):
+    """TRIME_ext's BM25 grouping of the training windows (data/bm25_batches.py), cached beside the streams
+    (derived data: a damaged file is regrouped)."""
+    from scaling_sparse.data.bm25_batches import group_windows
+
+    path = stem.parent / f"{stem.name}.bm25-b{batch_size}-l{seq_len}-s{seed}.npy"
+    if path.is_file():
+        try:
+            return cache.load_array(path)
+        except (OSError, ValueError, EOFError) as e:
+            print(f"warning: the BM25 grouping {path} is damaged ({type(e).__name__}); regrouping (derived data)",
+                  file=sys.stderr)
+    start = time.time()
+    order = group_windows(train_stream, seq_len, batch_size, seed, progress)
+    log.info("BM25 grouping of %d windows into batches of %d in %.1f s", len(order), batch_size, time.time() - start)
+    cache.save_array(path, order)
+    return order
+
+
 def _assemble(config, workdir, tokenizer, source, load, prefix, span, start, process_index, process_count,
               unknowns: str | None) -> Data:
     """The token streams (cached under WORKDIR/data_cache), then the training iterator and eval batches.
@@ -151,7 +170,14 @@ def _assemble(config, workdir, tokenizer, source, load, prefix, span, start, pro
         return _span_corruption_data(config, tokenizer, key, train_stream, val_stream, corpus_stats, cache_hit,
                                      start, process_index, process_count)
 
-    if t.get("objective", "ce") == "trime" and t.trime.memory == "long":  # consecutive segments per row group
+    trime_memory = t.trime.memory if t.get("objective", "ce") == "trime" else None
+    if trime_memory == "ext" and t.trime.get("ext_batching", "bm25") == "bm25":  # similar segments share a batch
+        from scaling_sparse.data.bm25_batches import BM25Iterator
+
+        order = _bm25_order(stem, train_stream, t.seq_len, t.batch_size, d.shuffle_seed, t.progress)
+        train = BM25Iterator(train_stream, order, t.batch_size, t.seq_len, d.shuffle_seed, fingerprint=key[:16],
+                             process_index=process_index, process_count=process_count)
+    elif trime_memory == "long":  # consecutive segments per row group
         from scaling_sparse.data.consecutive import ConsecutiveIterator
 
         train = ConsecutiveIterator(train_stream, t.batch_size, t.seq_len, t.trime.group_rows, d.shuffle_seed,
