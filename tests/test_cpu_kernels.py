@@ -292,3 +292,37 @@ def test_attention_kernel_rejects_a_position_outside_the_cache():
     q, k, vals, k_t, v = _cache_with_step(0, 2, 4, 5)
     with pytest.raises(Exception, match="index outside the cache"):
         jax.block_until_ready(cpu.cached_attention_decode(q[0, 0], k[0, 0], vals[0, 0], k_t, v, 5, scale=1.0))
+
+
+# The three kernels on shapes that split into many tasks, their outputs hashed (run in a subprocess).
+_CORE_COUNT_PROBE = """
+import hashlib, numpy as np, jax.numpy as jnp
+from scaling_sparse.kernels import cpu
+assert cpu.available(), cpu.status()
+r = np.random.default_rng(0)
+f = lambda *s: jnp.asarray(r.standard_normal(s), jnp.float32)
+d, rank, blocks, n, modules, m = 256, 32, 32, 8, 4, 64
+outs = cpu.sparse_ffn_decode(f(1, d), f(d, rank), f(rank, blocks, n), f(blocks, n), f(blocks, n, d), f(blocks, n, d),
+                             f(d), n_elements=n)
+conv = lambda: (f(3, 3, m, m), f(m))
+outs += cpu.sparse_qkv_decode(f(1, d), f(modules, d), f(d, m), f(d), f(1, 2, modules, m), conv(), conv(), conv())[0]
+outs += cpu.cached_attention_decode(f(16, 32), f(16, 32), f(16, 32), f(16, 32, 40), f(16, 40, 32), 20, scale=0.2)
+print(hashlib.sha256(b"".join(np.asarray(o).tobytes() for o in outs)).hexdigest())
+"""
+
+
+@needs_kernels
+@pytest.mark.skipif(shutil.which("taskset") is None or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs taskset and 2 cores")
+def test_kernel_results_do_not_depend_on_the_number_of_cores():
+    """The kernels' tasks are claimed by as many workers as XLA's pool has threads (parallel.h); the task
+    split, and so every sum's order, is fixed (cpu.PARTS): 1 and 2 cores give the same bits."""
+    env = {k: v for k, v in os.environ.items() if k != cpu.ENV_SWITCH}
+    digests = []
+    for cores in ("0", "0,1"):
+        out = subprocess.run(["taskset", "-c", cores, sys.executable, "-c", _CORE_COUNT_PROBE], env=env,
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-3000:]
+        digests.append(out.stdout.strip().splitlines()[-1])
+    assert digests[0] == digests[1]
+
