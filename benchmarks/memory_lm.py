@@ -8,7 +8,8 @@ CE and the ext model. Then, in this process, six evaluations on the same validat
   CE            the CE model, no memory
   CE + cache    the CE model with the window's earlier tokens as memory (the continuous cache)
   TrimeLM       the local model with local memory
-  TrimeLM_long  the long model with every earlier token of the batch (consecutive validation windows)
+  TrimeLM_long  the long model with every earlier token of the batch (consecutive validation windows) and
+                a FIFO of the last --fifo scored tokens of earlier batches
   kNN-LM        the CE model + its datastore, p = (1 - lambda) p_LM + lambda p_kNN
   TrimeLM_ext   the ext model + its datastore, neighbours in the joint softmax with local memory
 Memory temperatures are swept over --temperatures on the validation batches and the best is reported
@@ -113,17 +114,28 @@ class Evaluator:
         self.search_seconds = time.perf_counter() - start
         return store.meta
 
-    def token_losses(self, memory: str, temperature: float, knn: dict | None):
-        """-> (losses, targets) of the real validation tokens, and the scoring seconds."""
+    def token_losses(self, memory: str, temperature: float, knn: dict | None, fifo: int = 0):
+        """-> (losses, targets) of the real validation tokens, and the scoring seconds. fifo: TrimeLM_long's
+        FIFO of the last `fifo` scored tokens carried across batches (memory_eval.py)."""
         import jax.numpy as jnp
 
         from scaling_sparse.datastore import knn_token_losses
+        from scaling_sparse.memory_eval import fifo_token_losses
         from scaling_sparse.trime_loss import trime_token_losses
 
         losses, targets, start = [], [], time.perf_counter()
+        d = self.outputs[0][1].shape[-1]
+        keys, labels, valid = np.zeros((fifo, d), np.float32), np.zeros(fifo, np.int32), np.zeros(fifo, bool)
         for i, (batch, (logits, g)) in enumerate(zip(self.data.eval_batches, self.outputs)):
             t, w = batch["targets"], batch["weights"]
-            if knn is not None:
+            if fifo and knn is None and memory != "none":
+                loss = np.asarray(fifo_token_losses(jnp.asarray(logits), jnp.asarray(g), jnp.asarray(t), jnp.asarray(w),
+                                                    memory, temperature, jnp.asarray(keys), jnp.asarray(labels),
+                                                    jnp.asarray(valid)))
+                keys = np.concatenate([keys, g.reshape(-1, d)])[-fifo:]
+                labels = np.concatenate([labels, t.reshape(-1)])[-fifo:]
+                valid = np.concatenate([valid, w.reshape(-1) > 0])[-fifo:]
+            elif knn is not None:
                 scores, values = self.searches[i]
                 loss = knn_token_losses(logits, g, t, w, scores, values, memory=memory, temperature=temperature,
                                         knn_lambda=knn["lambda"], knn_temperature=knn["temperature"])
@@ -140,10 +152,10 @@ class Evaluator:
         return np.concatenate(losses), np.concatenate(targets), time.perf_counter() - start
 
 
-def score(evaluator: Evaluator, memory: str, temperatures, knn, buckets) -> dict:
+def score(evaluator: Evaluator, memory: str, temperatures, knn, buckets, fifo: int = 0) -> dict:
     best, fastest = None, float("inf")
     for tau in (temperatures if memory != "none" else (1.0,)):  # kNN-LM and CE have no memory temperature
-        losses, targets, seconds = evaluator.token_losses(memory, tau, knn)
+        losses, targets, seconds = evaluator.token_losses(memory, tau, knn, fifo)
         fastest = min(fastest, seconds)  # the first pass of an eager jnp scoring compiles its ops
         row = {"temperature": tau, "loss": float(losses.mean()), "perplexity": float(np.exp(losses.mean())),
                "tokens": int(len(losses)), "scoring_seconds": seconds}
@@ -165,6 +177,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None)
     # wide: a CE model's features were never trained as keys (its best cache temperature can be far above 1)
     p.add_argument("--temperatures", default="1.0,1.2,1.5,2,3,5")
+    p.add_argument("--fifo", type=int, default=12288, help="TrimeLM_long's evaluation FIFO in tokens (the paper's)")
     p.add_argument("--knn_k", type=int, default=1024)
     p.add_argument("--knn_lambda", type=float, default=0.3)
     p.add_argument("--knn_temperature", type=float, default=10.5)
@@ -206,7 +219,8 @@ def main(argv=None):
                 stores[run]["meta"] = evaluators[run].search(args.knn_k)
             for variant, (run, memory, uses_store) in VARIANTS.items():
                 ev = evaluators[run]
-                row = score(ev, memory, temperatures, knn if uses_store else None, buckets)
+                row = score(ev, memory, temperatures, knn if uses_store else None, buckets,
+                            fifo=args.fifo if variant == "TrimeLM_long" else 0)
                 seconds = ev.forward_seconds + row["scoring_seconds"] + (ev.search_seconds if uses_store else 0.0)
                 row.update(model=model, seed=seed, variant=variant, tokens_per_s=row["tokens"] / seconds,
                            datastore=stores[run] if uses_store else None)
@@ -220,7 +234,7 @@ def main(argv=None):
             ppl = [r["perplexity"] for r in results if r["model"] == model and r["variant"] == variant]
             summary[f"{model}/{variant}"] = {"mean": statistics.mean(ppl), "spread": max(ppl) - min(ppl), "seeds": ppl}
     result = {**reporting.run_header("memory_lm"), "steps": steps, "seeds": seeds, "temperatures": temperatures,
-              "knn": {"k": args.knn_k, **knn}, "data": args.path or "stdlib", "results": results, "summary": summary,
+              "knn": {"k": args.knn_k, **knn}, "fifo": args.fifo, "data": args.path or "stdlib", "results": results, "summary": summary,
               "timings": timings}
     out = pathlib.Path(args.out)
     reporting.write_json(out.with_suffix(".json"), result)

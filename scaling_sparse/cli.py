@@ -25,7 +25,7 @@ Commands:
   eval      Validation loss (= log-perplexity, nats per token), perplexity and token accuracy of the
             latest checkpoint in DIR (--step=N: of checkpoint N). --memory=local|long: with TRIME's
             in-batch memory, any model (a cross-entropy one: the continuous-cache baseline),
-            --memory_temperature=1.0,1.1,1.2 a sweep; --datastore adds the training set's nearest keys
+            --memory_temperature=1.0,1.1,1.2 a sweep, --memory_fifo=N earlier batches' keys; --datastore adds the training set's nearest keys
             (--memory=local: TrimeLM_ext, none: kNN-LM) (docs/trime.md).
   datastore Keys (the last block's pre-FFN LayerNorm output, float16) and next tokens of the training
             split into DIR/datastore with a faiss index, for eval --datastore (docs/trime.md).
@@ -92,6 +92,8 @@ _MEMORY = flags.DEFINE_enum("memory", "none", ["none", "local", "long", "ext"],
 _MEMORY_TEMPERATURE = flags.DEFINE_list("memory_temperature", ["1.0"],
                                         "eval --memory: the memory scores' temperature; several (1.0,1.1,1.2) "
                                         "= a sweep, the best reported.")
+_MEMORY_FIFO = flags.DEFINE_integer("memory_fifo", 0, "eval --memory=local|long: also the keys of the last N scored "
+                                    "tokens, carried across evaluation batches (TrimeLM_long's FIFO; 0 = none).")
 _DATASTORE = flags.DEFINE_bool("datastore", False, "eval: add the neighbours from WORKDIR/datastore (build it with "
                                "the datastore command): --memory=local is TrimeLM_ext, --memory=none kNN-LM.")
 _KNN_K = flags.DEFINE_integer("knn_k", 1024, "eval --datastore: neighbours per token.")
@@ -203,7 +205,8 @@ def cmd_eval(config, workdir) -> int:
               f"{'kNN-LM' if metrics['memory'] == 'none' else 'TrimeLM_ext, memory ' + metrics['memory']} with {metrics['datastore']['count']} keys "
               f"(k {_KNN_K.value}, lambda {_KNN_LAMBDA.value:g})")
         return 0
-    metrics = evaluate(config, workdir, step=_STEP.value, memory=_MEMORY.value, temperatures=temperatures)
+    metrics = evaluate(config, workdir, step=_STEP.value, memory=_MEMORY.value, temperatures=temperatures,
+                       fifo=_MEMORY_FIFO.value)
     if _JSON.value:
         print(json.dumps(metrics))
         return 0

@@ -447,10 +447,11 @@ def _print_sample(config, data, graphdef, params, mesh, echo) -> None:
 
 
 def evaluate(config, workdir, *, data=None, step: int | None = None, mesh=None, memory: str = "none",
-             temperatures: tuple = (1.0,)) -> dict:
-    """Validation metrics of the workdir's latest (or given) checkpoint. memory local | long | ext: with
+             temperatures: tuple = (1.0,), fifo: int = 0) -> dict:
+    """Validation metrics of the workdir's latest (or given) checkpoint. memory local | long: with
     TRIME's memory (memory_eval_sums) at each of `temperatures` (a sweep); the metrics are the best
-    temperature's, and "memory_sweep" lists every one."""
+    temperature's, and "memory_sweep" lists every one. fifo=N (memory local or long): a FIFO of
+    the last N scored tokens' keys carried across the batches (memory_eval.py, TrimeLM_long's evaluation)."""
     validate(config)
     if memory == "ext":
         raise ConfigError("--memory=ext: at evaluation the batch's other windows are the text after this one "
@@ -461,6 +462,10 @@ def evaluate(config, workdir, *, data=None, step: int | None = None, mesh=None, 
         raise ConfigError(f"--memory={memory!r}: use none | local | long")
     if memory != "none" and config.model.arch != "decoder":
         raise ConfigError("--memory: evaluation with memory is for decoder-only models. Fix: --memory=none")
+    if fifo and memory not in ("local", "long"):
+        raise ConfigError(f"--memory_fifo={fifo} carries keys across batches for --memory=local or long, not {memory}")
+    if fifo < 0:
+        raise ConfigError(f"--memory_fifo must be >= 0 tokens, got {fifo}")
     if not temperatures or not all(np.isfinite(t) and t > 0 for t in temperatures):
         raise ConfigError(f"--memory_temperature must be numbers > 0, got {list(temperatures)}")
     mesh = run_mesh(config, mesh)
@@ -470,12 +475,20 @@ def evaluate(config, workdir, *, data=None, step: int | None = None, mesh=None, 
     if memory == "none":
         metrics = evaluate_batches(make_eval_step(graphdef, mesh, rules), params, data.eval_batches, mesh, rules)
     else:
-        sweep = [{"temperature": float(tau), **evaluate_batches(make_eval_step(graphdef, mesh, rules, (memory, float(tau))),
-                                                                params, data.eval_batches, mesh, rules)}
-                 for tau in temperatures]
+        if fifo:
+            from scaling_sparse import memory_eval
+
+            batches = [global_batch(b, mesh, rules) for b in data.eval_batches]
+            sweep = [{"temperature": float(tau), **memory_eval.evaluate_with_fifo(
+                graphdef, params, batches, mesh, rules, kind=memory, temperature=float(tau), size=fifo,
+                d_model=config.model.d_model)} for tau in temperatures]
+        else:
+            sweep = [{"temperature": float(tau),
+                      **evaluate_batches(make_eval_step(graphdef, mesh, rules, (memory, float(tau))), params,
+                                         data.eval_batches, mesh, rules)} for tau in temperatures]
         best = min(sweep, key=lambda r: r["eval_loss"])
         metrics = {**{k: v for k, v in best.items() if k != "temperature"}, "memory": memory,
-                   "memory_temperature": best["temperature"], "memory_sweep": sweep}
+                   "memory_temperature": best["temperature"], "memory_sweep": sweep, "memory_fifo": fifo}
     if not np.isfinite(metrics["eval_loss"]):
         raise NonFiniteError(f"the validation loss of the checkpoint at step {step} in {workdir} is "
                              f"{metrics['eval_loss']}: its weights are degenerate (a diverged run). Fix: evaluate an "

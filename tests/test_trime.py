@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from conftest import make_model, run_cli, xla_flags
 from scaling_sparse.config import ConfigError, load_config, validate
@@ -255,6 +256,31 @@ def test_trime_ext_trains_on_bm25_batches_cached_in_the_workdir(tmp_path, corpus
     code, _, err = run_cli(None, *args, "--config.train.num_steps=4")  # resumes on the cached grouping
     assert code == 0, err
     assert [r["trime"] for r in read_metrics(tmp_path / "w")] == [1.0] * 4
+
+
+def test_the_long_fifo_carries_the_previous_batch_as_memory():
+    """Two evaluation batches of consecutive windows with a FIFO covering the first: the second batch's
+    queries see every earlier token, i.e. the losses of one merged batch under `long` memory."""
+    from scaling_sparse import sharding
+    from scaling_sparse.memory_eval import evaluate_with_fifo
+    from scaling_sparse.train import global_batch
+
+    model = make_model()
+    graphdef, params = nnx.split(model)
+    b, t = 2, 8
+    stream = np.random.default_rng(0).integers(2, 60, 2 * b * t + 1).astype(np.int32)
+    windows = np.stack([stream[i * t: i * t + t + 1] for i in range(2 * b)])
+    batches = [{"inputs": w[:, :-1], "targets": w[:, 1:], "weights": np.ones((b, t), np.float32)}
+               for w in (windows[:b], windows[b:])]
+    config = load_config("tiny")
+    mesh, rules = sharding.single_device_mesh(), sharding.logical_rules(config.mesh)
+    got = evaluate_with_fifo(graphdef, params, [global_batch(x, mesh, rules) for x in batches], mesh, rules,
+                             kind="long", temperature=1.3, size=b * t, d_model=model.token_embed.shape[1])
+    logits, g = model(jnp.asarray(windows[:, :-1]), features=True)
+    merged = trime_token_losses(logits, g, jnp.asarray(windows[:, 1:]), jnp.ones((2 * b, t)), "long",
+                                temperature=1.3, group_rows=2 * b)
+    assert got["eval_loss"] == pytest.approx(float(merged.mean()), rel=1e-5)
+    assert got["eval_tokens"] == 2 * b * t
 
 
 @pytest.mark.xdist_group("trime_sharded")
