@@ -280,7 +280,9 @@ class _MainThreadOnly:
 def quiet_failed_reads():
     """Around a restore that may fail part-way (a damaged or deleted file): orbax's remaining reads then
     fail in background threads ("Event loop is closed", "Exception ignored in <coroutine ...>"), tens of
-    tracebacks after the one error that matters. Those are not printed unless --verbosity is given
+    tracebacks after the one error that matters, and asyncio logs "Task exception was never retrieved"
+    with a traceback when such an abandoned read is collected (from any thread, through its logging
+    handler, which writes to the stream it was given). Those are not printed unless --verbosity is given
     (logging at DEBUG); the restore's own exception is raised as usual."""
     try:
         yield
@@ -290,6 +292,7 @@ def quiet_failed_reads():
                 sys.stderr = _MainThreadOnly(sys.stderr)
             default = sys.unraisablehook
             sys.unraisablehook = lambda u: None if "coroutine" in repr(u.object) else default(u)
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # the abandoned reads' "never retrieved"
         raise
 
 
