@@ -100,27 +100,10 @@ class RowStreamIterator:
             self._next[r] += 1
 
     def _window(self, r: int) -> np.ndarray:
-        pending, window = self._pending[r], self.seq_len + 1
-        parts, need, offset = [], window, self._offset[r]
-        for _, tokens in pending:
-            part = tokens[offset: offset + need]
-            parts.append(part)
-            need -= len(part)
-            offset = 0
-            if not need:
-                break
-        advance = self.seq_len  # the window's last token is the next window's first
-        self._available[r] -= advance
-        while advance:
-            left = len(pending[0][1]) - self._offset[r]
-            if advance < left:
-                self._offset[r] += advance
-                advance = 0
-            else:
-                advance -= left
-                pending.popleft()
-                self._offset[r] = 0
-        return np.concatenate(parts)
+        tokens, self._offset[r] = packing.cut_window(self._pending[r], self._offset[r], self.seq_len + 1,
+                                                     self.seq_len)
+        self._available[r] -= self.seq_len
+        return tokens
 
     def __iter__(self):
         return self

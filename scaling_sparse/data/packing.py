@@ -36,6 +36,32 @@ def process_rows(batch_size: int, process_index: int, process_count: int) -> sli
     return slice(process_index * per, (process_index + 1) * per)
 
 
+def cut_window(pending, offset: int, window: int, stride: int) -> tuple[np.ndarray, int]:
+    """The streaming readers' packing step (tfds_c4.StreamIterator, grain_rows.RowStreamIterator): `pending`
+    is a deque of records [..., tokens] not yet fully used, its head's first `offset` tokens used already.
+    -> (the next `window` tokens, the new offset), advancing by `stride` and dropping used-up records.
+    The caller has made sure at least `window` tokens are pending."""
+    parts, need, at = [], window, offset
+    for record in pending:
+        part = record[-1][at: at + need]
+        parts.append(part)
+        need -= len(part)
+        at = 0
+        if not need:
+            break
+    advance = stride  # L of an L + 1 window: its last token is the next window's first
+    while advance:
+        left = len(pending[0][-1]) - offset
+        if advance < left:
+            offset += advance
+            advance = 0
+        else:
+            advance -= left
+            pending.popleft()
+            offset = 0
+    return np.concatenate(parts), offset
+
+
 def make_batch(windows: np.ndarray, weights: np.ndarray | None = None) -> dict:
     """windows int [B, L+1] -> {"inputs", "targets": int32 [B, L], "weights": float32 [B, L]}."""
     windows = windows.astype(np.int32)

@@ -166,27 +166,9 @@ class StreamIterator:
         while self._available < self.window:
             self._fill()
         start = (int(self._pending[0][0]), int(self._pending[0][1]), int(self._offset))
-        parts, need, offset = [], self.window, self._offset
-        for _, _, tokens in self._pending:
-            part = tokens[offset: offset + need]
-            parts.append(part)
-            need -= len(part)
-            offset = 0
-            if not need:
-                break
-        # Advance by the stride (L: the window's last token is the next window's first).
-        advance = self.stride
-        self._available -= advance
-        while advance:
-            left = len(self._pending[0][2]) - self._offset
-            if advance < left:
-                self._offset += advance
-                advance = 0
-            else:
-                advance -= left
-                self._pending.popleft()
-                self._offset = 0
-        return start, np.concatenate(parts)
+        tokens, self._offset = packing.cut_window(self._pending, self._offset, self.window, self.stride)
+        self._available -= self.stride
+        return start, tokens
 
     def __iter__(self):
         return self
