@@ -18,30 +18,14 @@ import numpy as np
 from flax import nnx
 
 from scaling_sparse import sharding
-from scaling_sparse.trime_loss import batch_visibility, joint_token_losses, local_visibility
+from scaling_sparse.trime_loss import trime_token_losses
 
 
 def fifo_token_losses(logits, features, targets, weights, kind: str, temperature: float, keys, labels, valid):
     """Per-token losses [B, T] with the in-batch memory (local: the window's earlier tokens; long: every
     earlier token of the batch) and the FIFO entries (keys [N, d], labels [N], valid [N]), all visible."""
-    g = features.astype(jnp.float32)
-    b, t, d = g.shape
-    scale = 1.0 / (jnp.sqrt(jnp.float32(d)) * temperature)
-    if kind == "local":
-        batch_scores = jnp.einsum("btd,bsd->bts", g, g) * scale
-        batch_visible = local_visibility(weights)
-        batch_labels = jnp.broadcast_to(targets[:, None, :], batch_visible.shape)
-    else:
-        batch_scores = jnp.einsum("btd,nd->btn", g, g.reshape(b * t, d)) * scale
-        batch_visible = batch_visibility(weights, "long", group_rows=b)
-        batch_labels = jnp.broadcast_to(targets.reshape(1, 1, b * t), batch_visible.shape)
-    fifo_scores = jnp.einsum("btd,nd->btn", g, keys.astype(jnp.float32)) * scale
-    fifo_visible = jnp.broadcast_to(valid[None, None, :], fifo_scores.shape)
-    fifo_labels = jnp.broadcast_to(labels[None, None, :], fifo_scores.shape)
-    scores = jnp.concatenate([batch_scores, fifo_scores], axis=-1)
-    visible = jnp.concatenate([batch_visible, fifo_visible], axis=-1)
-    labels_all = jnp.concatenate([batch_labels, fifo_labels], axis=-1)
-    return joint_token_losses(logits, scores, visible, visible & (labels_all == targets[..., None]), targets)
+    return trime_token_losses(logits, features, targets, weights, kind, temperature=temperature,
+                              group_rows=targets.shape[0], extra=(keys, labels, valid))
 
 
 @functools.lru_cache(maxsize=8)

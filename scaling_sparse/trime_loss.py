@@ -69,9 +69,10 @@ def batch_visibility(weights, kind: str, *, group_rows: int = 1, hide_own=False)
 
 
 def trime_token_losses(logits, features, targets, weights, kind: str = "local", *, temperature: float = 1.0,
-                       group_rows: int = 1, hide_own=False):
+                       group_rows: int = 1, hide_own=False, extra=None):
     """Per-token TRIME losses [B, T] (unweighted). logits [B, T, V]; features g [B, T, d]; targets and
-    weights [B, T]. `local` costs B*T*T scores; `long` and `ext` (B*T)^2."""
+    weights [B, T]. `local` costs B*T*T scores; `long` and `ext` (B*T)^2. extra=(keys [N, d], labels [N],
+    valid [N]): further entries every query sees (evaluation's FIFO of earlier batches, memory_eval.py)."""
     g = features.astype(jnp.float32)
     scale = 1.0 / (jnp.sqrt(jnp.float32(g.shape[-1])) * temperature)
     if kind == "local":
@@ -83,6 +84,13 @@ def trime_token_losses(logits, features, targets, weights, kind: str = "local", 
         scores = jnp.einsum("btd,nd->btn", g, g.reshape(b * t, d)) * scale
         visible = batch_visibility(weights, kind, group_rows=group_rows, hide_own=hide_own)
         labels = targets.reshape(1, 1, b * t)
+    labels = jnp.broadcast_to(labels, visible.shape)
+    if extra is not None:
+        keys, extra_labels, valid = extra
+        extra_scores = jnp.einsum("btd,nd->btn", g, keys.astype(jnp.float32)) * scale
+        scores = jnp.concatenate([scores, extra_scores], axis=-1)
+        visible = jnp.concatenate([visible, jnp.broadcast_to(valid, extra_scores.shape)], axis=-1)
+        labels = jnp.concatenate([labels, jnp.broadcast_to(extra_labels, extra_scores.shape)], axis=-1)
     positive = visible & (labels == targets[..., None])
     return joint_token_losses(logits, scores, visible, positive, targets)
 
