@@ -28,6 +28,7 @@ tuned evaluation server.
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import statistics
 import subprocess
@@ -152,12 +153,15 @@ class Evaluator:
         return np.concatenate(losses), np.concatenate(targets), time.perf_counter() - start
 
 
-def score(evaluator: Evaluator, memory: str, temperatures, knn, buckets, fifo: int = 0) -> dict:
+def score(evaluator: Evaluator, memory: str, temperatures, knn, buckets, fifo: int = 0, knn_lambdas=()) -> dict:
+    """The best row over the memory temperatures (and, with a datastore, the kNN lambdas)."""
     best, fastest = None, float("inf")
-    for tau in (temperatures if memory != "none" else (1.0,)):  # kNN-LM and CE have no memory temperature
-        losses, targets, seconds = evaluator.token_losses(memory, tau, knn, fifo)
+    taus = temperatures if memory != "none" else (1.0,)  # kNN-LM and CE have no memory temperature
+    settings = [(tau, lam) for tau in taus for lam in (knn_lambdas if knn is not None else (None,))]
+    for tau, lam in settings:
+        losses, targets, seconds = evaluator.token_losses(memory, tau, knn and {**knn, "lambda": lam}, fifo)
         fastest = min(fastest, seconds)  # the first pass of an eager jnp scoring compiles its ops
-        row = {"temperature": tau, "loss": float(losses.mean()), "perplexity": float(np.exp(losses.mean())),
+        row = {"temperature": tau, "knn_lambda": lam, "loss": float(losses.mean()), "perplexity": float(np.exp(losses.mean())),
                "tokens": int(len(losses)), "scoring_seconds": seconds}
         for name, b in (("frequent", 0), ("mid", 1), ("rare", 2)):
             sel = buckets[targets] == b
@@ -179,8 +183,12 @@ def main(argv=None):
     p.add_argument("--temperatures", default="1.0,1.2,1.5,2,3,5")
     p.add_argument("--fifo", type=int, default=12288, help="TrimeLM_long's evaluation FIFO in tokens (the paper's)")
     p.add_argument("--knn_k", type=int, default=1024)
-    p.add_argument("--knn_lambda", type=float, default=0.3)
+    p.add_argument("--knn_lambdas", default="0.1,0.2,0.3",
+                   help="kNN interpolation weights swept on validation (kNN-LM and TrimeLM_ext), the best reported")
     p.add_argument("--knn_temperature", type=float, default=10.5)
+    p.add_argument("--datastore_tokens", type=int, default=None,
+                   help="training tokens in each datastore (default 1M; --quick 20k): the whole stdlib stream (~10M "
+                        "tokens, ~5 GB of float16 keys) takes ~20 min a store on 2 cores")
     p.add_argument("--root", default=str(ROOT / "workdirs" / "memory_lm"))
     p.add_argument("--out", default=str(RESULTS / f"memory_lm_{machine.machine_kind('cpu')}"))
     args = p.parse_args(argv)
@@ -190,28 +198,39 @@ def main(argv=None):
     models = ({"dense": "experiments/configs/tiny.py"} if args.quick else
               {"dense": "experiments/configs/stdlib.py", "sparse": "experiments/configs/stdlib_sparse.py"})
     data_flags = ["--config.data.source=files", f"--config.data.path={args.path}"] if args.path else []
-    quick_flags = ["--datastore_tokens=20000"] if args.quick else []
+    store_tokens = args.datastore_tokens or (20_000 if args.quick else 1_000_000)
+    knn_lambdas = tuple(float(x) for x in args.knn_lambdas.split(","))
     root = pathlib.Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     log = root / "commands.log"
-    knn = {"lambda": args.knn_lambda, "temperature": args.knn_temperature}
-
-    results, timings = [], {}
+    knn = {"temperature": args.knn_temperature}
+    out = pathlib.Path(args.out)
+    # Finished steps are kept: a rerun with the same --root resumes (training resumes from its checkpoint, a
+    # built datastore and its recorded build time are reused), and the JSON is rewritten after each seed.
+    timings_path = root / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    results = []
     for model, config in models.items():
         for seed in range(seeds):
             dirs = {run: root / f"{model}-s{seed}-{run}" for run in RUNS}
             for run, overrides in RUNS.items():
                 print(f"[{model} seed {seed}] train {run}", flush=True)
-                timings[f"{model}/{seed}/{run}/train"] = run_cli(
+                seconds = run_cli(
                     ["train", f"--config={config}", f"--workdir={dirs[run]}", f"--config.train.num_steps={steps}",
                      f"--config.train.seed={seed}", "--config.train.sample_at_end=False",
                      "--config.train.progress=False", *data_flags, *(f"--config.{o}" for o in overrides)], log)
+                timings.setdefault(f"{model}/{seed}/{run}/train", seconds)  # a resumed run keeps the first's time
+                timings_path.write_text(json.dumps(timings, indent=1))
             stores = {}
             for run in ("ce", "ext"):
-                print(f"[{model} seed {seed}] datastore of {run}", flush=True)
-                seconds = run_cli(["datastore", f"--workdir={dirs[run]}", *quick_flags], log)
+                name = f"{model}/{seed}/{run}/datastore"
+                if name not in timings or not (dirs[run] / "datastore").exists():
+                    print(f"[{model} seed {seed}] datastore of {run}", flush=True)
+                    timings[name] = run_cli(["datastore", f"--workdir={dirs[run]}",
+                                             f"--datastore_tokens={store_tokens}"], log)
+                    timings_path.write_text(json.dumps(timings, indent=1))
                 size = sum(f.stat().st_size for f in (dirs[run] / "datastore").iterdir())
-                stores[run] = {"build_seconds": seconds, "bytes": size}
+                stores[run] = {"build_seconds": timings[name], "bytes": size}
             evaluators = {run: Evaluator(dirs[run]) for run in RUNS}
             stream = getattr(evaluators["ce"].data.train, "stream", None)
             buckets = frequency_buckets(stream, evaluators["ce"].config.model.vocab_size)
@@ -220,28 +239,34 @@ def main(argv=None):
             for variant, (run, memory, uses_store) in VARIANTS.items():
                 ev = evaluators[run]
                 row = score(ev, memory, temperatures, knn if uses_store else None, buckets,
-                            fifo=args.fifo if variant == "TrimeLM_long" else 0)
+                            fifo=args.fifo if variant == "TrimeLM_long" else 0, knn_lambdas=knn_lambdas)
                 seconds = ev.forward_seconds + row["scoring_seconds"] + (ev.search_seconds if uses_store else 0.0)
                 row.update(model=model, seed=seed, variant=variant, tokens_per_s=row["tokens"] / seconds,
                            datastore=stores[run] if uses_store else None)
                 print(f"  {model} s{seed} {variant:13s} perplexity {row['perplexity']:8.3f} (tau {row['temperature']:g}) "
                       f"rare {row['perplexity_rare'] or float('nan'):8.2f} | {row['tokens_per_s']:9.0f} tok/s", flush=True)
                 results.append(row)
-
-    summary = {}
-    for model in models:
-        for variant in VARIANTS:
-            ppl = [r["perplexity"] for r in results if r["model"] == model and r["variant"] == variant]
-            summary[f"{model}/{variant}"] = {"mean": statistics.mean(ppl), "spread": max(ppl) - min(ppl), "seeds": ppl}
-    result = {**reporting.run_header("memory_lm"), "steps": steps, "seeds": seeds, "temperatures": temperatures,
-              "knn": {"k": args.knn_k, **knn}, "fifo": args.fifo, "data": args.path or "stdlib", "results": results, "summary": summary,
-              "timings": timings}
-    out = pathlib.Path(args.out)
-    reporting.write_json(out.with_suffix(".json"), result)
+            result = _write(out, results, timings, steps=steps, seeds=seeds, temperatures=temperatures,
+                            knn={"k": args.knn_k, "lambdas": knn_lambdas, **knn}, fifo=args.fifo,
+                            data=args.path or "stdlib", datastore_tokens=store_tokens)
+    summary = result["summary"]
     print(f"\n{'model/variant':28s}{'perplexity':>12s}{'spread':>9s}")
     for name, s in summary.items():
         print(f"{name:28s}{s['mean']:12.3f}{s['spread']:9.3f}")
     _plot(result, out.with_suffix(".png"))
+    return result
+
+
+def _write(out: pathlib.Path, results: list, timings: dict, **settings) -> dict:
+    """The JSON of the rows so far (rewritten after each model and seed: a cut-off run keeps its seeds)."""
+    summary = {}
+    for model in dict.fromkeys(r["model"] for r in results):
+        for variant in VARIANTS:
+            ppl = [r["perplexity"] for r in results if r["model"] == model and r["variant"] == variant]
+            summary[f"{model}/{variant}"] = {"mean": statistics.mean(ppl), "spread": max(ppl) - min(ppl), "seeds": ppl}
+    result = {**reporting.run_header("memory_lm"), **settings, "results": results, "summary": summary,
+              "timings": timings}
+    reporting.write_json(out.with_suffix(".json"), result)
     return result
 
 
