@@ -106,7 +106,10 @@ _STEP = flags.DEFINE_integer("step", None, "train: the checkpoint step to resume
                              "checkpoint step to load (default: the latest).")
 # compress (scaling_sparse/compress/).
 _OUT = flags.DEFINE_string("out", None, "compress: the new workdir for the compressed model (must not exist).")
-_METHOD = flags.DEFINE_enum("method", None, ["svd", "asvd", "cofi"], "compress: svd | asvd | cofi.")
+_METHOD = flags.DEFINE_enum("method", None, ["svd", "asvd", "cofi", "int8"], "compress: svd | asvd | cofi | int8.")
+_WEIGHTS = flags.DEFINE_enum("weights", None, ["float", "int8"], "eval, generate: the weights to run with; int8 = "
+                             "symmetric int8 with a float32 scale per row, quantised at load (docs/quantization.md). "
+                             "Default: as the checkpoint holds them.")
 _RANK = flags.DEFINE_integer("rank", None, "compress svd/asvd: the rank of every factor pair.")
 _KEEP = flags.DEFINE_float("keep", None, "compress svd/asvd: the fraction of each matrix's parameters kept (0..1].")
 _TARGET = flags.DEFINE_float("target_sparsity", 0.5, "compress cofi: the fraction of attention and FFN "
@@ -197,6 +200,9 @@ def cmd_eval(config, workdir) -> int:
 
         if len(temperatures) > 1:
             raise UsageError("eval --datastore takes one --memory_temperature")
+        if _WEIGHTS.value:
+            raise UsageError("eval --datastore --weights: the datastore's keys are the checkpoint's own features. Fix: "
+                             "make an int8 workdir (compress --method=int8), build its datastore and evaluate that")
         metrics = datastore.evaluate(config, workdir, step=_STEP.value, memory=_MEMORY.value, temperature=temperatures[0],
                                      k=_KNN_K.value, knn_lambda=_KNN_LAMBDA.value, knn_temperature=_KNN_TEMPERATURE.value)
         print(json.dumps(metrics) if _JSON.value else
@@ -206,7 +212,7 @@ def cmd_eval(config, workdir) -> int:
               f"(k {_KNN_K.value}, lambda {_KNN_LAMBDA.value:g})")
         return 0
     metrics = evaluate(config, workdir, step=_STEP.value, memory=_MEMORY.value, temperatures=temperatures,
-                       fifo=_MEMORY_FIFO.value)
+                       fifo=_MEMORY_FIFO.value, weights=_WEIGHTS.value)
     if _JSON.value:
         print(json.dumps(metrics))
         return 0
@@ -233,6 +239,7 @@ def cmd_datastore(config, workdir) -> int:
 def cmd_generate(config, workdir) -> int:
     from scaling_sparse.data.tokenizer import get_tokenizer
     from scaling_sparse.decode import Decoder, check_request, describe_sampling
+    from scaling_sparse.quantize import has_int8
     from scaling_sparse.sharding import make_mesh
     from scaling_sparse.train import load_params
 
@@ -278,10 +285,12 @@ def cmd_generate(config, workdir) -> int:
     except ValueError as e:
         raise UsageError(f"{e} (the prompt counts its eos; {given})") from None
     mesh = make_mesh(config.mesh)
-    graphdef, params, _ = load_params(config, workdir, step=_STEP.value, mesh=mesh)
+    graphdef, params, _ = load_params(config, workdir, step=_STEP.value, mesh=mesh, weights=_WEIGHTS.value)
     decoder = Decoder(graphdef, params, max_len=config.model.max_len, temperature=temperature, top_k=top_k,
                       mesh=mesh)
     path = "compiled CPU kernels" if decoder.cpu_kernels else "JAX"
+    if has_int8(decoder.params):  # the compiled FFN and QKV kernels read float32 weights only
+        path = "JAX with int8 weights" + (" (attention: compiled CPU kernel)" if decoder.cpu_kernels else "")
     print(f"# {describe_sampling(temperature, top_k, seed)}; decode path: {path}", file=sys.stderr)
     out = decoder.sample(ids, max_new, seed=seed, eos_id=tokenizer.eos_id)
     # A decoder-only LM continues the prompt; an encoder-decoder writes its own output (for span
@@ -374,7 +383,7 @@ def _check_compress_flags() -> None:
     """compress's flags, before anything is read: each error names the flag and the fix."""
     method = _METHOD.value
     if method is None:
-        raise UsageError("compress needs --method=svd | asvd | cofi")
+        raise UsageError("compress needs --method=svd | asvd | cofi | int8")
     if not _OUT.value:
         raise UsageError("compress needs --out=NEW: a new directory for the compressed model")
     from scaling_sparse.checkpoint import CheckpointError
@@ -393,6 +402,9 @@ def _check_compress_flags() -> None:
             raise UsageError(f"--keep must be in (0, 1] (the fraction of each matrix's parameters), got {_KEEP.value}")
         if _CALIBRATION.value < 1:
             raise UsageError(f"--calibration_batches must be >= 1, got {_CALIBRATION.value}")
+    elif method == "int8":
+        if _RANK.value is not None or _KEEP.value is not None:
+            raise UsageError("--rank and --keep are for svd / asvd; int8 takes no settings")
     else:
         if _RANK.value is not None or _KEEP.value is not None:
             raise UsageError("--rank and --keep are for svd / asvd; cofi takes --target_sparsity and --steps")
@@ -411,9 +423,11 @@ def cmd_compress(config, workdir) -> int:
     if _JSON.value:
         print(json.dumps(summary))
     else:
-        print(f"compressed ({summary['method']}): {summary['per_token_before']:,} -> {summary['per_token_after']:,} "
-              f"parameters read per token, {summary['total_before']:,} -> {summary['total_after']:,} in all; "
-              f"wrote {summary['out']}")
+        size = (f"{summary['bytes_before'] / 2**20:,.1f} -> {summary['bytes_after'] / 2**20:,.1f} MiB of weights"
+                if "bytes_after" in summary else
+                f"{summary['per_token_before']:,} -> {summary['per_token_after']:,} parameters read per token, "
+                f"{summary['total_before']:,} -> {summary['total_after']:,} in all")
+        print(f"compressed ({summary['method']}): {size}; wrote {summary['out']}")
     return 0
 
 

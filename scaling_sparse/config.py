@@ -79,6 +79,9 @@ class ModelConfig:
     d_head: int = 0               # attention head width; 0 = d_model // n_heads (CoFi prunes d_model, not it)
     layer_heads: tuple = ()       # CoFi: heads per layer, 0 = no attention sub-layer; () = n_heads in all
     layer_d_ff: tuple = ()        # CoFi: FFN width per layer, 0 = no FFN sub-layer; () = d_ff in all
+    # Weight storage (docs/quantization.md): "float" = param_dtype; "int8" = symmetric int8 with a float32
+    # scale per row (quantize.py), for decoding and evaluation only (`compress --method=int8`).
+    weights: str = "float"
 
     @property
     def head_dim(self) -> int:
@@ -276,6 +279,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
     # Output layer.
     _require(m.loss_sparsity >= 0, "model.loss_sparsity", "must be >= 0", "0 = dense output layer")
+    _require(m.weights in ("float", "int8"), "model.weights", f"unknown value {m.weights!r}",
+             "use float (training, the default) or int8 (weight-only int8 for eval and decoding)")
     _require(m.loss_type in ("mult", "lowrank"), "model.loss_type", f"unknown value {m.loss_type!r}",
              "use mult | lowrank")
     if m.loss_sparsity and m.loss_type == "mult":

@@ -31,6 +31,7 @@ from scaling_sparse.config import ModelConfig
 from scaling_sparse.layers.base import AXES_KEY
 from scaling_sparse.models import build_model
 from scaling_sparse.optim import make_optimizer, optimizer_settings
+from scaling_sparse.quantize import Int8Weight, quantize_model, scale_axes
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -51,7 +52,10 @@ class ModelSpec:
         flat_specs = traverse_util.flatten_dict(specs, is_leaf=lambda _, x: isinstance(x, jax.sharding.PartitionSpec))
         flat_axes = traverse_util.flatten_dict(self.axes, is_leaf=lambda _, x: _is_axes(x))
         for path, leaf in flat_params.items():
-            sharding.check_divisible("/".join(map(str, path)), leaf.shape, flat_specs[path], mesh, flat_axes[path])
+            spec, axes = flat_specs[path], flat_axes[path]
+            if isinstance(leaf, Int8Weight):  # int8 values and their scales: the values carry the weight's axes
+                leaf, spec, axes = leaf.q, spec.q, axes.q
+            sharding.check_divisible("/".join(map(str, path)), leaf.shape, spec, mesh, axes)
         return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
                             is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
@@ -71,7 +75,8 @@ def model_spec(m: ModelConfig) -> ModelSpec:
         if names is None:
             raise ValueError(f"parameter {'/'.join(map(str, path))} has no logical axis names: create it with "
                              "scaling_sparse.layers.base.param(value, *axes)")
-        axes[path] = names
+        value = variable.get_value()
+        axes[path] = scale_axes(names, value) if isinstance(value, Int8Weight) else names
     return ModelSpec(graphdef, state.to_pure_dict(), traverse_util.unflatten_dict(axes))
 
 
@@ -155,8 +160,9 @@ class TrainStateLayout:
 def _layout(m: ModelConfig, settings: tuple, mesh: Mesh, rules: tuple) -> TrainStateLayout:
     spec = model_spec(m)
     param_shardings = spec.shardings(mesh, rules)
-    tx = make_optimizer(dict(settings), spec.axes)
-    opt_state = jax.eval_shape(tx.init, spec.params)
+    # int8 weights are for eval and decoding (train refuses them): no optimizer state.
+    opt_state = {} if m.weights == "int8" else jax.eval_shape(make_optimizer(dict(settings), spec.axes).init,
+                                                                spec.params)
     replicated = sharding.replicated(mesh)
     shardings = {"params": param_shardings,
                  "opt_state": _mirror_shardings(opt_state, spec.params, param_shardings, mesh),
@@ -209,11 +215,30 @@ def restore_train_state(config, mesh: Mesh, checkpointer, step: int | None = Non
 
 
 def restore_params(config, mesh: Mesh, checkpointer, step: int | None = None, dtype: str | None = None,
-                   echo=None):
+                   echo=None, weights: str | None = None):
     """-> (graphdef, params, step): the newest readable (or the given) checkpoint's weights only,
-    restored sharded onto `mesh` (for eval and generate: the optimizer state is not read)."""
+    restored sharded onto `mesh` (for eval and generate: the optimizer state is not read). `weights`
+    "int8" / "float": converted from what the checkpoint holds (config.model.weights) if it differs."""
     layout = train_state_layout(config, mesh)
     target = {"params": layout.abstract["params"], "step": layout.abstract["step"]}
     state, _, _, _ = checkpointer.restore_readable(target, step, partial=True, echo=echo)
-    params = state["params"] if dtype is None else cast_floating(state["params"], dtype)
-    return layout.graphdef, params, int(state["step"])
+    graphdef, params = layout.graphdef, state["params"]
+    if weights is not None and weights != config.model.weights:
+        graphdef, params = convert_weights(config.model, params, weights, mesh, layout.rules)
+    params = params if dtype is None else cast_floating(params, dtype)
+    return graphdef, params, int(state["step"])
+
+
+def convert_weights(model_config, params, weights: str, mesh: Mesh, rules) -> tuple[object, dict]:
+    """Params of model_config's model -> (graphdef, params) of the same model with `weights` "int8"
+    (quantised, quantize.py) or "float" (dequantised), created with that model's shardings."""
+    m = ModelConfig.from_config(model_config)
+    source, target = model_spec(m), model_spec(dataclasses.replace(m, weights=weights))
+
+    def convert(params):
+        if weights == "int8":
+            return nnx.state(quantize_model(nnx.merge(source.graphdef, params)), nnx.Param).to_pure_dict()
+        return jax.tree.map(lambda w: w[...] if isinstance(w, Int8Weight) else w, params,
+                            is_leaf=lambda x: isinstance(x, Int8Weight))
+
+    return target.graphdef, jax.jit(convert, out_shardings=target.shardings(mesh, rules))(params)

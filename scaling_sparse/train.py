@@ -226,14 +226,16 @@ def run_mesh(config, mesh=None):
     return mesh
 
 
-def load_params(config, workdir, *, step: int | None = None, mesh=None, dtype: str | None = None):
+def load_params(config, workdir, *, step: int | None = None, mesh=None, dtype: str | None = None,
+                weights: str | None = None):
     """The weights of the workdir's latest (or given) checkpoint, restored sharded on `mesh`
-    (default: config.mesh over every device) -> (graphdef, params, step)."""
+    (default: config.mesh over every device) -> (graphdef, params, step). weights "int8" | "float":
+    converted at load when the checkpoint holds the other (--weights, docs/quantization.md)."""
     validate(config)
     check_compatible(config, workdir)
     mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
     with Checkpointer(workdir, read_only=True) as ckpt:
-        return restore_params(config, mesh, ckpt, step, dtype=dtype)
+        return restore_params(config, mesh, ckpt, step, dtype=dtype, weights=weights)
 
 
 # ----------------------------------------------------------------------------- stop signals
@@ -302,6 +304,10 @@ def train(config, workdir, *, data=None, echo=print, mesh=None, step: int | None
     process), from the newest readable checkpoint or from checkpoint `step`.
     Returns {"step", "train_loss", "eval_loss", ..., "interrupted"}."""
     validate(config)
+    if config.model.weights == "int8":
+        raise ConfigError("model.weights=int8: int8 weights are for evaluation and decoding; training updates float "
+                          "weights. Fix: train the float model (model.weights=float) and quantise it when you use it "
+                          "(eval/generate --weights=int8, or compress --method=int8)")
     mesh = run_mesh(config, mesh)
     workdir = pathlib.Path(workdir)
     check_writable(workdir)
@@ -447,11 +453,12 @@ def _print_sample(config, data, graphdef, params, mesh, echo) -> None:
 
 
 def evaluate(config, workdir, *, data=None, step: int | None = None, mesh=None, memory: str = "none",
-             temperatures: tuple = (1.0,), fifo: int = 0) -> dict:
+             temperatures: tuple = (1.0,), fifo: int = 0, weights: str | None = None) -> dict:
     """Validation metrics of the workdir's latest (or given) checkpoint. memory local | long: with
     TRIME's memory (memory_eval_sums) at each of `temperatures` (a sweep); the metrics are the best
     temperature's, and "memory_sweep" lists every one. fifo=N (memory local or long): a FIFO of
-    the last N scored tokens' keys carried across the batches (memory_eval.py, TrimeLM_long's evaluation)."""
+    the last N scored tokens' keys carried across the batches (memory_eval.py, TrimeLM_long's evaluation).
+    weights: "int8" / "float" converts the checkpoint's weights at load (load_params)."""
     validate(config)
     if memory == "ext":
         raise ConfigError("--memory=ext: at evaluation the batch's other windows are the text after this one "
@@ -470,7 +477,8 @@ def evaluate(config, workdir, *, data=None, step: int | None = None, mesh=None, 
         raise ConfigError(f"--memory_temperature must be numbers > 0, got {list(temperatures)}")
     mesh = run_mesh(config, mesh)
     rules = sharding.logical_rules(config.mesh)
-    graphdef, params, step = load_params(config, workdir, step=step, mesh=mesh)  # first: no data work without one
+    # The weights first: no data work without a checkpoint.
+    graphdef, params, step = load_params(config, workdir, step=step, mesh=mesh, weights=weights)
     data = load_data(config, workdir, data)
     if memory == "none":
         metrics = evaluate_batches(make_eval_step(graphdef, mesh, rules), params, data.eval_batches, mesh, rules)

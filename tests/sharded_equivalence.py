@@ -17,7 +17,7 @@ from benchmarks.equivalence import MODELS, batch_of, compare_step, config_of, ma
 from scaling_sparse import sharding  # noqa: E402
 from scaling_sparse.checkpoint import Checkpointer  # noqa: E402
 from scaling_sparse.decode import Decoder  # noqa: E402
-from scaling_sparse.state import init_train_state, restore_params, restore_train_state  # noqa: E402
+from scaling_sparse.state import convert_weights, init_train_state, restore_params, restore_train_state  # noqa: E402
 
 MESHES = {
     "data=8": dict(data=8, fsdp=1, tensor=1),
@@ -25,6 +25,8 @@ MESHES = {
     "tensor=2,fsdp=4": dict(data=1, fsdp=4, tensor=2),
     "data=2,fsdp=2,tensor=2": dict(data=2, fsdp=2, tensor=2),
 }
+# int8 weights decoded sharded (each ~20 s more): the two models with every layer kind between them.
+INT8_MODELS = ("sparse_all", "terraformer_encdec")
 
 
 def main(out_dir: str, name: str) -> None:
@@ -62,12 +64,19 @@ def main(out_dir: str, name: str) -> None:
     decode_layout, sharded_state = init_train_state(config, mesh)
     _, single_state = init_train_state(config_of(model, dict(data=1, fsdp=1, tensor=1)), single)
     prompt = batch_of(config, seed=3)["inputs"][1:3, :5]  # unpadded rows
-    tokens = {}
+    tokens, int8_tokens = {}, {}
     for label, params, m in (("sharded", sharded_state["params"], mesh), ("single", single_state["params"], single)):
         # The JAX path for both: the comparison is of the sharding (the kernels have tests of their own).
         decoder = Decoder(decode_layout.graphdef, params, max_len=config.model.max_len, mesh=m, cpu_kernels=False)
         tokens[label] = decoder.generate(prompt, 8).tolist()
+        if name not in INT8_MODELS:
+            continue
+        # The same weights quantised to int8 on each mesh (docs/quantization.md) decode the same tokens.
+        int8_graphdef, int8_params = convert_weights(config.model, params, "int8", m, sharding.logical_rules(config.mesh))
+        decoder = Decoder(int8_graphdef, int8_params, max_len=config.model.max_len, mesh=m, cpu_kernels=False)
+        int8_tokens[label] = decoder.generate(prompt, 8).tolist()
     report["decode"][name] = tokens
+    report["decode_int8"] = {name: int8_tokens} if name in INT8_MODELS else {}
     print(json.dumps(report))
 
 

@@ -1,6 +1,7 @@
-"""Every layer / model variant (conftest.VARIANTS): KV-cache decoding equals the full causal eval
-forward pass, token by token and after a prefill, and greedy `generate` picks the forward pass's
-argmax; plus the dense model's decode-time argument and mode checks."""
+"""Every layer / model variant (conftest.VARIANTS), with float and with int8 weights (quantize.py):
+KV-cache decoding equals the full causal eval forward pass, token by token and after a prefill, and
+greedy `generate` picks the forward pass's argmax; plus the dense model's decode-time argument and mode
+checks."""
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import make_model, random_tokens
+from conftest import VARIANTS, make_model, random_tokens
 from scaling_sparse.decode import generate
+from scaling_sparse.quantize import quantize_model
 
 BATCH, LENGTH, CACHE_LEN, PREFILL = 2, 12, 16, 7
 TOKENS = random_tokens(1, (BATCH, LENGTH))
@@ -34,9 +36,11 @@ class Jitted:
         return self._decode(self.state, tokens, cache, jnp.asarray(index, jnp.int32))
 
 
-@pytest.fixture(scope="module")
-def jitted(variant):
-    _, model = variant
+@pytest.fixture(scope="module", params=["float", "int8"])
+def jitted(variant, request):
+    name, model = variant
+    if request.param == "int8":  # a copy: the variant's model is shared by the module's other tests
+        model = quantize_model(make_model(**VARIANTS[name]))
     return Jitted(model)
 
 

@@ -30,9 +30,10 @@ def _inputs(seed, batch=2, length=12):
     return jnp.asarray(tokens)
 
 
+@pytest.mark.parametrize("weights", ["float", "int8"])  # int8: quantize.py, docs/quantization.md
 @pytest.mark.parametrize("variant", sorted(ENCDEC_VARIANTS))
-def test_decode_equals_the_full_pass_token_by_token(variant):
-    model = make_encdec(**ENCDEC_VARIANTS[variant])
+def test_decode_equals_the_full_pass_token_by_token(variant, weights):
+    model = make_encdec(**ENCDEC_VARIANTS[variant], weights=weights)
     inputs = _inputs(1)
     if variant.startswith("terraformer"):
         assert isinstance(model, TerraformerEncDecLM)

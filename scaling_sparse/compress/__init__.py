@@ -1,10 +1,11 @@
 """Compression baselines for a trained dense decoder (docs/compression.md): SVD and activation-aware
-SVD factorisation (svd.py) and CoFi structured pruning with distillation (cofi.py). Each writes an
-ordinary workdir (workdir.py) that trains, evaluates, decodes and benchmarks with the normal code."""
+SVD factorisation (svd.py) and CoFi structured pruning with distillation (cofi.py); and weight-only int8
+for any model (int8.py, docs/quantization.md). Each writes an ordinary workdir (workdir.py) that
+evaluates, decodes and benchmarks with the normal code (and, but for int8, trains)."""
 
 from __future__ import annotations
 
-METHODS = ("svd", "asvd", "cofi")
+METHODS = ("svd", "asvd", "cofi", "int8")
 
 
 def run_compress(config, workdir, out, *, method: str, rank: int | None = None, keep: float | None = None,
@@ -17,6 +18,10 @@ def run_compress(config, workdir, out, *, method: str, rank: int | None = None, 
     from scaling_sparse.compress.workdir import claim_out
 
     with claim_out(workdir, out):  # one run per --out, from the start: a second stops before any work
+        if method == "int8":
+            from scaling_sparse.compress.int8 import compress_int8
+
+            return compress_int8(config, workdir, out, step=step, echo=echo)
         if method in ("svd", "asvd"):
             from scaling_sparse.compress.svd import compress_svd
 

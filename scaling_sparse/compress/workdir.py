@@ -137,8 +137,10 @@ def write_model(new_config, params: dict, src_workdir, out, *, step: int, data_s
     mesh = sharding.single_device_mesh()
     layout = train_state_layout(new_config, mesh)
     params = jax.device_put(params, layout.param_shardings)
-    tx = make_optimizer(dict(optimizer_settings(new_config.train)), layout.axes)
-    state = {"params": params, "opt_state": tx.init(params), "step": jax.numpy.asarray(step, jax.numpy.int32),
+    # int8 weights are not trained: no optimizer state (state.py's layout holds none for them).
+    opt_state = ({} if m.weights == "int8" else
+                 make_optimizer(dict(optimizer_settings(new_config.train)), layout.axes).init(params))
+    state = {"params": params, "opt_state": opt_state, "step": jax.numpy.asarray(step, jax.numpy.int32),
              "rng": train_key(int(new_config.train.seed))}
     state = jax.device_put(state, layout.shardings)
     with Checkpointer(partial, keep=new_config.train.keep_checkpoints) as ckpt:

@@ -19,6 +19,8 @@ def tiny_normal(key, shape, dtype=jnp.float32):
 class Dense(nnx.Module):
     """x [..., d_in] @ kernel [d_in, d_out] + bias; `axes` are the kernel's logical axis names."""
 
+    INT8_AXES = {"kernel": (0,)}  # int8: one scale per output channel (quantize.py)
+
     def __init__(self, d_in: int, d_out: int, *, rngs: nnx.Rngs, axes: tuple[str | None, str | None],
                  use_bias: bool = True, kernel_init=glorot_uniform, param_dtype=jnp.float32):
         kernel_key, bias_key = jax.random.split(rngs.params())  # one draw from the stream per layer
@@ -41,6 +43,8 @@ class LowRankDense(nnx.Module):
     compression, docs/compression.md). Reads r (d_in + d_out) + d_out parameters per token instead of
     d_in d_out + d_out. Freshly built, both factors are Glorot-uniform; `compress` fills them from a
     trained model's matrices."""
+
+    INT8_AXES = {"a": (0,), "b": (0,)}  # int8: one scale per output channel of each factor
 
     def __init__(self, d_in: int, d_out: int, rank: int, *, rngs: nnx.Rngs, axes: tuple[str | None, str | None],
                  use_bias: bool = True, param_dtype=jnp.float32):

@@ -25,6 +25,9 @@ glorot_uniform = nnx.initializers.glorot_uniform()
 
 
 class MultiplicativeDense(nnx.Module):
+    # int8 (quantize.py): a scale per module row of the gates, per output channel of the shared kernel.
+    INT8_AXES = {"gates": (1,), "kernel": (0,)}
+
     def __init__(self, d_in: int, d_out: int, n_modules: int, *, rngs: nnx.Rngs, out_axis: str = "heads",
                  use_bias: bool = True, param_dtype=jnp.float32):
         if n_modules < 1 or d_out % n_modules:
@@ -63,6 +66,8 @@ class MultiplicativeDense(nnx.Module):
 
 
 class ModuleConv(nnx.Module):
+    INT8_AXES = {"kernel": (0, 1, 2)}  # int8: one scale per output channel of the [kl, ks, M, M] kernel
+
     """2-D convolution over (length, modules) with M channels in and out; causal along length."""
 
     def __init__(self, n_modules: int, d_module: int, *, length_kernel: int = 3, module_kernel: int = 3,

@@ -26,6 +26,7 @@ from scaling_sparse.layers.base import check_mode, no_cache, param
 from scaling_sparse.layers.dense import tiny_normal
 from scaling_sparse.layers.dropout import dropout
 from scaling_sparse.layers.row_matmul import matmul_rows, matmul_rows_t
+from scaling_sparse.quantize import is_int8
 
 
 def _glorot(in_axis, out_axis):
@@ -33,6 +34,10 @@ def _glorot(in_axis, out_axis):
 
 
 class SparseFF(nnx.Module):
+    # int8 (quantize.py): a scale per unit row of the [B, N, d] stores (decode gathers rows with their
+    # scales), per output channel of the controller's two factors; the biases stay float.
+    INT8_AXES = {"w1": (2,), "w2": (2,), "c1": (0,), "c2": (0,)}
+
     component = "ffn"
 
     def __init__(self, d_model: int, d_ff: int, n_elements: int, *, lowrank: int = 0, temperature: float = 0.1,
@@ -129,13 +134,14 @@ class SparseFF(nnx.Module):
         """Reads only the chosen row of each block: 2 B d main weights per token. Traced by a Decoder
         that uses the CPU kernels (scaling_sparse/kernels), the same computation is one kernel call."""
         weights = (self.c1, self.c2, self.cb, self.w1, self.w2, self.b2)
-        if cpu_kernels.active() and x.dtype == jnp.float32 and all(w[...].dtype == jnp.float32 for w in weights):
+        if (cpu_kernels.active() and x.dtype == jnp.float32
+                and all(not is_int8(w) and w[...].dtype == jnp.float32 for w in weights)):
             y, _ = cpu_kernels.sparse_ffn_decode(x, *(w[...] for w in weights), n_elements=self.n_elements)
             return y, cache
         rows = self.choose(x) + jnp.arange(self.n_blocks, dtype=jnp.int32) * self.n_elements  # [..., B]
         flat = (self.n_blocks * self.n_elements, self.d_model)  # a free reshape of the [B, N, d] arrays
         # Indices are in range by construction, so skip the gather's bounds handling.
-        gather = lambda w: w[...].reshape(flat).at[rows].get(mode="promise_in_bounds").astype(x.dtype)
+        gather = lambda w: _gather_rows(w, flat, rows).astype(x.dtype)
         w_in, w_out = gather(self.w1), gather(self.w2)  # [..., B, d] each
         h = jax.nn.relu(jnp.einsum("...d,...bd->...b", x, w_in))
         y = jnp.einsum("...b,...bd->...d", h, w_out) + self.b2[...].astype(x.dtype)
@@ -144,3 +150,14 @@ class SparseFF(nnx.Module):
     def params_per_token(self) -> int:
         controller = self.c1.size + self.c2.size + self.cb.size
         return controller + 2 * self.n_blocks * self.d_model + self.b2.size
+
+
+def _gather_rows(w: nnx.Param, flat: tuple[int, int], rows: jax.Array) -> jax.Array:
+    """The chosen rows of a [B, N, d] store viewed as [B N, d]; int8 rows are gathered with their scales
+    and dequantised after the gather (d + 1 values a row, not the whole store)."""
+    value = w.get_value()
+    if is_int8(value):
+        q = value.q.reshape(flat).at[rows].get(mode="promise_in_bounds")
+        scale = value.scale.reshape(flat[0], 1).at[rows].get(mode="promise_in_bounds")
+        return q.astype(scale.dtype) * scale
+    return value.reshape(flat).at[rows].get(mode="promise_in_bounds")

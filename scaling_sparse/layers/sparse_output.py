@@ -23,6 +23,8 @@ from scaling_sparse.layers.output import OutputLayer
 
 
 class MultiplicativeOutput(OutputLayer, MultiplicativeDense):
+    INT8_AXES = {"gates": (1,), "kernel": (1,)}  # int8: the unit-major kernel [vocab/S, d] gets a scale per row
+
     def __init__(self, d_model: int, vocab_size: int, n_modules: int, *, rngs: nnx.Rngs,
                  param_dtype=jnp.float32):
         if n_modules < 1 or vocab_size % n_modules:

@@ -14,6 +14,7 @@ from flax import nnx
 
 from scaling_sparse.kernels import cpu as cpu_kernels
 from scaling_sparse.layers.multiplicative import ModuleConv, MultiplicativeDense
+from scaling_sparse.quantize import is_int8
 
 
 class SparseQKV(nnx.Module):
@@ -52,11 +53,12 @@ class SparseQKV(nnx.Module):
         return {"history": jnp.zeros((batch, self.length_kernel - 1, self.n_modules, self.d_module), dtype)}
 
     def _kernel_applies(self, x, history) -> bool:
-        """One new position, float32 throughout, traced by a Decoder using the CPU kernels."""
+        """One new position, float32 throughout (the kernel reads float32 weights, not int8 ones), traced by a
+        Decoder using the CPU kernels."""
         weights = [self.mult.gates, self.mult.kernel, self.mult.bias] + [
             w for c in (self.conv_q, self.conv_k, self.conv_v) for w in (c.kernel, c.bias)]
         return (cpu_kernels.active() and x.shape[1] == 1 and x.dtype == history.dtype == jnp.float32
-                and all(w[...].dtype == jnp.float32 for w in weights))
+                and all(not is_int8(w) and w[...].dtype == jnp.float32 for w in weights))
 
     def decode(self, x: jax.Array, cache, index):
         if self._kernel_applies(x, cache["history"]):

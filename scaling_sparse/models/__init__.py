@@ -12,15 +12,19 @@ from scaling_sparse.config import ModelConfig
 from scaling_sparse.models.decoder_lm import DecoderLM
 from scaling_sparse.models.encdec import EncoderDecoderLM
 from scaling_sparse.models.terraformer_encdec import TerraformerEncDecLM
+from scaling_sparse.quantize import quantize_model
 
 __all__ = ["DecoderLM", "EncoderDecoderLM", "TerraformerEncDecLM", "build_model"]
 
 
 def build_model(m, *, rngs: nnx.Rngs) -> nnx.Module:
-    """The model of a config.model / ModelConfig (model.arch, model.reversible)."""
+    """The model of a config.model / ModelConfig (model.arch, model.reversible; model.weights="int8": its
+    weights quantised, quantize.py)."""
     m = ModelConfig.from_config(m)
     if m.arch == "encdec" and m.reversible:
-        return TerraformerEncDecLM(m, rngs=rngs)
-    if m.arch == "encdec":
-        return EncoderDecoderLM(m, rngs=rngs)
-    return DecoderLM(m, rngs=rngs)
+        model = TerraformerEncDecLM(m, rngs=rngs)
+    elif m.arch == "encdec":
+        model = EncoderDecoderLM(m, rngs=rngs)
+    else:
+        model = DecoderLM(m, rngs=rngs)
+    return quantize_model(model) if m.weights == "int8" else model

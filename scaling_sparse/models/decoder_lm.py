@@ -24,6 +24,7 @@ def make_stack(m, rngs: nnx.Rngs) -> nnx.Module:
 
 class DecoderLM(nnx.Module):
     prompt_in_decoder = True  # generation: the prompt is prefilled into the decoder (decode.py)
+    INT8_AXES = {"token_embed": (1,), "pos_embed": (1,)}  # int8 (quantize.py): a scale per embedding row
 
     def __init__(self, m, *, rngs: nnx.Rngs):
         m = ModelConfig.from_config(m)

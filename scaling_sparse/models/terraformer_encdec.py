@@ -56,6 +56,7 @@ def strip_prefix(y, lengths, lt: int):
 
 class TerraformerEncDecLM(nnx.Module):
     prompt_in_decoder = False  # generation: the prompt is the encoder's input (decode.py)
+    INT8_AXES = {"token_embed": (1,), "encoder_pos_embed": (1,), "pos_embed": (1,)}  # int8: a scale per row
 
     def __init__(self, m, *, rngs: nnx.Rngs):
         m = ModelConfig.from_config(m)
