@@ -16,6 +16,7 @@ float. `model.weights = "int8"` builds the model this way (a checkpoint of int8 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +57,55 @@ class Int8Weight:
     @property
     def nbytes(self) -> int:
         return self.q.size + self.scale.size * jnp.dtype(self.scale.dtype).itemsize
+
+    def reshape(self, *shape: int) -> "Int8Weight":
+        """The values reshaped; the scale, one per first or last dimension's entry, follows that dimension
+        (a convolution kernel [kl, ks, M, M] with a scale per output channel as a [kl ks M, M] matrix)."""
+        q = self.q.reshape(*shape)
+        varying = [i for i, size in enumerate(self.scale.shape) if size != 1]  # the axes with their own scales
+        if varying == list(range(varying[0] if varying else 0, self.scale.ndim)) and self.scale.size == q.shape[-1]:
+            return Int8Weight(q, self.scale.reshape((1,) * (q.ndim - 1) + (self.scale.size,)))  # trailing axes
+        if varying == list(range(len(varying))) and self.scale.size == q.shape[0]:  # leading axes
+            return Int8Weight(q, self.scale.reshape((self.scale.size,) + (1,) * (q.ndim - 1)))
+        raise ValueError(f"cannot reshape an int8 weight {self.q.shape} with scales {self.scale.shape} to {shape}")
+
+
+def _value(weight):
+    return weight.get_value() if isinstance(weight, nnx.Variable) else weight
+
+
+def matmul(x: jax.Array, weight, *, transposed: bool = False) -> jax.Array:
+    """x @ W (transposed: x @ W.T) for a float or int8 weight (a parameter or its value), in x's dtype.
+
+    int8: the scale (one per output channel: W [K, N] with scale [1, N], or W.T's rows: [N, K] with [N, 1])
+    multiplies the sums. Traced for a Decoder using the CPU kernels, with few rows, one kernel call reads
+    the int8 bytes directly (kernels/cpu.py int8_matmul); elsewhere XLA widens the values first."""
+    from scaling_sparse.kernels import cpu as cpu_kernels
+
+    w = _value(weight)
+    if not isinstance(w, Int8Weight):
+        w = w.astype(x.dtype)
+        return x @ (w.T if transposed else w)
+    n = w.q.shape[0] if transposed else w.q.shape[-1]
+    if w.q.ndim != 2 or w.scale.size != n or w.scale.shape[0 if transposed else 1] != n:
+        raise ValueError(f"int8 matmul: weight {w.q.shape} with scales {w.scale.shape} has not one scale per output")
+    scale = w.scale.reshape(n)
+    rows = math.prod(x.shape[:-1])
+    if cpu_kernels.active() and x.dtype == jnp.float32 and rows <= cpu_kernels.INT8_KERNEL_ROWS:
+        return cpu_kernels.int8_matmul(x, w.q, scale, transposed=transposed)
+    # Widened and scaled before the dot: `(x @ q.astype(f32)) * scale` let XLA's CPU backend (jaxlib 0.10.2)
+    # fold the int8 -> f32 convert into the dot, which gave NaN rows inside the decode loop's program.
+    dense = w[...].astype(x.dtype)
+    return x @ (dense.T if transposed else dense)
+
+
+def take_rows(weight, indices: jax.Array) -> jax.Array:
+    """Rows of a [rows, d] table (an embedding) at `indices`; int8 rows are widened after the gather, so a
+    lookup reads its rows, not the whole table."""
+    w = _value(weight)
+    if not isinstance(w, Int8Weight):
+        return jnp.take(w, indices, axis=0)
+    return jnp.take(w.q, indices, axis=0).astype(w.scale.dtype) * jnp.take(w.scale, indices, axis=0)
 
 
 def quantize(w: jax.Array, axes: tuple[int, ...]) -> Int8Weight:

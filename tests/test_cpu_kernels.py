@@ -19,6 +19,7 @@ from conftest import VARIANTS, make_model, random_tokens
 from scaling_sparse.decode import Decoder
 from scaling_sparse.kernels import build, cpu
 from scaling_sparse.layers.sparse_ffn import SparseFF
+from scaling_sparse.quantize import Int8Weight, quantize, quantize_model
 
 needs_kernels = pytest.mark.skipif(not cpu.available(), reason=f"CPU kernels: {cpu.status()['reason']}")
 SPARSE_FF_VARIANTS = sorted(name for name, fields in VARIANTS.items() if fields.get("ff_sparsity"))
@@ -181,9 +182,12 @@ def test_a_build_for_another_cpu_is_never_loaded_and_the_reason_names_what_this_
 
 
 @needs_kernels
+@pytest.mark.parametrize("weights", ["float", "int8"])
 @pytest.mark.parametrize("name", ALL_VARIANTS)
-def test_token_by_token_decode_with_kernels_equals_full_forward(name):
+def test_token_by_token_decode_with_kernels_equals_full_forward(name, weights):
     model = make_model(**VARIANTS[name])
+    if weights == "int8":  # every matmul of the step through the int8 kernels (quantize.py)
+        model = quantize_model(model)
     graphdef, state = nnx.split(model)
     tokens = random_tokens(4, (2, 9))
     full = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t, mode="eval"))(state, tokens)
@@ -193,8 +197,45 @@ def test_token_by_token_decode_with_kernels_equals_full_forward(name):
         logits, cache = step(state, tokens[:, i:i + 1], cache, jnp.int32(i))
         steps.append(logits)
     called = cpu.targets_in(step.lower(state, tokens[:, :1], cache, jnp.int32(0)).as_text())
-    assert cpu.ATTENTION_TARGET in called and (cpu.FFN_TARGET in called) == (name in SPARSE_FF_VARIANTS)
+    if weights == "int8":
+        assert cpu.ATTENTION_TARGET in called and cpu.INT8_IN_OUT_TARGET in called and cpu.FFN_TARGET not in called
+    else:
+        assert cpu.ATTENTION_TARGET in called and (cpu.FFN_TARGET in called) == (name in SPARSE_FF_VARIANTS)
     np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=1e-4, rtol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("rows, k, n", [(1, 32, 64), (2, 37, 130), (5, 64, 300), (16, 576, 64), (1, 1024, 4000)])
+def test_int8_matmul_kernels_equal_numpy(rows, k, n, transposed):
+    rng = np.random.default_rng(rows * k + n)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    w = quantize(rng.standard_normal((n, k) if transposed else (k, n)).astype(np.float32), (1,) if transposed else (0,))
+    q, scale = np.asarray(w.q, np.float64), np.asarray(w.scale, np.float64).reshape(-1)
+    want = (x @ (q.T if transposed else q)) * scale
+    got = jax.jit(lambda x: cpu.int8_matmul(x, w.q, w.scale.reshape(-1), transposed=transposed))(x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["dense", "sparse_all"])
+def test_an_int8_decode_step_makes_no_float32_copy_of_the_weights(name):
+    """XLA's temporary buffers of one int8 decode step (docs/kernels.md, "int8 weights"): with the kernels
+    they hold activations only, far less than the float32 size of the output layer, while the JAX path
+    widens the weights into them."""
+    model = quantize_model(make_model(**VARIANTS[name], vocab_size=4096, d_model=64, d_ff=256))
+    graphdef, state = nnx.split(model)
+    weights = [w for w in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, Int8Weight))
+               if isinstance(w, Int8Weight)]
+
+    def temp_bytes(use):
+        step = jax.jit(lambda s, t, c, i: _decode_at(graphdef, s, t, c, i, use=use))
+        compiled = step.lower(state, random_tokens(0, (1, 1)), model.init_cache(1, 12), jnp.int32(0)).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    with_kernels, jax_path = temp_bytes(True), temp_bytes(False)
+    largest = max(4 * w.size for w in weights)  # the output layer's [64, 4096] in float32: 1 MiB
+    assert with_kernels < largest / 16 and with_kernels < jax_path / 10, (with_kernels, jax_path, largest)
 
 
 def _decode_at(graphdef, state, tokens, cache, index, use=True):

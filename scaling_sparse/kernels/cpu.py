@@ -29,6 +29,12 @@ ENV_SWITCH = "SCALING_SPARSE_CPU_KERNELS"  # "0" disables the kernels
 FFN_TARGET = "scaling_sparse_ffn_decode"
 QKV_TARGET = "scaling_sparse_qkv_decode"
 ATTENTION_TARGET = "scaling_sparse_cached_attention_decode"
+INT8_IN_OUT_TARGET = "scaling_sparse_int8_matmul_in_out"  # int8 weights (quantize.py): x @ q [K, N] * scale
+INT8_OUT_IN_TARGET = "scaling_sparse_int8_matmul_out_in"  # x @ q [N, K].T * scale
+TARGETS = (FFN_TARGET, QKV_TARGET, ATTENTION_TARGET, INT8_IN_OUT_TARGET, INT8_OUT_IN_TARGET)
+# int8 matmuls with more rows than this (a long prefill) take the JAX path: the kernel re-reads the weights
+# for every 4 rows, XLA's float32 copy is paid once per call.
+INT8_KERNEL_ROWS = 32
 # Each kernel splits its work (the FFN's C1 rows and blocks, QKV's modules and columns, attention's head rows) into
 # this many tasks on XLA's intra-op thread pool; the calling thread runs any task a pool thread has not
 # started. 2 uses both cores of the benchmark machine. A fixed count fixes the order of the partial sums,
@@ -72,6 +78,10 @@ def status() -> dict:
         jax.ffi.register_ffi_target(QKV_TARGET, jax.ffi.pycapsule(lib.ScalingSparseQkvDecode), platform="cpu")
         jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.ScalingSparseCachedAttentionDecode),
                                     platform="cpu")
+        jax.ffi.register_ffi_target(INT8_IN_OUT_TARGET, jax.ffi.pycapsule(lib.ScalingSparseInt8MatmulInOut),
+                                    platform="cpu")
+        jax.ffi.register_ffi_target(INT8_OUT_IN_TARGET, jax.ffi.pycapsule(lib.ScalingSparseInt8MatmulOutIn),
+                                    platform="cpu")
     except (OSError, AttributeError, ValueError, RuntimeError) as e:
         return {"available": False, "reason": f"load failed: {e}", "library": str(path)}
     return {"available": True, "reason": "loaded", "library": str(path)}
@@ -103,7 +113,7 @@ def active() -> bool:
 def targets_in(program_text: str) -> list[str]:
     """The kernels a lowered program calls (text of `jax.jit(f).lower(...)`): what a benchmark
     reports as the decode path actually taken, whatever was asked for."""
-    return [target for target in (FFN_TARGET, QKV_TARGET, ATTENTION_TARGET) if target in program_text]
+    return [target for target in TARGETS if target in program_text]
 
 
 def sparse_ffn_decode(x, c1, c2, cb, w1, w2, b2, *, n_elements: int):
@@ -151,3 +161,17 @@ def cached_attention_decode(q, k_new, v_new, k_t, v, index, *, scale: float, sel
         q, k_new, v_new, k_t, v, jnp.asarray(index, jnp.int32), scale=np.float32(scale),
         self_mask=self_value is not None, self_value=np.float32(0.0 if self_value is None else self_value),
         parts=np.int64(PARTS))
+
+
+def int8_matmul(x, q, scale, *, transposed: bool = False):
+    """x [..., K] float32 times int8 weights (quantize.py) as one kernel call, reading each weight byte once.
+
+    transposed=False: q [K, N] with scale [N] (a scale per output channel) -> x @ q * scale;
+    transposed=True:  q [N, K] with scale [N] (a scale per row) -> x @ q.T * scale. Returns [..., N] float32."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    rows = int(np.prod(lead)) if lead else 1
+    n = q.shape[0] if transposed else q.shape[1]
+    y = jax.ffi.ffi_call(INT8_OUT_IN_TARGET if transposed else INT8_IN_OUT_TARGET,
+                         jax.ShapeDtypeStruct((rows, n), jnp.float32))(
+        x.reshape(rows, k), q, scale.reshape(n), parts=np.int64(PARTS))
+    return y.reshape(*lead, n)

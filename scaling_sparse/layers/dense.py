@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from scaling_sparse.layers.base import param
+from scaling_sparse.quantize import matmul
 
 glorot_uniform = nnx.initializers.glorot_uniform()
 
@@ -29,7 +30,7 @@ class Dense(nnx.Module):
         self.bias = param(tiny_normal(bias_key, (d_out,), param_dtype), axes[1]) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = x @ self.kernel[...].astype(x.dtype)
+        y = matmul(x, self.kernel)  # float or int8 (quantize.py)
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         return y
@@ -55,7 +56,7 @@ class LowRankDense(nnx.Module):
         self.bias = param(tiny_normal(bias_key, (d_out,), param_dtype), axes[1]) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = (x @ self.a[...].astype(x.dtype)) @ self.b[...].astype(x.dtype)
+        y = matmul(matmul(x, self.a), self.b)
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         return y

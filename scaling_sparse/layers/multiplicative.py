@@ -19,6 +19,7 @@ from flax import nnx
 
 from scaling_sparse.layers.base import param
 from scaling_sparse.layers.dense import tiny_normal
+from scaling_sparse.quantize import matmul
 from scaling_sparse.sharding import constrain
 
 glorot_uniform = nnx.initializers.glorot_uniform()
@@ -53,7 +54,7 @@ class MultiplicativeDense(nnx.Module):
         if math.prod(x.shape[:-1]) > self.d_module:
             return jnp.einsum("...i,sim->...sm", x, gates[:, :, None] * kernel[None])
         gated = x[..., None, :] * gates                                  # [..., S, d_in]
-        return gated @ kernel                                            # [..., S, M]
+        return matmul(gated, self.kernel)                                # [..., S, M] (int8: quantize.py)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = self.modules(x).reshape(*x.shape[:-1], self.d_out)
@@ -66,9 +67,9 @@ class MultiplicativeDense(nnx.Module):
 
 
 class ModuleConv(nnx.Module):
-    INT8_AXES = {"kernel": (0, 1, 2)}  # int8: one scale per output channel of the [kl, ks, M, M] kernel
-
     """2-D convolution over (length, modules) with M channels in and out; causal along length."""
+
+    INT8_AXES = {"kernel": (0, 1, 2)}  # int8: one scale per output channel of the [kl, ks, M, M] kernel
 
     def __init__(self, n_modules: int, d_module: int, *, length_kernel: int = 3, module_kernel: int = 3,
                  rngs: nnx.Rngs, init: str = "reference", param_dtype=jnp.float32):
@@ -118,8 +119,8 @@ class ModuleConv(nnx.Module):
             # "Decode at the memory floor").
             taps = jnp.concatenate([padded[:, i:i + 1, j:j + self.n_modules] for i in range(self.length_kernel)
                                     for j in range(self.module_kernel)], axis=-1)
-            kernel = self.kernel[...].astype(x.dtype).reshape(-1, self.d_module)
-            y = taps @ kernel
+            kernel = self.kernel.get_value().reshape(-1, self.d_module)  # float or int8 (quantize.py)
+            y = matmul(taps, kernel)
         else:
             neighbours = jnp.concatenate([padded[:, :, j:j + self.n_modules] for j in range(self.module_kernel)],
                                          axis=-1)

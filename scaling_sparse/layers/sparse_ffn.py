@@ -26,7 +26,7 @@ from scaling_sparse.layers.base import check_mode, no_cache, param
 from scaling_sparse.layers.dense import tiny_normal
 from scaling_sparse.layers.dropout import dropout
 from scaling_sparse.layers.row_matmul import matmul_rows, matmul_rows_t
-from scaling_sparse.quantize import is_int8
+from scaling_sparse.quantize import is_int8, matmul
 
 
 def _glorot(in_axis, out_axis):
@@ -66,8 +66,12 @@ class SparseFF(nnx.Module):
     # -- controller -------------------------------------------------------------------------------
     def controller_logits(self, x: jax.Array) -> jax.Array:
         """x [..., d] -> logits [..., B, N]: two small matmuls through the rank-r bottleneck."""
-        low = x @ self.c1[...].astype(x.dtype)
-        return jnp.einsum("...r,rbn->...bn", low, self.c2[...].astype(x.dtype)) + self.cb[...].astype(x.dtype)
+        low = matmul(x, self.c1)
+        if is_int8(self.c2):  # [r, B, N] as [r, B N] with a scale per unit (quantize.matmul)
+            logits = matmul(low, self.c2.get_value().reshape(self.c2.shape[0], -1)).reshape(*low.shape[:-1], *self.c2.shape[1:])
+        else:
+            logits = jnp.einsum("...r,rbn->...bn", low, self.c2[...].astype(x.dtype))
+        return logits + self.cb[...].astype(x.dtype)
 
     def choose(self, x: jax.Array) -> jax.Array:
         """The deterministic choice: unit index per block, [..., B] int32."""

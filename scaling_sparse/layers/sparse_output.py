@@ -20,6 +20,7 @@ from scaling_sparse.layers.base import param
 from scaling_sparse.layers.dense import Dense
 from scaling_sparse.layers.multiplicative import MultiplicativeDense
 from scaling_sparse.layers.output import OutputLayer
+from scaling_sparse.quantize import is_int8, matmul
 
 
 class MultiplicativeOutput(OutputLayer, MultiplicativeDense):
@@ -37,6 +38,8 @@ class MultiplicativeOutput(OutputLayer, MultiplicativeDense):
     def modules(self, x: jax.Array) -> jax.Array:
         """x [..., d] -> [..., vocab/S, S] (before the bias): unit-major, see the module docstring."""
         gated = x[..., None, :] * self.gates[...].astype(x.dtype)        # [..., S, d]
+        if is_int8(self.kernel):  # [..., S, vocab/S] from the int8 rows (quantize.matmul), then unit-major
+            return jnp.swapaxes(matmul(gated, self.kernel, transposed=True), -1, -2)
         return jnp.einsum("...sd,md->...ms", gated, self.kernel[...].astype(x.dtype))
 
 

@@ -16,6 +16,7 @@ from scaling_sparse.layers.factory import make_output
 from scaling_sparse.layers.norm import LayerNorm
 from scaling_sparse.layers.reversible import ReversibleStack
 from scaling_sparse.layers.stack import StandardStack
+from scaling_sparse.quantize import take_rows
 
 
 def make_stack(m, rngs: nnx.Rngs) -> nnx.Module:
@@ -42,7 +43,7 @@ class DecoderLM(nnx.Module):
         self.dropout_rate = m.dropout
 
     def _embed(self, tokens, positions):
-        x = jnp.take(self.token_embed[...], tokens, axis=0) + jnp.take(self.pos_embed[...], positions, axis=0)
+        x = take_rows(self.token_embed, tokens) + take_rows(self.pos_embed, positions)
         return x.astype(self.dtype)
 
     def __call__(self, tokens: jax.Array, *, mode: str = "eval", rng=None, features: bool = False):

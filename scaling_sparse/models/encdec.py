@@ -27,6 +27,7 @@ from scaling_sparse.layers.embedding import embedding_init, sinusoidal_init
 from scaling_sparse.layers.encdec_block import CrossDecoderBlock, EncoderBlock
 from scaling_sparse.layers.factory import make_output
 from scaling_sparse.layers.norm import LayerNorm
+from scaling_sparse.quantize import take_rows
 
 DECODER_START_ID = 0  # T5's: the pad id starts every decoder input
 
@@ -54,7 +55,7 @@ class EncoderDecoderLM(nnx.Module):
         self.dropout_rate = m.dropout
 
     def _embed(self, tokens, positions, table):
-        x = jnp.take(self.token_embed[...], tokens, axis=0) + jnp.take(table[...], positions, axis=0)
+        x = take_rows(self.token_embed, tokens) + take_rows(table, positions)
         return x.astype(self.dtype)
 
     def _check_length(self, length: int, what: str):

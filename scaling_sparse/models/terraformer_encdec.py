@@ -31,6 +31,7 @@ from scaling_sparse.layers.encdec_block import ReversibleEncoderBlock
 from scaling_sparse.layers.factory import make_output
 from scaling_sparse.layers.norm import LayerNorm
 from scaling_sparse.layers.reversible import ReversibleStack
+from scaling_sparse.quantize import take_rows
 
 DECODER_START_ID = 0
 
@@ -75,7 +76,7 @@ class TerraformerEncDecLM(nnx.Module):
         self.dropout_rate = m.dropout
 
     def _embed(self, tokens, positions, table):
-        x = jnp.take(self.token_embed[...], tokens, axis=0) + jnp.take(table[...], positions, axis=0)
+        x = take_rows(self.token_embed, tokens) + take_rows(table, positions)
         return x.astype(self.dtype)
 
     def _check_length(self, length: int, what: str):
