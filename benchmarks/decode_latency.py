@@ -32,7 +32,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` and the chec
 import jax  # noqa: E402
 
 from benchmarks import machine, models, paper_rows, reporting  # noqa: E402
-from benchmarks.decode_setup import fits_together, jax_path_twin, prepare_preset, time_presets  # noqa: E402
+from benchmarks.decode_setup import fits_together, int8_twin, jax_path_twin, prepare_preset, time_presets  # noqa: E402
 from scaling_sparse.config import ConfigError, load_config  # noqa: E402
 from scaling_sparse.kernels import cpu as cpu_kernels  # noqa: E402
 
@@ -71,6 +71,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "uses them where the Decoder does (CPU backend, library built); off: the pure-JAX path; "
                         "compare: each preset that uses them is timed on the pure-JAX path too, same weights, "
                         "same run (rows with decode_path \"jax\")")
+    p.add_argument("--weights", choices=("float", "both"), default=None,
+                   help="both (default with float32): each preset is also decoded with its weights quantised to "
+                        "int8 (docs/quantization.md), same run, interleaved (rows labelled @int8); float (default "
+                        "with bfloat16 and for --paper_rows): the --dtype weights only")
     p.add_argument("--sequential", action="store_true",
                    help="time one preset at a time even when all fit memory (default: interleave the repeats)")
     p.add_argument("--paper_rows", action="store_true",
@@ -85,6 +89,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [g for g in args.paper_groups if g not in paper_rows.PAPER_GROUPS]
     if unknown:
         p.error(f"--paper_groups: unknown {', '.join(unknown)} (known: {', '.join(paper_rows.PAPER_GROUPS)})")
+    if args.paper_rows and args.weights == "both":
+        p.error("--paper_rows times the reference's float models: leave out --weights")
+    if args.dtype == "bfloat16" and args.weights == "both":
+        p.error("--weights=both quantises float32 weights: use --dtype=float32 or --weights=float")
     if args.paper_rows and args.cpu_kernels == "compare":
         p.error("--cpu_kernels=compare times --presets: the paper rows take auto or off")
     if args.paper_rows and args.presets:
@@ -120,6 +128,7 @@ def main(argv=None) -> dict:
     backend = jax.default_backend()
     args.dtype_forced = args.dtype is not None
     args.dtype = args.dtype or ("float32" if backend == "cpu" else "bfloat16")
+    args.weights = args.weights or ("both" if args.dtype == "float32" and not args.paper_rows else "float")
     try:
         presets = [] if args.paper_rows else resolve_presets(args.presets)
     except ConfigError as e:
@@ -147,6 +156,8 @@ def main(argv=None) -> dict:
         pair = [(meta, timer)]
         if args.cpu_kernels == "compare":
             pair += [twin] if (twin := jax_path_twin(name, meta, timer, args)) else []
+        if args.weights == "both":
+            pair.append(int8_twin(name, meta, timer, args))
         if interleave:
             prepared += pair
             continue

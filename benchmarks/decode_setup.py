@@ -41,7 +41,7 @@ def prepare_preset(name: str, args, *, backend: str, capacity_bytes: int, config
         "layers_note": layers_note,
         "dtype": args.dtype,
         "d_model": m.d_model, "d_ff": m.d_ff, "ff_sparsity": m.ff_sparsity, "attn_sparsity": m.attn_sparsity,
-        "loss_sparsity": m.loss_sparsity, "reversible": bool(m.reversible),
+        "loss_sparsity": m.loss_sparsity, "reversible": bool(m.reversible), "weights": m.weights,
         # Which decode path ran: the compiled CPU kernels for the sparse layers, or pure JAX.
         "decode_path": "cpu_kernels" if timer.kernel_targets else "jax",
         "cpu_kernel_targets": timer.kernel_targets,
@@ -72,6 +72,26 @@ def jax_path_twin(name: str, meta: dict, timer: DecodeTimer, args) -> tuple[dict
     print(f"preparing {name} on the pure-JAX path ...", flush=True)
     twin = make_timer(decoder, timer.config, args)
     return {**meta, "decode_path": "jax", "cpu_kernel_targets": twin.kernel_targets, "label": f"{name}@jax"}, twin
+
+
+def int8_twin(name: str, meta: dict, timer: DecodeTimer, args) -> tuple[dict, DecodeTimer]:
+    """--weights=both: the same weights quantised to int8 (quantize.py, docs/quantization.md) and decoded
+    beside the float ones in the same run; its read floor counts one byte per weight and a float32 scale
+    per d_model weights (a scale per output channel or row)."""
+    from scaling_sparse import sharding
+    from scaling_sparse.state import convert_weights
+
+    source = timer.decoder
+    config = timer.config
+    mesh = sharding.single_device_mesh()
+    print(f"preparing {name} with int8 weights ...", flush=True)
+    graphdef, params = convert_weights(config.model, source.params, "int8", mesh, sharding.logical_rules(config.mesh))
+    decoder = Decoder(graphdef, params, max_len=source.max_len, cpu_kernels=False if args.cpu_kernels == "off" else None)
+    twin = make_timer(decoder, config, args)
+    per_token = meta["params_per_token"]
+    return {**meta, "label": f"{name}@int8", "weights": "int8",
+            "decode_path": "cpu_kernels" if twin.kernel_targets else "jax", "cpu_kernel_targets": twin.kernel_targets,
+            "bytes_per_token": int(per_token * (1 + 4 / config.model.d_model))}, twin
 
 
 def finish_preset(meta: dict, timer: DecodeTimer, bandwidth: dict) -> dict:

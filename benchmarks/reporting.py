@@ -54,14 +54,20 @@ def bandwidth_figures(nbytes: float, ms_per_token: float, bandwidth: dict) -> di
 def add_speedups(results: list[dict]) -> list[dict]:
     """Fills speedup_vs_dense (in-loop and per-call) against the dense result of the same size group
     and layer count; None where the run has no such baseline."""
-    for r in results:
+    for r in results:  # int8 rows against the int8 dense row: the dense model gets the same int8 care
         base = next((b for b in results if b["dense"] and b["size_group"] == r["size_group"]
-                     and b["n_layers"] == r["n_layers"]), None)
+                     and b["n_layers"] == r["n_layers"] and b.get("weights", "float") == r.get("weights", "float")
+                     and b.get("label", "").endswith("@jax") == r.get("label", "").endswith("@jax")), None)
         r["dense_baseline"] = base["preset"] if base else None
         r["speedup_vs_dense"] = speedup(base["ms_per_token"], r["ms_per_token"]) if base else None
         r["per_call_speedup_vs_dense"] = (speedup(base["per_call_ms_per_token"], r["per_call_ms_per_token"])
                                           if base and r.get("per_call_ms_per_token") else None)
         r["byte_ratio_vs_dense"] = base["bytes_per_token"] / r["bytes_per_token"] if base else None
+    for r in results:  # an int8 row against the same preset's float row
+        if r.get("weights") == "int8":
+            float_row = next((t for t in results if t["preset"] == r["preset"] and t.get("weights", "float") != "int8"
+                              and t.get("label", t["preset"]) == r["preset"]), None)
+            r["speedup_vs_float"] = speedup(float_row["ms_per_token"], r["ms_per_token"]) if float_row else None
     for r in results:  # --cpu_kernels=compare: the kernel row against its pure-JAX twin
         twin = next((t for t in results if t.get("label") == f"{r['preset']}@jax"), None)
         if r.get("decode_path") == "cpu_kernels" and twin:

@@ -43,6 +43,21 @@ def test_sparse_ffn_kernel_equals_jax_decode(shape):
 
 
 @needs_kernels
+@pytest.mark.parametrize("shape", [(1, 1), (3, 1), (2, 5)])
+def test_int8_sparse_ffn_kernel_equals_jax_decode(shape):
+    ffn = SparseFF(48, 96, 8, lowrank=6, rngs=nnx.Rngs(shape[0] * 10 + shape[1]))
+    ffn.c2[...] = ffn.c2[...] * 30
+    quantize_model(ffn)
+    x = jax.random.normal(jax.random.PRNGKey(sum(shape)), (*shape, 48))
+    want, _ = ffn.decode(x, {}, 0)  # the JAX path: int8 rows gathered, controller through quantize.matmul
+    y, units = jax.jit(lambda x: cpu.sparse_ffn_decode_int8(
+        x, *(w.get_value() for w in (ffn.c1, ffn.c2, ffn.cb, ffn.w1, ffn.w2, ffn.b2)), n_elements=8))(x)
+    np.testing.assert_array_equal(units, ffn.choose(x))
+    assert len(np.unique(np.asarray(units).reshape(-1, 12), axis=0)) > 1 or shape == (1, 1)
+    np.testing.assert_allclose(y, want, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
 def test_first_maximum_wins_ties():
     """Tied logits pick the first unit, as jnp.argmax: a controller of zeros ties every unit."""
     ffn = SparseFF(16, 32, 8, lowrank=4, rngs=nnx.Rngs(0))
@@ -199,6 +214,7 @@ def test_token_by_token_decode_with_kernels_equals_full_forward(name, weights):
     called = cpu.targets_in(step.lower(state, tokens[:, :1], cache, jnp.int32(0)).as_text())
     if weights == "int8":
         assert cpu.ATTENTION_TARGET in called and cpu.INT8_IN_OUT_TARGET in called and cpu.FFN_TARGET not in called
+        assert (cpu.FFN_INT8_TARGET in called) == (name in SPARSE_FF_VARIANTS)
     else:
         assert cpu.ATTENTION_TARGET in called and (cpu.FFN_TARGET in called) == (name in SPARSE_FF_VARIANTS)
     np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=1e-4, rtol=1e-4)

@@ -18,6 +18,7 @@ import contextvars
 import ctypes
 import functools
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -27,11 +28,12 @@ from scaling_sparse.kernels import build
 
 ENV_SWITCH = "SCALING_SPARSE_CPU_KERNELS"  # "0" disables the kernels
 FFN_TARGET = "scaling_sparse_ffn_decode"
+FFN_INT8_TARGET = "scaling_sparse_ffn_decode_int8"
 QKV_TARGET = "scaling_sparse_qkv_decode"
 ATTENTION_TARGET = "scaling_sparse_cached_attention_decode"
 INT8_IN_OUT_TARGET = "scaling_sparse_int8_matmul_in_out"  # int8 weights (quantize.py): x @ q [K, N] * scale
 INT8_OUT_IN_TARGET = "scaling_sparse_int8_matmul_out_in"  # x @ q [N, K].T * scale
-TARGETS = (FFN_TARGET, QKV_TARGET, ATTENTION_TARGET, INT8_IN_OUT_TARGET, INT8_OUT_IN_TARGET)
+TARGETS = (FFN_TARGET, FFN_INT8_TARGET, QKV_TARGET, ATTENTION_TARGET, INT8_IN_OUT_TARGET, INT8_OUT_IN_TARGET)
 # int8 matmuls with more rows than this (a long prefill) take the JAX path: the kernel re-reads the weights
 # for every 4 rows, XLA's float32 copy is paid once per call.
 INT8_KERNEL_ROWS = 32
@@ -75,6 +77,7 @@ def status() -> dict:
     try:
         lib = ctypes.cdll.LoadLibrary(str(path))
         jax.ffi.register_ffi_target(FFN_TARGET, jax.ffi.pycapsule(lib.ScalingSparseFfnDecode), platform="cpu")
+        jax.ffi.register_ffi_target(FFN_INT8_TARGET, jax.ffi.pycapsule(lib.ScalingSparseFfnDecodeInt8), platform="cpu")
         jax.ffi.register_ffi_target(QKV_TARGET, jax.ffi.pycapsule(lib.ScalingSparseQkvDecode), platform="cpu")
         jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.ScalingSparseCachedAttentionDecode),
                                     platform="cpu")
@@ -113,7 +116,8 @@ def active() -> bool:
 def targets_in(program_text: str) -> list[str]:
     """The kernels a lowered program calls (text of `jax.jit(f).lower(...)`): what a benchmark
     reports as the decode path actually taken, whatever was asked for."""
-    return [target for target in TARGETS if target in program_text]
+    called = set(re.findall(r"custom_call @(\w+)", program_text))
+    return [target for target in TARGETS if target in called]
 
 
 def sparse_ffn_decode(x, c1, c2, cb, w1, w2, b2, *, n_elements: int):
@@ -129,6 +133,22 @@ def sparse_ffn_decode(x, c1, c2, cb, w1, w2, b2, *, n_elements: int):
         FFN_TARGET,
         (jax.ShapeDtypeStruct((rows, d), jnp.float32), jax.ShapeDtypeStruct((rows, blocks), jnp.int32)),
     )(x.reshape(rows, d), c1, c2.reshape(c2.shape[0], f), cb.reshape(f), w1.reshape(f, d), w2.reshape(f, d), b2,
+      n_elements=np.int64(n_elements), parts=np.int64(PARTS))
+    return y.reshape(*lead, d), units.reshape(*lead, blocks)
+
+
+def sparse_ffn_decode_int8(x, c1, c2, cb, w1, w2, b2, *, n_elements: int):
+    """sparse_ffn_decode with int8 weights (quantize.Int8Weight c1, c2, w1, w2: a scale per output channel of
+    the controller's factors, per row of the [B, N, d] stores), read as int8 by the kernel."""
+    lead, d = x.shape[:-1], x.shape[-1]
+    rows = int(np.prod(lead)) if lead else 1
+    f = w1.q.shape[0] * w1.q.shape[1]
+    blocks = f // n_elements
+    y, units = jax.ffi.ffi_call(
+        FFN_INT8_TARGET,
+        (jax.ShapeDtypeStruct((rows, d), jnp.float32), jax.ShapeDtypeStruct((rows, blocks), jnp.int32)),
+    )(x.reshape(rows, d), c1.q, c1.scale.reshape(-1), c2.q.reshape(c2.q.shape[0], f), c2.scale.reshape(f),
+      cb.reshape(f), w1.q.reshape(f, d), w1.scale.reshape(f), w2.q.reshape(f, d), w2.scale.reshape(f), b2,
       n_elements=np.int64(n_elements), parts=np.int64(PARTS))
     return y.reshape(*lead, d), units.reshape(*lead, blocks)
 

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "int8_ops.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -57,19 +58,6 @@ inline void AccumulateInOut(const float* x, int64_t ldx, const int8_t* __restric
       for (int64_t j = 0; j < n; ++j) a[j] += s0 * static_cast<float>(q0[j]);
     }
   }
-}
-
-// sum_k x[k] q[k]: 16 lane sums (vectorised without reassociation), added in lane order.
-inline float DotInt8(const float* __restrict x, const int8_t* __restrict q, int64_t k) {
-  float lanes[16] = {0};
-  int64_t t = 0;
-  for (; t + 16 <= k; t += 16) {
-    for (int l = 0; l < 16; ++l) lanes[l] += x[t + l] * static_cast<float>(q[t + l]);
-  }
-  float total = 0.0f;
-  for (int l = 0; l < 16; ++l) total += lanes[l];
-  for (; t < k; ++t) total += x[t] * static_cast<float>(q[t]);
-  return total;
 }
 
 ffi::Error Check(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::S8>& q, const ffi::Buffer<ffi::F32>& scale,
@@ -138,7 +126,7 @@ ffi::Error Int8MatmulOutInImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
     for (int64_t j = j0; j < j1; ++j) {  // each weight row read once, used by every row of x (in cache)
       const int8_t* row = qs + j * k;
       if (j + 2 < j1) __builtin_prefetch(row + 2 * k, 0, 0);
-      for (int64_t r = 0; r < rows; ++r) ys[r * n + j] = DotInt8(xs + r * k, row, k) * ss[j];
+      for (int64_t r = 0; r < rows; ++r) ys[r * n + j] = scaling_sparse::Dot(xs + r * k, row, k) * ss[j];
     }
   });
   return ffi::Error::Success();

@@ -138,10 +138,14 @@ class SparseFF(nnx.Module):
         """Reads only the chosen row of each block: 2 B d main weights per token. Traced by a Decoder
         that uses the CPU kernels (scaling_sparse/kernels), the same computation is one kernel call."""
         weights = (self.c1, self.c2, self.cb, self.w1, self.w2, self.b2)
-        if (cpu_kernels.active() and x.dtype == jnp.float32
-                and all(not is_int8(w) and w[...].dtype == jnp.float32 for w in weights)):
-            y, _ = cpu_kernels.sparse_ffn_decode(x, *(w[...] for w in weights), n_elements=self.n_elements)
-            return y, cache
+        if cpu_kernels.active() and x.dtype == jnp.float32:
+            if all(not is_int8(w) and w[...].dtype == jnp.float32 for w in weights):
+                y, _ = cpu_kernels.sparse_ffn_decode(x, *(w[...] for w in weights), n_elements=self.n_elements)
+                return y, cache
+            int8 = (self.c1, self.c2, self.w1, self.w2)
+            if all(is_int8(w) for w in int8) and all(w[...].dtype == jnp.float32 for w in (self.cb, self.b2)):
+                y, _ = cpu_kernels.sparse_ffn_decode_int8(x, *(w.get_value() for w in weights), n_elements=self.n_elements)
+                return y, cache
         rows = self.choose(x) + jnp.arange(self.n_blocks, dtype=jnp.int32) * self.n_elements  # [..., B]
         flat = (self.n_blocks * self.n_elements, self.d_model)  # a free reshape of the [B, N, d] arrays
         # Indices are in range by construction, so skip the gather's bounds handling.
