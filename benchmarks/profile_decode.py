@@ -52,8 +52,10 @@ def op_origins(hlo_text: str) -> dict[str, str]:
     return origins
 
 
-def profile(preset: str, *, n_layers: int | None, tokens: int, prompt_len: int, dtype: str) -> dict:
+def profile(preset: str, *, n_layers: int | None, tokens: int, prompt_len: int, dtype: str,
+            weights: str = "float") -> dict:
     config = models.with_overrides(load_config(preset), dtype=dtype, n_layers=n_layers)
+    config.model.weights = weights  # int8: built quantised (docs/quantization.md)
     decoder, _ = models.build_decoder(config)
     params = decoder.params
     prompt = jnp.zeros((1, prompt_len), jnp.int32)
@@ -110,11 +112,12 @@ def main(argv=None):
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="default: float32 on CPU, bfloat16 on GPU")
     p.add_argument("--top", type=int, default=25, help="rows to print")
+    p.add_argument("--weights", choices=("float", "int8"), default="float", help="int8: weights quantised to int8")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode_profile_<kind>.json)")
     args = p.parse_args(argv)
     backend = jax.default_backend()
     dtype = args.dtype or ("float32" if backend == "cpu" else "bfloat16")
-    result = profile(args.preset, n_layers=args.n_layers, tokens=args.tokens, prompt_len=args.prompt_len,
+    result = profile(args.preset, n_layers=args.n_layers, tokens=args.tokens, prompt_len=args.prompt_len, weights=args.weights,
                      dtype=dtype)
     result["machine"] = machine.machine_info()
     print(reporting.format_profile(result, args.top))

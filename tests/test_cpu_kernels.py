@@ -5,6 +5,7 @@ with the reason, where the kernels are not built; `make install` builds them."""
 
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -383,3 +384,20 @@ def test_kernel_results_do_not_depend_on_the_number_of_cores():
         digests.append(out.stdout.strip().splitlines()[-1])
     assert digests[0] == digests[1]
 
+
+@needs_kernels
+@pytest.mark.skipif(build.compiler() is None, reason="no C++ compiler")
+def test_an_avx2_only_build_passes_the_kernel_checks(tmp_path):
+    """The kernels built without AVX-512 (-mno-avx512f: the code of CPUs such as AMD Zen 3, whatever this host
+    has) and checked against the JAX path, float and int8, in a subprocess (tests/avx2_build_check.py)."""
+    proc = subprocess.run([sys.executable, str(pathlib.Path(__file__).parent / "avx2_build_check.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["status"]["available"], report["status"]
+    if report["zmm_instructions"] is not None:  # objdump present: really no 512-bit code, and AVX2 code
+        assert report["zmm_instructions"] == 0 and report["ymm_instructions"] > 0
+    for check, error in report["errors"].items():
+        assert error < 1e-5, (check, error)
+    for name, runs in report["tokens"].items():
+        assert runs["used_kernels"] and runs["kernels"] == runs["jax"], name

@@ -10,10 +10,11 @@
 // writes and reads 5 bytes per weight per token instead of reading 1. These read each int8 weight once,
 // widen it in registers and multiply-add it into float32 sums; the scale multiplies each sum once.
 //
-// The N outputs are split into `parts` column ranges (parallel.h), each computed whole by one task: every
-// sum runs over k in order whatever `parts` is, so the results do not depend on the thread count. Sums of
-// one output over k use one accumulator per SIMD lane (InOut: the lanes are outputs; OutIn: 16 lanes over
-// k, added in lane order at the end), so the compiler vectorises them without reassociating anything.
+// The N outputs are split into `parts` column ranges (parallel.h; a matrix too narrow for that splits its
+// rows), each output computed whole by one task: every sum runs over k in order whatever `parts` is, so the
+// results do not depend on the thread count. InOut keeps a register tile of rows x columns over all of k
+// (each widened weight vector serves every row of the tile); OutIn keeps vector accumulators over k per row,
+// added lane by lane at the end (int8_ops.h).
 
 #include <algorithm>
 #include <cstdint>
@@ -27,36 +28,77 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kRowTile = 4;     // rows of x sharing one pass over the weights
 constexpr int64_t kColumnAlign = 64;  // column ranges start on a cache line of q's rows
 
-// acc[i][j] += sum_t x[i][k0 + t] q[(k0 + t), j] over four k at once (four weight rows in flight), for
-// `rows` (<= kRowTile) rows of x, columns j < n of q (leading dimension ld).
-template <int R>
-inline void AccumulateInOut(const float* x, int64_t ldx, const int8_t* __restrict q, int64_t ld, int64_t k,
-                            float* __restrict acc, int64_t n) {
-  int64_t t = 0;
-  for (; t + 4 <= k; t += 4) {
-    const int8_t* __restrict q0 = q + t * ld;
-    const int8_t* __restrict q1 = q0 + ld;
-    const int8_t* __restrict q2 = q1 + ld;
-    const int8_t* __restrict q3 = q2 + ld;
+using scaling_sparse::int8::Vec;
+using scaling_sparse::int8::kLanes;
+
+// y[i, c] = scale[c] * sum_t x[i, t] q[t, c] for R rows and NV vectors of columns: the R x NV accumulators stay
+// in registers over all k, each weight vector is widened once and used by the R rows. Sums run over t in order.
+template <int R, int NV>
+inline void TileInOut(const float* x, int64_t ldx, const int8_t* __restrict q, int64_t ld, int64_t k,
+                      const float* scale, float* y, int64_t ldy) {
+  namespace v8 = scaling_sparse::int8;
+  Vec acc[R][NV];
+  for (int i = 0; i < R; ++i) {
+    for (int v = 0; v < NV; ++v) acc[i][v] = v8::Zero();
+  }
+  for (int64_t t = 0; t < k; ++t) {
+    const int8_t* row = q + t * ld;
+    Vec w[NV];
+    for (int v = 0; v < NV; ++v) w[v] = v8::Widen(row + v * kLanes);
     for (int i = 0; i < R; ++i) {
-      const float s0 = x[i * ldx + t], s1 = x[i * ldx + t + 1], s2 = x[i * ldx + t + 2], s3 = x[i * ldx + t + 3];
-      float* __restrict a = acc + i * n;
-      for (int64_t j = 0; j < n; ++j) {
-        a[j] += s0 * static_cast<float>(q0[j]) + s1 * static_cast<float>(q1[j]) + s2 * static_cast<float>(q2[j]) +
-                s3 * static_cast<float>(q3[j]);
-      }
+      const Vec s = v8::Broadcast(x[i * ldx + t]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = v8::Fma(s, w[v], acc[i][v]);
     }
   }
-  for (; t < k; ++t) {
-    const int8_t* __restrict q0 = q + t * ld;
-    for (int i = 0; i < R; ++i) {
-      const float s0 = x[i * ldx + t];
-      float* __restrict a = acc + i * n;
-      for (int64_t j = 0; j < n; ++j) a[j] += s0 * static_cast<float>(q0[j]);
+  for (int i = 0; i < R; ++i) {
+    for (int v = 0; v < NV; ++v) v8::Store(y + i * ldy + v * kLanes, v8::Mul(acc[i][v], v8::Load(scale + v * kLanes)));
+  }
+}
+
+// The same for `cols` (< one tile) columns, one at a time.
+inline void ColumnsInOut(const float* x, int64_t ldx, int64_t rows, const int8_t* q, int64_t ld, int64_t k,
+                         int64_t cols, const float* scale, float* y, int64_t ldy) {
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t c = 0; c < cols; ++c) {
+      float sum = 0.0f;
+      for (int64_t t = 0; t < k; ++t) sum += x[i * ldx + t] * static_cast<float>(q[t * ld + c]);
+      y[i * ldy + c] = sum * scale[c];
     }
+  }
+}
+
+// Rows [0, R) of x against columns [j0, j1) of q [k, n]: tiles of NV vectors, then the rest.
+template <int R, int NV>
+inline void RowsInOut(const float* x, int64_t k, const int8_t* q, int64_t n, const float* scale, float* y,
+                      int64_t j0, int64_t j1) {
+  constexpr int64_t width = NV * kLanes;
+  int64_t j = j0;
+  for (; j + width <= j1; j += width) TileInOut<R, NV>(x, k, q + j, n, k, scale + j, y + j, n);
+  if (j < j1) ColumnsInOut(x, k, R, q + j, n, k, j1 - j, scale + j, y + j, n);
+}
+
+// y[i] = scale * sum_t x[i, t] w[t] for R rows of x (y strided by ldy): two vector accumulators per row,
+// each weight vector widened once for the R rows; lanes added in order at the end.
+template <int R>
+inline void DotRows(const float* x, int64_t ldx, const int8_t* __restrict w, int64_t k, float scale, float* y,
+                    int64_t ldy) {
+  namespace v8 = scaling_sparse::int8;
+  Vec a0[R], a1[R];
+  for (int i = 0; i < R; ++i) a0[i] = a1[i] = v8::Zero();
+  int64_t t = 0;
+  for (; t + 2 * kLanes <= k; t += 2 * kLanes) {
+    const Vec w0 = v8::Widen(w + t), w1 = v8::Widen(w + t + kLanes);
+    for (int i = 0; i < R; ++i) {
+      a0[i] = v8::Fma(v8::Load(x + i * ldx + t), w0, a0[i]);
+      a1[i] = v8::Fma(v8::Load(x + i * ldx + t + kLanes), w1, a1[i]);
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    float total = v8::SumLanes(v8::Add(a0[i], a1[i]));
+    for (int64_t u = t; u < k; ++u) total += x[i * ldx + u] * static_cast<float>(w[u]);
+    y[i * ldy] = total * scale;
   }
 }
 
@@ -84,30 +126,25 @@ ffi::Error Int8MatmulInOutImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
                                ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, int64_t parts) {
   int64_t rows, k, n;
   if (ffi::Error e = Check(x, q, scale, false, &rows, &k, &n); e.failure()) return e;
-  parts = std::max<int64_t>(1, std::min(parts, (n + kColumnAlign - 1) / kColumnAlign));
+  // Tasks split the columns; a matrix too narrow for that (a sparse-QKV module, 64 wide) splits its row
+  // groups of 4 instead. Each output is still one task's sum over k in order.
+  const int64_t column_parts = std::max<int64_t>(1, std::min(parts, (n + kColumnAlign - 1) / kColumnAlign));
+  const int64_t row_groups = (rows + 3) / 4;
+  const int64_t row_parts = column_parts == 1 ? std::max<int64_t>(1, std::min(parts, row_groups)) : 1;
   const float* xs = x.typed_data();
   const int8_t* qs = q.typed_data();
   const float* ss = scale.typed_data();
   float* ys = y->typed_data();
-  scaling_sparse::ForkJoin(pool, parts, [&](int64_t p) {
-    const int64_t j0 = ColumnStart(n, parts, p), j1 = ColumnStart(n, parts, p + 1), cols = j1 - j0;
-    if (cols <= 0) return;
-    float* acc = scaling_sparse::Scratch(0, kRowTile * cols);
-    for (int64_t r0 = 0; r0 < rows; r0 += kRowTile) {
-      const int64_t tile = std::min(kRowTile, rows - r0);
-      std::fill(acc, acc + tile * cols, 0.0f);
-      const float* xr = xs + r0 * k;
-      switch (tile) {
-        case 4: AccumulateInOut<4>(xr, k, qs + j0, n, k, acc, cols); break;
-        case 3: AccumulateInOut<3>(xr, k, qs + j0, n, k, acc, cols); break;
-        case 2: AccumulateInOut<2>(xr, k, qs + j0, n, k, acc, cols); break;
-        default: AccumulateInOut<1>(xr, k, qs + j0, n, k, acc, cols); break;
-      }
-      for (int64_t i = 0; i < tile; ++i) {
-        float* out = ys + (r0 + i) * n + j0;
-        for (int64_t j = 0; j < cols; ++j) out[j] = acc[i * cols + j] * ss[j0 + j];
-      }
-    }
+  scaling_sparse::ForkJoin(pool, column_parts * row_parts, [&](int64_t p) {
+    const int64_t cp = p % column_parts, rp = p / column_parts;
+    const int64_t j0 = ColumnStart(n, column_parts, cp), j1 = ColumnStart(n, column_parts, cp + 1);
+    const int64_t r1 = std::min(rows, 4 * (row_groups * (rp + 1) / row_parts));
+    int64_t r = 4 * (row_groups * rp / row_parts);
+    if (j1 <= j0) return;
+    // One row (a decode step): 4 vectors of columns (whole cache lines of q); more rows share each tile.
+    for (; r + 4 <= r1; r += 4) RowsInOut<4, 2>(xs + r * k, k, qs, n, ss, ys + r * n, j0, j1);
+    for (; r + 2 <= r1; r += 2) RowsInOut<2, 2>(xs + r * k, k, qs, n, ss, ys + r * n, j0, j1);
+    for (; r < r1; ++r) RowsInOut<1, 4>(xs + r * k, k, qs, n, ss, ys + r * n, j0, j1);
   });
   return ffi::Error::Success();
 }
@@ -123,10 +160,12 @@ ffi::Error Int8MatmulOutInImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   float* ys = y->typed_data();
   scaling_sparse::ForkJoin(pool, parts, [&](int64_t p) {
     const int64_t j0 = n * p / parts, j1 = n * (p + 1) / parts;
-    for (int64_t j = j0; j < j1; ++j) {  // each weight row read once, used by every row of x (in cache)
+    for (int64_t j = j0; j < j1; ++j) {  // each weight row read once, widened once, used by every row of x
       const int8_t* row = qs + j * k;
       if (j + 2 < j1) __builtin_prefetch(row + 2 * k, 0, 0);
-      for (int64_t r = 0; r < rows; ++r) ys[r * n + j] = scaling_sparse::Dot(xs + r * k, row, k) * ss[j];
+      int64_t r = 0;
+      for (; r + 4 <= rows; r += 4) DotRows<4>(xs + r * k, k, row, k, ss[j], ys + r * n + j, n);
+      for (; r < rows; ++r) DotRows<1>(xs + r * k, k, row, k, ss[j], ys + r * n + j, n);
     }
   });
   return ffi::Error::Success();

@@ -1,41 +1,107 @@
 // Vector primitives over int8 weights (docs/kernels.md, "int8 weights"; scaling_sparse/quantize.py): each
-// weight byte is widened to float32 in registers and multiply-added into float32 sums. Plain loops the
-// compiler vectorises under -march=native (sign-extend, convert, FMA); sums that reduce over the int8
-// values keep one accumulator per lane, so no reassociation is needed to vectorise them.
+// weight byte is widened to float32 in a register and multiply-added into float32 sums, never written back
+// as float32. 512-bit vectors where the compiler targets AVX-512, 256-bit with AVX2 + FMA, scalar otherwise.
+// Every sum runs in a fixed order (lane sums are added lane by lane at the end), independent of threads.
 #ifndef SCALING_SPARSE_KERNELS_INT8_OPS_H_
 #define SCALING_SPARSE_KERNELS_INT8_OPS_H_
 
 #include <cstdint>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>  // outside the namespace: its declarations belong to the global one
+#endif
 
 namespace scaling_sparse {
+namespace int8 {
+
+#if defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+using Vec = __m512;
+constexpr int kLanes = 16;
+inline Vec Widen(const int8_t* p) {  // 16 int8 -> 16 float32
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline Vec Load(const float* p) { return _mm512_loadu_ps(p); }
+inline void Store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline Vec Broadcast(float s) { return _mm512_set1_ps(s); }
+inline Vec Zero() { return _mm512_setzero_ps(); }
+inline Vec Fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline Vec Add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+inline Vec Mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+#elif defined(__AVX2__) && defined(__FMA__)
+using Vec = __m256;
+constexpr int kLanes = 8;
+inline Vec Widen(const int8_t* p) {  // 8 int8 -> 8 float32
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline Vec Load(const float* p) { return _mm256_loadu_ps(p); }
+inline void Store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline Vec Broadcast(float s) { return _mm256_set1_ps(s); }
+inline Vec Zero() { return _mm256_setzero_ps(); }
+inline Vec Fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vec Add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+inline Vec Mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+#else
+using Vec = float;
+constexpr int kLanes = 1;
+inline Vec Widen(const int8_t* p) { return static_cast<float>(*p); }
+inline Vec Load(const float* p) { return *p; }
+inline void Store(float* p, Vec v) { *p = v; }
+inline Vec Broadcast(float s) { return s; }
+inline Vec Zero() { return 0.0f; }
+inline Vec Fma(Vec a, Vec b, Vec c) { return a * b + c; }
+inline Vec Add(Vec a, Vec b) { return a + b; }
+inline Vec Mul(Vec a, Vec b) { return a * b; }
+#endif
+
+// The lanes of v added in lane order.
+inline float SumLanes(Vec v) {
+  float lanes[kLanes];
+  Store(lanes, v);
+  float total = 0.0f;
+  for (int l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
+
+}  // namespace int8
 
 // out[j] += s * v[j], j < n.
 inline void Axpy(float s, const int8_t* __restrict v, float* __restrict out, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) out[j] += s * static_cast<float>(v[j]);
+  using namespace int8;
+  const Vec sv = Broadcast(s);
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) Store(out + j, Fma(sv, Widen(v + j), Load(out + j)));
+  for (; j < n; ++j) out[j] += s * static_cast<float>(v[j]);
 }
 
-// out[j] += s[0] v[j] + s[1] v[ld + j] + s[2] v[2 ld + j] + s[3] v[3 ld + j]: four weight rows in flight.
+// out[j] += s[0] v[j] + s[1] v[ld + j] + s[2] v[2 ld + j] + s[3] v[3 ld + j]: four weight rows in flight,
+// `out` loaded and stored once per four rows.
 inline void Axpy4(const float* s, const int8_t* __restrict v, int64_t ld, float* __restrict out, int64_t n) {
-  const float s0 = s[0], s1 = s[1], s2 = s[2], s3 = s[3];
-  const int8_t* __restrict v0 = v;
-  const int8_t* __restrict v1 = v + ld;
-  const int8_t* __restrict v2 = v + 2 * ld;
-  const int8_t* __restrict v3 = v + 3 * ld;
-  for (int64_t j = 0; j < n; ++j) {
-    out[j] += s0 * static_cast<float>(v0[j]) + s1 * static_cast<float>(v1[j]) + s2 * static_cast<float>(v2[j]) +
-              s3 * static_cast<float>(v3[j]);
+  using namespace int8;
+  const Vec s0 = Broadcast(s[0]), s1 = Broadcast(s[1]), s2 = Broadcast(s[2]), s3 = Broadcast(s[3]);
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    Vec o = Load(out + j);
+    o = Fma(s0, Widen(v + j), o);
+    o = Fma(s1, Widen(v + ld + j), o);
+    o = Fma(s2, Widen(v + 2 * ld + j), o);
+    o = Fma(s3, Widen(v + 3 * ld + j), o);
+    Store(out + j, o);
+  }
+  for (; j < n; ++j) {
+    out[j] = (((out[j] + s[0] * v[j]) + s[1] * v[ld + j]) + s[2] * v[2 * ld + j]) + s[3] * v[3 * ld + j];
   }
 }
 
-// sum_i x[i] q[i]: 16 lane sums, added in lane order, then the tail.
+// sum_i x[i] q[i]: two vector accumulators, their lanes added in order, then the tail.
 inline float Dot(const float* __restrict x, const int8_t* __restrict q, int64_t n) {
-  float lanes[16] = {0};
+  using namespace int8;
+  Vec a0 = Zero(), a1 = Zero();
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    for (int l = 0; l < 16; ++l) lanes[l] += x[i + l] * static_cast<float>(q[i + l]);
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+    a0 = Fma(Load(x + i), Widen(q + i), a0);
+    a1 = Fma(Load(x + i + kLanes), Widen(q + i + kLanes), a1);
   }
-  float total = 0.0f;
-  for (int l = 0; l < 16; ++l) total += lanes[l];
+  for (; i + kLanes <= n; i += kLanes) a0 = Fma(Load(x + i), Widen(q + i), a0);
+  float total = SumLanes(Add(a0, a1));
   for (; i < n; ++i) total += x[i] * static_cast<float>(q[i]);
   return total;
 }
