@@ -279,7 +279,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
     # Output layer.
     _require(m.loss_sparsity >= 0, "model.loss_sparsity", "must be >= 0", "0 = dense output layer")
-    _require(m.weights in ("float", "int8"), "model.weights", f"unknown value {m.weights!r}",
+    _require(m.get("weights", "float") in ("float", "int8"), "model.weights", f"unknown value {m.get('weights')!r}",
              "use float (training, the default) or int8 (weight-only int8 for eval and decoding)")
     _require(m.loss_type in ("mult", "lowrank"), "model.loss_type", f"unknown value {m.loss_type!r}",
              "use mult | lowrank")

@@ -223,7 +223,7 @@ def restore_params(config, mesh: Mesh, checkpointer, step: int | None = None, dt
     target = {"params": layout.abstract["params"], "step": layout.abstract["step"]}
     state, _, _, _ = checkpointer.restore_readable(target, step, partial=True, echo=echo)
     graphdef, params = layout.graphdef, state["params"]
-    if weights is not None and weights != config.model.weights:
+    if weights is not None and weights != config.model.get("weights", "float"):
         graphdef, params = convert_weights(config.model, params, weights, mesh, layout.rules)
     params = params if dtype is None else cast_floating(params, dtype)
     return graphdef, params, int(state["step"])

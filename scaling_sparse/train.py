@@ -304,7 +304,7 @@ def train(config, workdir, *, data=None, echo=print, mesh=None, step: int | None
     process), from the newest readable checkpoint or from checkpoint `step`.
     Returns {"step", "train_loss", "eval_loss", ..., "interrupted"}."""
     validate(config)
-    if config.model.weights == "int8":
+    if config.model.get("weights", "float") == "int8":
         raise ConfigError("model.weights=int8: int8 weights are for evaluation and decoding; training updates float "
                           "weights. Fix: train the float model (model.weights=float) and quantise it when you use it "
                           "(eval/generate --weights=int8, or compress --method=int8)")

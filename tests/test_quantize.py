@@ -84,6 +84,10 @@ def test_int8_workdir_and_weights_flag_end_to_end(tmp_path, corpus, capsys):
         assert code == 0, err
         return json.loads(text.strip().splitlines()[-1])["eval_loss"]
 
+    # A workdir written before model.weights existed (its config.json lacks the field) reads as float.
+    stored = json.loads((src / "config.json").read_text())
+    del stored["model"]["weights"]
+    (src / "config.json").write_text(json.dumps(stored))
     code, text, err = run_cli(capsys, "compress", f"--workdir={src}", "--method=int8", f"--out={out}")
     assert code == 0, err
     provenance = json.loads((out / "compression.json").read_text())

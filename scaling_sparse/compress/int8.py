@@ -15,7 +15,7 @@ from scaling_sparse.config import ConfigError
 def compress_int8(config, workdir, out, *, step: int | None = None, echo=print) -> dict:
     from scaling_sparse.state import convert_weights, params_bytes
 
-    if config.model.weights == "int8":
+    if config.model.get("weights", "float") == "int8":
         raise ConfigError(f"{workdir} already holds int8 weights (model.weights=int8). Fix: compress its float "
                           "source, or use this workdir as it is")
     wd.check_out(workdir, out)
