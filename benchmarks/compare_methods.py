@@ -49,10 +49,11 @@ class Entry:
     method and its flags applied to the dense workdir)."""
 
     name: str
-    family: str                      # dense | sparse | svd | asvd | cofi
+    family: str                      # dense | sparse | svd | asvd | cofi | int8
     config: str = ""                 # train: the config file (relative to the checkout)
     overrides: tuple = ()            # train: ("model.ff_sparsity=64", ...)
     compress: tuple = ()             # compress: ("--method=svd", "--keep=0.5", ...)
+    source: str = "dense"            # compress: the entry whose workdir is compressed
 
 
 def entries(args) -> list[Entry]:
@@ -73,6 +74,10 @@ def entries(args) -> list[Entry]:
                 for keep in keeps]
     out += [Entry(f"cofi_{s:g}", "cofi", compress=("--method=cofi", f"--target_sparsity={s}",
                                                    f"--steps={args.cofi_steps}")) for s in sparsities]
+    # int8 weights (docs/quantization.md) of the dense and the sparse_all model, and on top of ASVD: what
+    # sparsity or factorisation and int8 give together.
+    sources = ("dense", "sparse_all") if args.quick else ("dense", "sparse_all", "asvd_keep0.25")
+    out += [Entry(f"{source}_int8", "int8", compress=("--method=int8",), source=source) for source in sources]
     return out
 
 
@@ -97,7 +102,6 @@ def make_workdirs(args, todo: list[Entry], root: pathlib.Path) -> dict:
     """Trains / compresses every entry (skipping finished ones) -> {name: seconds it took here}."""
     seconds = {}
     log = root / "commands.log"
-    dense_dir = root / "dense"
     for entry in todo:
         workdir = root / entry.name
         start = time.perf_counter()
@@ -110,7 +114,7 @@ def make_workdirs(args, todo: list[Entry], root: pathlib.Path) -> dict:
             print(f"[{entry.name}] kept ({workdir}/compression.json exists)", flush=True)
         else:
             print(f"[{entry.name}] compress", flush=True)
-            _run_cli(["compress", f"--workdir={dense_dir}", f"--out={workdir}", *entry.compress], log)
+            _run_cli(["compress", f"--workdir={root / entry.source}", f"--out={workdir}", *entry.compress], log)
         seconds[entry.name] = time.perf_counter() - start
     return seconds
 
@@ -174,6 +178,7 @@ def measure(args, todo: list[Entry], root: pathlib.Path) -> list[dict]:
     for row in rows:
         row["speedup_vs_dense"] = dense["ms_per_token"] / row["ms_per_token"]
         row["params_per_token_ratio"] = dense["params_per_token"] / row["params_per_token"]
+        row["bytes_per_token_ratio"] = dense["bytes_per_token"] / row["bytes_per_token"]
         row["eval_loss_vs_dense"] = row["eval_loss"] - dense["eval_loss"]
     mark_frontier(rows)
     return rows
@@ -203,27 +208,28 @@ def best_by_budget(rows: list[dict]) -> list[dict]:
 # Output
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'model':<16}{'family':<8}{'steps':>7}{'extra':>7}{'params/token':>14}{'ratio':>7}"
+    head = (f"{'model':<20}{'family':<8}{'steps':>7}{'extra':>7}{'params/token':>14}{'bytes x':>8}"
             f"{'eval loss':>11}{'vs dense':>10}{'ms/token':>10}{'speedup':>9}  frontier")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['name']:<16}{r['family']:<8}{r['training_steps']:>7}{r['extra_steps']:>7}"
-                     f"{r['params_per_token']:>14,}{r['params_per_token_ratio']:>7.2f}{r['eval_loss']:>11.4f}"
+        lines.append(f"{r['name']:<20}{r['family']:<8}{r['training_steps']:>7}{r['extra_steps']:>7}"
+                     f"{r['params_per_token']:>14,}{r['bytes_per_token_ratio']:>8.2f}{r['eval_loss']:>11.4f}"
                      f"{r['eval_loss_vs_dense']:>+10.4f}{r['ms_per_token']:>10.3f}{r['speedup_vs_dense']:>9.2f}"
                      f"  {'*' if r['on_frontier'] else ''}")
     return "\n".join(lines)
 
 
-COLOURS = {"dense": "black", "sparse": "tab:red", "svd": "tab:blue", "asvd": "tab:green", "cofi": "tab:purple"}
+COLOURS = {"dense": "black", "sparse": "tab:red", "svd": "tab:blue", "asvd": "tab:green", "cofi": "tab:purple",
+           "int8": "tab:orange"}
 
 
 def plot(rows: list[dict], path, title: str) -> None:
     """Left: validation log-perplexity against CPU ms/token, the frontier as a line. Right: the same
-    loss against parameters read per token (what bounds memory-bound decoding)."""
+    loss against weight bytes read per token (what bounds memory-bound decoding; int8 reads a byte a weight)."""
     plt = reporting._pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
     for ax, key, label in ((ax1, "ms_per_token", "CPU decode latency (ms/token, batch 1)"),
-                           (ax2, "params_per_token", "parameters read per decoded token")):
+                           (ax2, "bytes_per_token", "weight bytes read per decoded token")):
         for family, colour in COLOURS.items():
             mine = sorted((r for r in rows if r["family"] == family), key=lambda r: r[key])
             if not mine:

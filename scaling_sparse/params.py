@@ -3,7 +3,8 @@
 Computed from the model's abstract shapes (state.model_spec), so the 800M and 17B presets are
 reported without allocating a single weight. Parameters read per token are what bounds unbatched
 decoding (docs/semantics.md §6): bytes_per_token = params_per_token x bytes of the compute dtype
-(decoding casts the weights once to model.dtype).
+(decoding casts the weights once to model.dtype); with int8 weights (docs/quantization.md) one byte per
+parameter plus a float32 scale per d_model of them (a scale per output channel or row).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def report_params(config, name: str | None = None) -> dict:
     sizes = {k: list(v) if isinstance(v := getattr(m, k), tuple) else v for k in _SIZE_FIELDS}
     if m.ff_sparsity:
         sizes["ff_lowrank"] = m.ff_rank  # the effective controller rank
-    bytes_per_param = jnp.dtype(m.dtype).itemsize
+    bytes_per_param = 1 + 4 / m.d_model if m.weights == "int8" else jnp.dtype(m.dtype).itemsize
     return {
         "config": name or "",
         "sizes": sizes,

@@ -35,11 +35,17 @@ def cli(*args):
 def test_every_method_is_measured_with_fewer_parameters_than_dense(run):
     root, result = run
     rows = {r["name"]: r for r in result["results"]}
-    assert set(rows) == {"dense", "sparse_all", "svd_keep0.5", "asvd_keep0.5", "cofi_0.5"}
+    assert set(rows) == {"dense", "sparse_all", "svd_keep0.5", "asvd_keep0.5", "cofi_0.5", "dense_int8",
+                         "sparse_all_int8"}
     dense = rows["dense"]
     for name, r in rows.items():
         assert r["eval_loss"] > 0 and r["ms_per_token"] > 0 and len(r["ms_per_token_repeats"]) == 1
-        if name != "dense":
+        if name.endswith("_int8"):  # the same parameters as its source, a quarter of the bytes (and scales)
+            source = rows[name.removesuffix("_int8")]
+            assert r["params_per_token"] == source["params_per_token"]
+            assert r["bytes_per_token"] < 0.3 * source["bytes_per_token"], name
+            assert abs(r["eval_loss"] - source["eval_loss"]) < 0.01 * source["eval_loss"], name
+        elif name != "dense":
             assert r["params_per_token"] < dense["params_per_token"], name
     assert rows["cofi_0.5"]["extra_steps"] == 3 and rows["svd_keep0.5"]["extra_steps"] == 0
     assert rows["cofi_0.5"]["training_steps"] == dense["training_steps"] + 3
@@ -47,14 +53,14 @@ def test_every_method_is_measured_with_fewer_parameters_than_dense(run):
     assert (root / "results" / "compression_cpu_quick.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("name", ["svd_keep0.5", "asvd_keep0.5", "cofi_0.5"])
+@pytest.mark.parametrize("name", ["svd_keep0.5", "asvd_keep0.5", "cofi_0.5", "sparse_all_int8"])
 def test_compressed_workdirs_work_without_a_config(run, name):
     root, result = run
     workdir = root / "workdirs" / name
     dense = next(r for r in result["results"] if r["name"] == "dense")
     params = cli("params", f"--workdir={workdir}", "--json")
     assert params.returncode == 0, params.stderr
-    assert json.loads(params.stdout)["params_per_token"] < dense["params_per_token"]
+    assert json.loads(params.stdout)["bytes_per_token"] < dense["bytes_per_token"]
     evaluated = cli("eval", f"--workdir={workdir}", "--json")
     assert evaluated.returncode == 0, evaluated.stderr
     row = next(r for r in result["results"] if r["name"] == name)
