@@ -214,8 +214,10 @@ def test_token_by_token_decode_with_kernels_equals_full_forward(name, weights):
         steps.append(logits)
     called = cpu.targets_in(step.lower(state, tokens[:, :1], cache, jnp.int32(0)).as_text())
     if weights == "int8":
-        assert cpu.ATTENTION_TARGET in called and cpu.INT8_IN_OUT_TARGET in called and cpu.FFN_TARGET not in called
+        assert cpu.ATTENTION_TARGET in called and cpu.FFN_TARGET not in called and cpu.QKV_TARGET not in called
         assert (cpu.FFN_INT8_TARGET in called) == (name in SPARSE_FF_VARIANTS)
+        assert (cpu.QKV_INT8_TARGET in called) == bool(VARIANTS[name].get("attn_sparsity"))
+        assert cpu.INT8_IN_OUT_TARGET in called or cpu.INT8_OUT_IN_TARGET in called
     else:
         assert cpu.ATTENTION_TARGET in called and (cpu.FFN_TARGET in called) == (name in SPARSE_FF_VARIANTS)
     np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=1e-4, rtol=1e-4)
@@ -267,10 +269,13 @@ def _decode_at(graphdef, state, tokens, cache, index, use=True):
 # modules, Gemm without AVX-512) with 9, 5, 16 (the medium size) and 17 modules (a 16-module tile and a
 # 1-module remainder).
 @pytest.mark.parametrize("d, modules", [(48, 6), (288, 9), (320, 5), (1024, 16), (544, 17)])
-def test_sparse_qkv_kernel_equals_jax_decode(length_kernel, d, modules):
+@pytest.mark.parametrize("weights", ["float", "int8"])
+def test_sparse_qkv_kernel_equals_jax_decode(length_kernel, d, modules, weights):
     from scaling_sparse.layers.sparse_qkv import SparseQKV
 
     qkv = SparseQKV(d, modules, length_kernel=length_kernel, rngs=nnx.Rngs(length_kernel))
+    if weights == "int8":  # the JAX path (quantize.matmul) against ScalingSparseQkvDecodeInt8
+        quantize_model(qkv)
     x = jax.random.normal(jax.random.PRNGKey(0), (3, 1, d))
     cache = {"history": jax.random.normal(jax.random.PRNGKey(1), (3, length_kernel - 1, modules, d // modules))}
     want, want_cache = qkv.decode(x, cache, 0)
@@ -279,7 +284,8 @@ def test_sparse_qkv_kernel_equals_jax_decode(length_kernel, d, modules):
         with cpu.use_kernels(True):
             return qkv.decode(x, cache, 0)
 
-    assert cpu.QKV_TARGET in jax.jit(with_kernels).lower(x, cache).as_text()
+    assert (cpu.QKV_INT8_TARGET if weights == "int8" else cpu.QKV_TARGET) in cpu.targets_in(
+        jax.jit(with_kernels).lower(x, cache).as_text())
     got, got_cache = jax.jit(with_kernels)(x, cache)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)

@@ -30,10 +30,11 @@ ENV_SWITCH = "SCALING_SPARSE_CPU_KERNELS"  # "0" disables the kernels
 FFN_TARGET = "scaling_sparse_ffn_decode"
 FFN_INT8_TARGET = "scaling_sparse_ffn_decode_int8"
 QKV_TARGET = "scaling_sparse_qkv_decode"
+QKV_INT8_TARGET = "scaling_sparse_qkv_decode_int8"
 ATTENTION_TARGET = "scaling_sparse_cached_attention_decode"
 INT8_IN_OUT_TARGET = "scaling_sparse_int8_matmul_in_out"  # int8 weights (quantize.py): x @ q [K, N] * scale
 INT8_OUT_IN_TARGET = "scaling_sparse_int8_matmul_out_in"  # x @ q [N, K].T * scale
-TARGETS = (FFN_TARGET, FFN_INT8_TARGET, QKV_TARGET, ATTENTION_TARGET, INT8_IN_OUT_TARGET, INT8_OUT_IN_TARGET)
+TARGETS = (FFN_TARGET, FFN_INT8_TARGET, QKV_TARGET, QKV_INT8_TARGET, ATTENTION_TARGET, INT8_IN_OUT_TARGET, INT8_OUT_IN_TARGET)
 # int8 matmuls with more rows than this (a long prefill) take the JAX path: the kernel re-reads the weights
 # for every 4 rows, XLA's float32 copy is paid once per call.
 INT8_KERNEL_ROWS = 32
@@ -78,6 +79,7 @@ def status() -> dict:
         lib = ctypes.cdll.LoadLibrary(str(path))
         jax.ffi.register_ffi_target(FFN_TARGET, jax.ffi.pycapsule(lib.ScalingSparseFfnDecode), platform="cpu")
         jax.ffi.register_ffi_target(FFN_INT8_TARGET, jax.ffi.pycapsule(lib.ScalingSparseFfnDecodeInt8), platform="cpu")
+        jax.ffi.register_ffi_target(QKV_INT8_TARGET, jax.ffi.pycapsule(lib.ScalingSparseQkvDecodeInt8), platform="cpu")
         jax.ffi.register_ffi_target(QKV_TARGET, jax.ffi.pycapsule(lib.ScalingSparseQkvDecode), platform="cpu")
         jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.ScalingSparseCachedAttentionDecode),
                                     platform="cpu")
@@ -163,6 +165,19 @@ def sparse_qkv_decode(x, gates, kernel, bias, history, conv_q, conv_k, conv_v):
     q, k, v, new_history = jax.ffi.ffi_call(
         QKV_TARGET, (out, out, out, jax.ShapeDtypeStruct(history.shape, jnp.float32)),
     )(x, gates, kernel, bias, history, *conv_q, *conv_k, *conv_v, parts=np.int64(PARTS))
+    return (q, k, v), new_history
+
+
+def sparse_qkv_decode_int8(x, gates, kernel, bias, history, conv_q, conv_k, conv_v):
+    """sparse_qkv_decode with int8 weights (quantize.Int8Weight gates [S, d] with a scale per row, kernel [d, M]
+    with a scale per column, conv kernels [kl, ks, M, M] with a scale per output channel; biases float32)."""
+    b, d = x.shape
+    out = jax.ShapeDtypeStruct((b, d), jnp.float32)
+    convs = [a for w, bias_c in (conv_q, conv_k, conv_v) for a in (w.q, w.scale.reshape(-1), bias_c)]
+    q, k, v, new_history = jax.ffi.ffi_call(
+        QKV_INT8_TARGET, (out, out, out, jax.ShapeDtypeStruct(history.shape, jnp.float32)),
+    )(x, gates.q, gates.scale.reshape(-1), kernel.q, kernel.scale.reshape(-1), bias, history, *convs,
+      parts=np.int64(PARTS))
     return (q, k, v), new_history
 
 

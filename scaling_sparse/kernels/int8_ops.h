@@ -106,6 +106,55 @@ inline float Dot(const float* __restrict x, const int8_t* __restrict q, int64_t 
   return total;
 }
 
+// C[rows, n] += A[rows, k] . B[k, n] for int8 B (row-major, leading dimensions lda, ldb, ldc; the scales of B's
+// columns are the caller's to apply): register tiles of 4 rows x 2 vectors of columns kept over all k, then
+// single columns. Each C element's sum runs over k in order.
+inline void GemmInt8(const float* A, int64_t lda, const int8_t* B, int64_t ldb, float* C, int64_t ldc, int64_t rows,
+                     int64_t k, int64_t n) {
+  using namespace int8;
+  constexpr int64_t width = 2 * kLanes;
+  int64_t j = 0;
+  for (; j + width <= n; j += width) {
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) {
+      Vec acc[4][2];
+      for (int i = 0; i < 4; ++i) {
+        acc[i][0] = Load(C + (r + i) * ldc + j);
+        acc[i][1] = Load(C + (r + i) * ldc + j + kLanes);
+      }
+      for (int64_t t = 0; t < k; ++t) {
+        const Vec w0 = Widen(B + t * ldb + j), w1 = Widen(B + t * ldb + j + kLanes);
+        for (int i = 0; i < 4; ++i) {
+          const Vec a = Broadcast(A[(r + i) * lda + t]);
+          acc[i][0] = Fma(a, w0, acc[i][0]);
+          acc[i][1] = Fma(a, w1, acc[i][1]);
+        }
+      }
+      for (int i = 0; i < 4; ++i) {
+        Store(C + (r + i) * ldc + j, acc[i][0]);
+        Store(C + (r + i) * ldc + j + kLanes, acc[i][1]);
+      }
+    }
+    for (; r < rows; ++r) {
+      Vec a0 = Load(C + r * ldc + j), a1 = Load(C + r * ldc + j + kLanes);
+      for (int64_t t = 0; t < k; ++t) {
+        const Vec a = Broadcast(A[r * lda + t]);
+        a0 = Fma(a, Widen(B + t * ldb + j), a0);
+        a1 = Fma(a, Widen(B + t * ldb + j + kLanes), a1);
+      }
+      Store(C + r * ldc + j, a0);
+      Store(C + r * ldc + j + kLanes, a1);
+    }
+  }
+  for (; j < n; ++j) {
+    for (int64_t r = 0; r < rows; ++r) {
+      float sum = C[r * ldc + j];
+      for (int64_t t = 0; t < k; ++t) sum += A[r * lda + t] * static_cast<float>(B[t * ldb + j]);
+      C[r * ldc + j] = sum;
+    }
+  }
+}
+
 }  // namespace scaling_sparse
 
 #endif  // SCALING_SPARSE_KERNELS_INT8_OPS_H_

@@ -16,13 +16,20 @@
 //      one register tile of (up to 16) modules per strip over every (position, neighbour) tap.
 // The matmuls are vector_ops.h StreamStrip16 (16 modules per tile, the next chunk's weights prefetched
 // while this one computes; Gemm in builds without AVX-512), Gemm where M is not a multiple of 16.
-// Float32 only; results match the JAX path to rounding (tests/test_cpu_kernels.py).
+// Results match the JAX path to rounding (tests/test_cpu_kernels.py).
+//
+// int8 weights (ScalingSparseQkvDecodeInt8; scaling_sparse/quantize.py): D, E and the three convolution kernels
+// int8, with float32 scales per module row of D, per column of E and per output channel of each kernel. The
+// gated inputs take D's scale; E's and the kernels' scales multiply finished sums (then the biases are added);
+// the matmuls are int8_ops.h GemmInt8 (each int8 weight widened in a register, read once).
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 
+#include "int8_ops.h"
 #include "parallel.h"
 #include "vector_ops.h"
 #include "xla/ffi/api/ffi.h"
@@ -34,42 +41,32 @@ namespace {
 using scaling_sparse::Gemm;
 using scaling_sparse::StreamStrip16;
 
+template <class W>
 struct Conv {
-  const float* kernel;  // [kl, ks, M, M]
+  const W* kernel;      // [kl, ks, M, M]
+  const float* scale;   // [M] per output channel (int8), null for float32
   const float* bias;    // [M]
   int64_t ks;
   float* out;  // [R, S M]
 };
 
-ffi::Error SparseQkvDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gates,
-                               ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> bias,
-                               ffi::Buffer<ffi::F32> history, ffi::Buffer<ffi::F32> kq, ffi::Buffer<ffi::F32> bq,
-                               ffi::Buffer<ffi::F32> kk, ffi::Buffer<ffi::F32> bk, ffi::Buffer<ffi::F32> kv,
-                               ffi::Buffer<ffi::F32> bv, ffi::ResultBuffer<ffi::F32> q, ffi::ResultBuffer<ffi::F32> k,
-                               ffi::ResultBuffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> new_history,
-                               int64_t parts) {
-  const auto xd = x.dimensions(), gd = gates.dimensions(), ed = kernel.dimensions(), hd = history.dimensions();
-  if (xd.size() != 2 || gd.size() != 2 || ed.size() != 2 || hd.size() != 4) {
-    return ffi::Error::InvalidArgument("sparse_qkv_decode: x [R, d], gates [S, d], kernel [d, M], history [R, kl-1, S, M]");
-  }
-  const int64_t rows = xd[0], d = xd[1], S = gd[0], M = ed[1], hist = hd[1];
+// The multiplicative layer's weights: gates D [S, d] (int8: a scale per module row) and E [d, M] (a scale
+// per column); scales null for float32.
+template <class W>
+struct Mult {
+  const W* gates;
+  const float* gates_scale;
+  const W* kernel;
+  const float* kernel_scale;
+  const float* bias;
+};
+
+template <class W>
+ffi::Error QkvDecode(ffi::ThreadPool& pool, const float* x, int64_t rows, int64_t d, int64_t S, int64_t M,
+                     int64_t hist, Mult<W> mult, const float* history, Conv<W> (&convs)[3], float* new_history,
+                     int64_t parts) {
+  constexpr bool kInt8 = std::is_same_v<W, int8_t>;
   const int64_t kl = hist + 1;
-  if (gd[1] != d || ed[0] != d || S * M != d || hd[0] != rows || hd[2] != S || hd[3] != M ||
-      bias.element_count() != static_cast<size_t>(d) || bq.element_count() != static_cast<size_t>(M) ||
-      bk.element_count() != static_cast<size_t>(M) || bv.element_count() != static_cast<size_t>(M)) {
-    return ffi::Error::InvalidArgument("sparse_qkv_decode: inconsistent shapes");
-  }
-  Conv convs[3] = {{kq.typed_data(), bq.typed_data(), 0, q->typed_data()},
-                   {kk.typed_data(), bk.typed_data(), 0, k->typed_data()},
-                   {kv.typed_data(), bv.typed_data(), 0, v->typed_data()}};
-  const ffi::Buffer<ffi::F32>* kernels[3] = {&kq, &kk, &kv};
-  for (int c = 0; c < 3; ++c) {
-    const auto kd = kernels[c]->dimensions();
-    if (kd.size() != 4 || kd[0] != kl || kd[2] != M || kd[3] != M || kd[1] % 2 != 1) {
-      return ffi::Error::InvalidArgument("sparse_qkv_decode: conv kernels must be [kl, ks (odd), M, M]");
-    }
-    convs[c].ks = kd[1];
-  }
   // Phase 1 splits the columns into 16-column strips (the tiles' width; single columns where M is not a
   // multiple of 16), phase 0 the inputs i into runs of whole 16s.
   const bool strips16 = M % 16 == 0;
@@ -77,10 +74,11 @@ ffi::Error SparseQkvDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   parts = std::max<int64_t>(1, std::min(parts, tiles));
   auto columns = [&](int64_t p) { return std::make_pair(tiles * p / parts * tile, tiles * (p + 1) / parts * tile); };
   auto inputs = [&](int64_t p) { return p == parts ? d : d * p / parts / 16 * 16; };
-  const float *pg = gates.typed_data(), *pe = kernel.typed_data(), *pb = bias.typed_data();
+  const W *pg = mult.gates, *pe = mult.kernel;
+  const float* pb = mult.bias;
   // The window's zero rows on each side: the widest convolution's half width.
   int64_t pad = 0;
-  for (const Conv& c : convs) pad = std::max(pad, (c.ks - 1) / 2);
+  for (const Conv<W>& c : convs) pad = std::max(pad, (c.ks - 1) / 2);
   const int64_t window_rows = S + 2 * pad;
   // Inputs per chunk of phase 0: each 16-column strip reuses the gated chunk (S x 128 floats, 8 KB at the
   // medium size) from L1 while its 128 rows of E stream in.
@@ -88,18 +86,24 @@ ffi::Error SparseQkvDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   // Shared by the tasks of one row: the partial h of each task [parts, S, M], in the calling thread's
   // scratch slot 4 (no kernel's tasks use it).
   float* partials = scaling_sparse::Scratch(4, parts * S * M);
-  // A matmul over 16 columns (StreamStrip16), or any columns with Gemm.
-  auto matmul = [&](const float* a, int64_t lda, const float* b, float* c, int64_t k, int64_t n, const float* next) {
-    if (strips16) {
+  // C[S, n] += A[S, k] . B[k, n] (B's leading dimension M): StreamStrip16 over 16 columns or Gemm for float32
+  // weights, GemmInt8 for int8 ones.
+  auto matmul = [&](const float* a, int64_t lda, const W* b, float* c, int64_t k, int64_t n, const W* next) {
+    if constexpr (kInt8) {
+      if (next) {
+        for (int64_t byte = 0; byte < k * M; byte += 64) scaling_sparse::PrefetchL2(next + byte);
+      }
+      scaling_sparse::GemmInt8(a, lda, b, M, c, M, S, k, n);
+    } else if (strips16) {
       for (int64_t j = 0; j < n; j += 16) StreamStrip16(a, lda, b + j, M, c + j, M, S, k, next ? next + j : nullptr);
     } else {
       Gemm(a, lda, b, M, c, M, S, k, n);
     }
   };
   for (int64_t row = 0; row < rows; ++row) {
-    const float* xr = x.typed_data() + row * d;
-    const float* hr = history.typed_data() + row * hist * d;  // [hist, S, M]
-    float* nh = new_history->typed_data() + row * hist * d;
+    const float* xr = x + row * d;
+    const float* hr = history + row * hist * d;  // [hist, S, M]
+    float* nh = new_history + row * hist * d;
     scaling_sparse::ForkJoinPhases(pool, parts, 2, [&](int phase, int64_t p) {
       if (phase == 0) {
         // gated[s, t] = x[i0 + t] D[s, i0 + t] (task-local), while E's first chunk is prefetched into L2.
@@ -109,19 +113,26 @@ ffi::Error SparseQkvDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
         const int64_t lda = 16 * (lines % 2 == 0 ? lines + 1 : lines);
         float* gated = scaling_sparse::Scratch(2, S * lda);
         const char* first = reinterpret_cast<const char*>(pe + i0 * M);
-        const int64_t first_lines = std::min(kChunk, n) * M * static_cast<int64_t>(sizeof(float)) / 64;
+        const int64_t first_lines = std::min(kChunk, n) * M * static_cast<int64_t>(sizeof(W)) / 64;
         int64_t line = 0;
         for (int64_t s = 0; s < S; ++s) {
+          const float gate_scale = kInt8 ? mult.gates_scale[s] : 1.0f;
           for (int64_t t0 = 0; t0 < n; t0 += 16) {
             if (line < first_lines) scaling_sparse::PrefetchL2(first + 64 * line++);
-            for (int64_t t = t0; t < std::min(t0 + 16, n); ++t) gated[s * lda + t] = xr[i0 + t] * pg[s * d + i0 + t];
+            for (int64_t t = t0; t < std::min(t0 + 16, n); ++t) {
+              if constexpr (kInt8) {
+                gated[s * lda + t] = xr[i0 + t] * (gate_scale * static_cast<float>(pg[s * d + i0 + t]));
+              } else {
+                gated[s * lda + t] = xr[i0 + t] * pg[s * d + i0 + t];
+              }
+            }
           }
         }
         float* part = partials + p * S * M;
         std::memset(part, 0, sizeof(float) * S * M);
         for (int64_t k0 = 0; k0 < n; k0 += kChunk) {
           const int64_t kk = std::min(kChunk, n - k0);
-          const float* b = pe + (i0 + k0) * M;
+          const W* b = pe + (i0 + k0) * M;
           matmul(gated + k0, lda, b, part, kk, M, k0 + kk < n ? b + kk * M : nullptr);
         }
         // History rows 1.. move up by one (this task's share of the modules).
@@ -131,7 +142,8 @@ ffi::Error SparseQkvDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
         }
         return;
       }
-      // Phase 1: window [kl, S + 2 pad, M] (task-local): history rows, then h = bias + the partials.
+      // Phase 1: window [kl, S + 2 pad, M] (task-local): history rows, then h = bias + the partials (int8:
+      // bias + E's column scale x the partials' sum).
       const auto [c0, c1] = columns(p);
       float* window = scaling_sparse::Scratch(5, kl * window_rows * M);
       for (int64_t i = 0; i < kl; ++i) {
@@ -143,10 +155,17 @@ ffi::Error SparseQkvDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
           std::memcpy(body, hr + i * d, sizeof(float) * d);
           continue;
         }
-        std::memcpy(body, pb, sizeof(float) * d);
+        if constexpr (kInt8) {
+          std::memset(body, 0, sizeof(float) * d);
+        } else {
+          std::memcpy(body, pb, sizeof(float) * d);
+        }
         for (int64_t q = 0; q < parts; ++q) {
           const float* part = partials + q * S * M;
           for (int64_t e = 0; e < d; ++e) body[e] += part[e];
+        }
+        if constexpr (kInt8) {
+          for (int64_t e = 0; e < d; ++e) body[e] = pb[e] + mult.kernel_scale[e % M] * body[e];
         }
         if (hist > 0) {  // h is the new history's last row (this task's columns)
           for (int64_t s = 0; s < S; ++s) {
@@ -157,23 +176,115 @@ ffi::Error SparseQkvDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
       // out[s, c0:c1] = bias_c + sum over window position i and neighbour j of window(i)[s + j - half] .
       // K_c[i, j][:, c0:c1], the taps in (i, j) order and each over m in order, as the JAX path adds them;
       // past the edges the window's zero rows add exact zeros. The next tap's (or convolution's) weights
-      // are prefetched while this one computes.
+      // are prefetched while this one computes. int8: the taps' sum, then bias_c + scale_c x it.
       for (int c = 0; c < 3; ++c) {
-        const Conv& conv = convs[c];
+        const Conv<W>& conv = convs[c];
         const int64_t half = (conv.ks - 1) / 2, taps = kl * conv.ks;
         float* out = conv.out + row * d;
-        for (int64_t s = 0; s < S; ++s) std::memcpy(out + s * M + c0, conv.bias + c0, sizeof(float) * (c1 - c0));
+        for (int64_t s = 0; s < S; ++s) {
+          if constexpr (kInt8) {
+            std::memset(out + s * M + c0, 0, sizeof(float) * (c1 - c0));
+          } else {
+            std::memcpy(out + s * M + c0, conv.bias + c0, sizeof(float) * (c1 - c0));
+          }
+        }
         for (int64_t n = 0; n < taps; ++n) {
           const int64_t i = n / conv.ks, j = n % conv.ks;
           const float* a = window + (i * window_rows + pad + j - half) * M;
-          const float* b = conv.kernel + n * M * M;
-          const float* next = n + 1 < taps ? b + M * M : (c + 1 < 3 ? convs[c + 1].kernel : nullptr);
+          const W* b = conv.kernel + n * M * M;
+          const W* next = n + 1 < taps ? b + M * M : (c + 1 < 3 ? convs[c + 1].kernel : nullptr);
           matmul(a, M, b + c0, out + c0, M, c1 - c0, next ? next + c0 : nullptr);
+        }
+        if constexpr (kInt8) {
+          for (int64_t s = 0; s < S; ++s) {
+            for (int64_t m = c0; m < c1; ++m) out[s * M + m] = conv.bias[m] + conv.scale[m] * out[s * M + m];
+          }
         }
       }
     });
   }
   return ffi::Error::Success();
+}
+
+// Shapes of either kernel's arguments: x [R, d], gates [S, d], kernel [d, M], history [R, kl-1, S, M], biases
+// [d] and [M], conv kernels [kl, ks (odd), M, M]. -> the convolutions' ks through `ks`.
+ffi::Error CheckShapes(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> gd, ffi::Span<const int64_t> ed,
+                       ffi::Span<const int64_t> hd, size_t bias_count, const size_t (&conv_bias_counts)[3],
+                       const ffi::Span<const int64_t> (&kds)[3], int64_t (&ks)[3]) {
+  if (xd.size() != 2 || gd.size() != 2 || ed.size() != 2 || hd.size() != 4) {
+    return ffi::Error::InvalidArgument("sparse_qkv_decode: x [R, d], gates [S, d], kernel [d, M], history [R, kl-1, S, M]");
+  }
+  const int64_t rows = xd[0], d = xd[1], S = gd[0], M = ed[1], hist = hd[1];
+  if (gd[1] != d || ed[0] != d || S * M != d || hd[0] != rows || hd[2] != S || hd[3] != M ||
+      bias_count != static_cast<size_t>(d)) {
+    return ffi::Error::InvalidArgument("sparse_qkv_decode: inconsistent shapes");
+  }
+  for (int c = 0; c < 3; ++c) {
+    const auto& kd = kds[c];
+    if (kd.size() != 4 || kd[0] != hist + 1 || kd[2] != M || kd[3] != M || kd[1] % 2 != 1 ||
+        conv_bias_counts[c] != static_cast<size_t>(M)) {
+      return ffi::Error::InvalidArgument("sparse_qkv_decode: conv kernels must be [kl, ks (odd), M, M], biases [M]");
+    }
+    ks[c] = kd[1];
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error SparseQkvDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gates,
+                               ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> bias,
+                               ffi::Buffer<ffi::F32> history, ffi::Buffer<ffi::F32> kq, ffi::Buffer<ffi::F32> bq,
+                               ffi::Buffer<ffi::F32> kk, ffi::Buffer<ffi::F32> bk, ffi::Buffer<ffi::F32> kv,
+                               ffi::Buffer<ffi::F32> bv, ffi::ResultBuffer<ffi::F32> q, ffi::ResultBuffer<ffi::F32> k,
+                               ffi::ResultBuffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> new_history,
+                               int64_t parts) {
+  int64_t ks[3];
+  const size_t conv_bias_counts[3] = {bq.element_count(), bk.element_count(), bv.element_count()};
+  const ffi::Span<const int64_t> kds[3] = {kq.dimensions(), kk.dimensions(), kv.dimensions()};
+  if (ffi::Error e = CheckShapes(x.dimensions(), gates.dimensions(), kernel.dimensions(), history.dimensions(),
+                                 bias.element_count(), conv_bias_counts, kds, ks);
+      e.failure()) {
+    return e;
+  }
+  Conv<float> convs[3] = {{kq.typed_data(), nullptr, bq.typed_data(), ks[0], q->typed_data()},
+                          {kk.typed_data(), nullptr, bk.typed_data(), ks[1], k->typed_data()},
+                          {kv.typed_data(), nullptr, bv.typed_data(), ks[2], v->typed_data()}};
+  return QkvDecode<float>(pool, x.typed_data(), x.dimensions()[0], x.dimensions()[1], gates.dimensions()[0],
+                          kernel.dimensions()[1], history.dimensions()[1],
+                          {gates.typed_data(), nullptr, kernel.typed_data(), nullptr, bias.typed_data()},
+                          history.typed_data(), convs, new_history->typed_data(), parts);
+}
+
+ffi::Error SparseQkvDecodeInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> gates,
+                                   ffi::Buffer<ffi::F32> gates_scale, ffi::Buffer<ffi::S8> kernel,
+                                   ffi::Buffer<ffi::F32> kernel_scale, ffi::Buffer<ffi::F32> bias,
+                                   ffi::Buffer<ffi::F32> history, ffi::Buffer<ffi::S8> kq, ffi::Buffer<ffi::F32> sq,
+                                   ffi::Buffer<ffi::F32> bq, ffi::Buffer<ffi::S8> kk, ffi::Buffer<ffi::F32> sk,
+                                   ffi::Buffer<ffi::F32> bk, ffi::Buffer<ffi::S8> kv, ffi::Buffer<ffi::F32> sv,
+                                   ffi::Buffer<ffi::F32> bv, ffi::ResultBuffer<ffi::F32> q,
+                                   ffi::ResultBuffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> v,
+                                   ffi::ResultBuffer<ffi::F32> new_history, int64_t parts) {
+  int64_t ks[3];
+  const size_t conv_bias_counts[3] = {bq.element_count(), bk.element_count(), bv.element_count()};
+  const ffi::Span<const int64_t> kds[3] = {kq.dimensions(), kk.dimensions(), kv.dimensions()};
+  if (ffi::Error e = CheckShapes(x.dimensions(), gates.dimensions(), kernel.dimensions(), history.dimensions(),
+                                 bias.element_count(), conv_bias_counts, kds, ks);
+      e.failure()) {
+    return e;
+  }
+  const int64_t S = gates.dimensions()[0], M = kernel.dimensions()[1];
+  if (gates_scale.element_count() != static_cast<size_t>(S) || kernel_scale.element_count() != static_cast<size_t>(M) ||
+      sq.element_count() != static_cast<size_t>(M) || sk.element_count() != static_cast<size_t>(M) ||
+      sv.element_count() != static_cast<size_t>(M)) {
+    return ffi::Error::InvalidArgument("sparse_qkv_decode_int8: a scale per gate row, per kernel column, per "
+                                       "output channel of each convolution");
+  }
+  Conv<int8_t> convs[3] = {{kq.typed_data(), sq.typed_data(), bq.typed_data(), ks[0], q->typed_data()},
+                           {kk.typed_data(), sk.typed_data(), bk.typed_data(), ks[1], k->typed_data()},
+                           {kv.typed_data(), sv.typed_data(), bv.typed_data(), ks[2], v->typed_data()}};
+  return QkvDecode<int8_t>(pool, x.typed_data(), x.dimensions()[0], x.dimensions()[1], S, M, history.dimensions()[1],
+                           {gates.typed_data(), gates_scale.typed_data(), kernel.typed_data(),
+                            kernel_scale.typed_data(), bias.typed_data()},
+                           history.typed_data(), convs, new_history->typed_data(), parts);
 }
 
 }  // namespace
@@ -197,3 +308,28 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ScalingSparseQkvDecode, SparseQkvDecodeImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // v [R, d]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // new history [R, kl-1, S, M]
                                   .Attr<int64_t>("parts"));  // tasks: inputs (phase 0), columns (phase 1)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ScalingSparseQkvDecodeInt8, SparseQkvDecodeInt8Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [R, d]
+                                  .Arg<ffi::Buffer<ffi::S8>>()   // gates D [S, d]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // their row scales [S]
+                                  .Arg<ffi::Buffer<ffi::S8>>()   // kernel E [d, M]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // its column scales [M]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias [d]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // history [R, kl-1, S, M]
+                                  .Arg<ffi::Buffer<ffi::S8>>()   // conv_q kernel [kl, 3, M, M]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // its output-channel scales [M]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // conv_q bias [M]
+                                  .Arg<ffi::Buffer<ffi::S8>>()   // conv_k kernel
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // its scales
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // conv_k bias
+                                  .Arg<ffi::Buffer<ffi::S8>>()   // conv_v kernel [kl, 1, M, M]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // its scales
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // conv_v bias
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // q [R, d]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // k [R, d]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // v [R, d]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // new history [R, kl-1, S, M]
+                                  .Attr<int64_t>("parts"));

@@ -52,21 +52,26 @@ class SparseQKV(nnx.Module):
         # Zeros equal the causal padding of the full pass, so a prefill at index 0 needs no special case.
         return {"history": jnp.zeros((batch, self.length_kernel - 1, self.n_modules, self.d_module), dtype)}
 
-    def _kernel_applies(self, x, history) -> bool:
-        """One new position, float32 throughout (the kernel reads float32 weights, not int8 ones), traced by a
-        Decoder using the CPU kernels."""
-        weights = [self.mult.gates, self.mult.kernel, self.mult.bias] + [
-            w for c in (self.conv_q, self.conv_k, self.conv_v) for w in (c.kernel, c.bias)]
-        return (cpu_kernels.active() and x.shape[1] == 1 and x.dtype == history.dtype == jnp.float32
-                and all(not is_int8(w) and w[...].dtype == jnp.float32 for w in weights))
+    def _kernel(self, x, history) -> str | None:
+        """Which CPU kernel decodes this step: "float32" or "int8" (all matrices int8, quantize.py), for one new
+        position in float32 traced by a Decoder using the CPU kernels; None for the JAX path."""
+        matrices = [self.mult.gates, self.mult.kernel] + [c.kernel for c in (self.conv_q, self.conv_k, self.conv_v)]
+        biases = [self.mult.bias] + [c.bias for c in (self.conv_q, self.conv_k, self.conv_v)]
+        if not (cpu_kernels.active() and x.shape[1] == 1 and x.dtype == history.dtype == jnp.float32
+                and all(not is_int8(w) and w[...].dtype == jnp.float32 for w in biases)):
+            return None
+        if all(not is_int8(w) and w[...].dtype == jnp.float32 for w in matrices):
+            return "float32"
+        return "int8" if all(is_int8(w) for w in matrices) else None
 
     def decode(self, x: jax.Array, cache, index):
-        if self._kernel_applies(x, cache["history"]):
+        kernel = self._kernel(x, cache["history"])
+        if kernel:
             b = x.shape[0]
-            convs = [(c.kernel[...], c.bias[...]) for c in (self.conv_q, self.conv_k, self.conv_v)]
-            qkv, history = cpu_kernels.sparse_qkv_decode(x.reshape(b, self.d_model), self.mult.gates[...],
-                                                         self.mult.kernel[...], self.mult.bias[...],
-                                                         cache["history"], *convs)
+            convs = [(c.kernel.get_value(), c.bias[...]) for c in (self.conv_q, self.conv_k, self.conv_v)]
+            call = cpu_kernels.sparse_qkv_decode_int8 if kernel == "int8" else cpu_kernels.sparse_qkv_decode
+            qkv, history = call(x.reshape(b, self.d_model), self.mult.gates.get_value(), self.mult.kernel.get_value(),
+                                self.mult.bias[...], cache["history"], *convs)
             return tuple(t.reshape(b, 1, self.d_model) for t in qkv), {"history": history}
         h = jnp.concatenate([cache["history"], self._shared(x).astype(cache["history"].dtype)], axis=1)
         h = h.astype(x.dtype)
