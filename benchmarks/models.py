@@ -149,6 +149,43 @@ def build(config, *, seed: int = 0):
         jax.config.update("jax_default_prng_impl", previous)
 
 
+def build_random_int8(config, *, seed: int = 0):
+    """(graphdef, params) of the config's model with int8 weights (docs/quantization.md) drawn directly as int8,
+    one parameter at a time: the float model is never built (a 17B model is 68 GB in float32; its int8 weights,
+    17 GB, fit a 24 GB machine). Each int8 matrix holds uniform values in -127..127 with scales giving the
+    dequantised weights a standard deviation of 1/sqrt(fan in) (the values sharing a scale), 0.5 for the
+    multiplicative layers' gates (the reference's gate init); norms' scales 1, biases 0. Latency does not
+    depend on the values; the controllers' choices vary with the input (decode_17b.py counts them)."""
+    import dataclasses
+    import math
+
+    import numpy as np
+
+    from scaling_sparse.quantize import LEVELS, Int8Weight
+
+    m = dataclasses.replace(ModelConfig.from_config(config.model), weights="int8")
+    spec = state.model_spec(m)
+    rng = np.random.default_rng(seed)
+    uniform_std = LEVELS / math.sqrt(3.0)  # of integers uniform in -127..127
+
+    def draw(path, leaf):
+        name = path[-1].key
+        if not isinstance(leaf, Int8Weight):
+            return jax.device_put(np.full(leaf.shape, 1.0 if name == "scale" else 0.0, np.float32))
+        q = np.empty(leaf.q.shape, np.int8)
+        flat = q.reshape(-1)
+        for start in range(0, flat.size, 1 << 26):  # 64 MB at a time
+            flat[start:start + (1 << 26)] = rng.integers(-LEVELS, LEVELS + 1, min(1 << 26, flat.size - start), np.int8)
+        fan_in = math.prod(n for n, s in zip(leaf.q.shape, leaf.scale.shape) if s == 1 and n != 1)
+        std = 0.5 if name == "gates" else 1.0 / math.sqrt(fan_in)
+        weight = Int8Weight(jax.device_put(q), jax.device_put(np.full(leaf.scale.shape, std / uniform_std, np.float32)))
+        del q, flat
+        return weight
+
+    params = jax.tree_util.tree_map_with_path(draw, spec.params, is_leaf=lambda x: isinstance(x, Int8Weight))
+    return spec.graphdef, jax.block_until_ready(params)
+
+
 def build_decoder(config, *, seed: int = 0, cpu_kernels: bool | None = None) -> tuple[Decoder, float]:
     """A greedy Decoder holding freshly initialised weights -> (decoder, seconds the weights took).
     cpu_kernels: the Decoder's choice of the compiled CPU decode kernels (None: automatic)."""

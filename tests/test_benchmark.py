@@ -94,7 +94,7 @@ def test_bad_flag_values_are_rejected():
 
 def test_end_to_end_tiny_writes_json_and_plot(tmp_path):
     report = bench.main(["--presets=tiny", "--quick", "--tokens=4", "--repeats=2", "--per_call_tokens=3",
-                         "--prompt_len=4", "--bandwidth_mb=16", f"--out_dir={tmp_path}"])
+                         "--prompt_len=4", "--bandwidth_mb=16", f"--out_dir={tmp_path}", "--weights=float"])
     data = json.loads((tmp_path / "decode_cpu.json").read_text())
     assert (tmp_path / "decode_cpu.png").stat().st_size > 0
     assert data["machine"]["cpu_count"] >= 1 and data["machine"]["devices"]
@@ -130,7 +130,8 @@ def test_end_to_end_tiny_writes_json_and_plot(tmp_path):
 @pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU decode kernels are not built")
 def test_cpu_kernels_compare_times_the_pure_jax_path_beside_the_kernels(tmp_path):
     bench.main(["--presets=tiny_terraformer", "--cpu_kernels=compare", "--quick", "--tokens=4", "--repeats=2",
-                "--per_call_tokens=3", "--prompt_len=4", "--bandwidth_mb=16", "--no_plot", f"--out_dir={tmp_path}"])
+                "--per_call_tokens=3", "--prompt_len=4", "--bandwidth_mb=16", "--no_plot", f"--out_dir={tmp_path}",
+                "--weights=float"])
     kernel, jax_path = json.loads((tmp_path / "decode_cpu.json").read_text())["results"]
     assert kernel["decode_path"] == "cpu_kernels" and kernel["preset"] == "tiny_terraformer"
     assert set(kernel["cpu_kernel_targets"]) == {cpu_kernels.FFN_TARGET, cpu_kernels.QKV_TARGET,
@@ -143,8 +144,42 @@ def test_cpu_kernels_compare_times_the_pure_jax_path_beside_the_kernels(tmp_path
 def test_cpu_kernels_off_decodes_on_the_pure_jax_path(tmp_path):
     bench.main(["--presets=tiny_terraformer", "--cpu_kernels=off", "--quick", "--tokens=2", "--repeats=1",
                 "--per_call_tokens=2", "--prompt_len=4", "--bandwidth_mb=16", "--no_plot", f"--out_dir={tmp_path}"])
-    (r,) = json.loads((tmp_path / "decode_cpu.json").read_text())["results"]
-    assert r["decode_path"] == "jax" and r["cpu_kernel_targets"] == []
+    rows = json.loads((tmp_path / "decode_cpu.json").read_text())["results"]
+    assert [r.get("weights") for r in rows] == ["float", "int8"]  # --weights=both, the float32 default
+    assert all(r["decode_path"] == "jax" and r["cpu_kernel_targets"] == [] for r in rows)
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU decode kernels are not built")
+def test_each_preset_is_also_decoded_with_int8_weights(tmp_path):
+    bench.main(["--presets=tiny,tiny_terraformer", "--quick", "--tokens=2", "--repeats=1", "--per_call_tokens=2",
+                "--prompt_len=4", "--bandwidth_mb=16", "--no_plot", f"--out_dir={tmp_path}"])
+    rows = {r.get("label", r["preset"]): r for r in json.loads((tmp_path / "decode_cpu.json").read_text())["results"]}
+    assert set(rows) == {"tiny", "tiny@int8", "tiny_terraformer", "tiny_terraformer@int8"}
+    for name in ("tiny", "tiny_terraformer"):
+        float_row, int8_row = rows[name], rows[f"{name}@int8"]
+        assert int8_row["weights"] == "int8" and int8_row["bytes_per_token"] < 0.3 * float_row["bytes_per_token"]
+        assert int8_row["speedup_vs_float"] == pytest.approx(float_row["ms_per_token"] / int8_row["ms_per_token"])
+        assert not {cpu_kernels.FFN_TARGET, cpu_kernels.QKV_TARGET} & set(int8_row["cpu_kernel_targets"])
+    assert {cpu_kernels.FFN_INT8_TARGET, cpu_kernels.QKV_INT8_TARGET} <= set(rows["tiny_terraformer@int8"]["cpu_kernel_targets"])
+    # An int8 row's dense baseline is the int8 dense row (the dense model gets the same int8 care).
+    assert rows["tiny@int8"]["dense_baseline"] == "tiny" and rows["tiny@int8"]["speedup_vs_dense"] == pytest.approx(1.0)
+
+
+def test_17b_harness_runs_each_model_in_its_own_process(tmp_path):
+    """benchmarks/decode_17b.py --quick: tiny stand-ins for the 17B models, int8 weights drawn directly."""
+    from benchmarks import decode_17b
+
+    result = decode_17b.main(["--quick", f"--out={tmp_path / 'd17.json'}", "--no_plot"])
+    assert [r["model"] for r in result["results"]] == ["dense", "sparse", "terraformer"]
+    for r in result["results"]:
+        assert r["ms_per_token"] > 0 and r["peak_rss_bytes"] > 0 and r["read_bandwidth_fraction"] > 0
+        assert r["weight_bytes"] < 0.35 * 4 * r["total_params"]  # int8: a byte a weight and a scale per row
+    assert result["results"][0]["distinct_units"] is None
+    for r in result["results"][1:]:
+        units = r["distinct_units"]
+        assert units["units_per_block"] == 8 and 1 <= units["distinct_min"] <= units["distinct_max"] <= 8
+    assert result["summary"]["dense"]["speedup_vs_dense"] == pytest.approx(1.0)
+    assert json.loads((tmp_path / "d17.json").read_text())["paper"]["terraformer_speedup"] == 37.0
 
 
 def test_benchmark_weights_are_the_state_builders_in_the_target_dtype():

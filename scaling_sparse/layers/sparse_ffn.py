@@ -16,6 +16,9 @@ Modes:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -31,6 +34,19 @@ from scaling_sparse.quantize import is_int8, matmul
 
 def _glorot(in_axis, out_axis):
     return nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=in_axis, out_axis=out_axis)
+
+
+_RECORD_UNITS = contextvars.ContextVar("scaling_sparse_record_units", default=False)
+
+
+@contextlib.contextmanager
+def recording_units():
+    """SparseFF.decode traced inside this context sows each step's chosen units (nnx.Intermediate "units")."""
+    token = _RECORD_UNITS.set(True)
+    try:
+        yield
+    finally:
+        _RECORD_UNITS.reset(token)
 
 
 class SparseFF(nnx.Module):
@@ -140,20 +156,29 @@ class SparseFF(nnx.Module):
         weights = (self.c1, self.c2, self.cb, self.w1, self.w2, self.b2)
         if cpu_kernels.active() and x.dtype == jnp.float32:
             if all(not is_int8(w) and w[...].dtype == jnp.float32 for w in weights):
-                y, _ = cpu_kernels.sparse_ffn_decode(x, *(w[...] for w in weights), n_elements=self.n_elements)
-                return y, cache
+                y, units = cpu_kernels.sparse_ffn_decode(x, *(w[...] for w in weights), n_elements=self.n_elements)
+                return self._recorded(y, units), cache
             int8 = (self.c1, self.c2, self.w1, self.w2)
             if all(is_int8(w) for w in int8) and all(w[...].dtype == jnp.float32 for w in (self.cb, self.b2)):
-                y, _ = cpu_kernels.sparse_ffn_decode_int8(x, *(w.get_value() for w in weights), n_elements=self.n_elements)
-                return y, cache
-        rows = self.choose(x) + jnp.arange(self.n_blocks, dtype=jnp.int32) * self.n_elements  # [..., B]
+                y, units = cpu_kernels.sparse_ffn_decode_int8(x, *(w.get_value() for w in weights),
+                                                               n_elements=self.n_elements)
+                return self._recorded(y, units), cache
+        units = self.choose(x)
+        rows = units + jnp.arange(self.n_blocks, dtype=jnp.int32) * self.n_elements  # [..., B]
         flat = (self.n_blocks * self.n_elements, self.d_model)  # a free reshape of the [B, N, d] arrays
         # Indices are in range by construction, so skip the gather's bounds handling.
         gather = lambda w: _gather_rows(w, flat, rows).astype(x.dtype)
         w_in, w_out = gather(self.w1), gather(self.w2)  # [..., B, d] each
         h = jax.nn.relu(jnp.einsum("...d,...bd->...b", x, w_in))
         y = jnp.einsum("...b,...bd->...d", h, w_out) + self.b2[...].astype(x.dtype)
-        return y, cache
+        return self._recorded(y, units), cache
+
+    def _recorded(self, y, units):
+        """y; inside `recording_units()` the step's chosen units [..., B] are also sown as an nnx.Intermediate
+        "units" (benchmarks/decode_17b.py counts the distinct units a decode touches)."""
+        if _RECORD_UNITS.get():
+            self.sow(nnx.Intermediate, "units", units)
+        return y
 
     def params_per_token(self) -> int:
         controller = self.c1.size + self.c2.size + self.cb.size
