@@ -192,11 +192,12 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
     # wide: a CE model's features were never trained as keys (its best cache temperature can be far above 1)
-    # (at the stdlib size the first full run's best CE + cache temperature was the sweep's lowest, 1.0)
-    p.add_argument("--temperatures", default="0.5,0.7,1.0,1.2,1.5,2,3,5")
+    # Down to 0.1: at the stdlib size the best CE + cache temperature was the lowest of two narrower sweeps (1.0,
+    # then 0.5): a CE model's features were never trained as keys.
+    p.add_argument("--temperatures", default="0.1,0.2,0.3,0.5,0.7,1.0,1.5,2,3")
     p.add_argument("--fifo", type=int, default=12288, help="TrimeLM_long's evaluation FIFO in tokens (the paper's)")
     p.add_argument("--knn_k", type=int, default=1024)
-    p.add_argument("--knn_lambdas", default="0.1,0.2,0.3,0.5",
+    p.add_argument("--knn_lambdas", default="0.05,0.1,0.2,0.3,0.5",
                    help="kNN interpolation weights swept on validation (kNN-LM and TrimeLM_ext), the best reported")
     p.add_argument("--knn_temperature", type=float, default=10.5)
     p.add_argument("--datastore_tokens", type=int, default=None,
