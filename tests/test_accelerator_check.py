@@ -22,10 +22,12 @@ def test_smoke_run_checks_measures_and_writes_one_json(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     saved = json.loads((tmp_path / "accelerator_check_cpu_smoke.json").read_text())
     assert saved["checks_passed"] and saved["checks_failed"] == 0
-    # Decode equals forward: each smoke variant (2 decoder-only, 1 encoder-decoder) in float32 and bfloat16.
+    # Decode equals forward: each smoke variant (2 decoder-only, 1 encoder-decoder) in float32 and bfloat16, and
+    # in float32 with int8 weights.
     rows = saved["decode_equals_forward"]
-    assert {(r["variant"], r["dtype"]) for r in rows} == {
-        (v, d) for v in ("sparse_all", "terraformer_one_chunk", "terraformer") for d in ("float32", "bfloat16")}
+    assert {(r["variant"], r["dtype"], r["weights"]) for r in rows} == {
+        (v, d, w) for v in ("sparse_all", "terraformer_one_chunk", "terraformer")
+        for d, w in (("float32", "float"), ("bfloat16", "float"), ("float32", "int8"))}
     for r in rows:  # float32 agrees everywhere; bfloat16 at most positions (accelerator_check.TOLERANCE)
         assert r["positions_within_tolerance"] == 1.0 if r["dtype"] == "float32" else (
             r["positions_within_tolerance"] >= accelerator_check.BF16_POSITIONS)
