@@ -40,7 +40,7 @@ except FileNotFoundError:
 
 errors = {}
 rng = np.random.default_rng(0)
-for rows, k, n, transposed in [(1, 1024, 300, False), (16, 576, 64, False), (4, 200, 130, True)]:
+for rows, k, n, transposed in [(1, 1024, 300, False), (1, 200, 1000, False), (16, 576, 64, False), (4, 200, 130, True)]:
     x = rng.standard_normal((rows, k)).astype(np.float32)
     w = quantize(rng.standard_normal((n, k) if transposed else (k, n)).astype(np.float32), (1,) if transposed else (0,))
     q, scale = np.asarray(w.q, np.float64), np.asarray(w.scale, np.float64).reshape(-1)
