@@ -106,26 +106,32 @@ inline void StreamInOut(const float* x, int64_t k, const int8_t* q, int64_t n, c
   for (int64_t c = 0; c < cols; ++c) y[j0 + c] = acc[c] * scale[j0 + c];
 }
 
-// y[i] = scale * sum_t x[i, t] w[t] for R rows of x (y strided by ldy): two vector accumulators per row,
-// each weight vector widened once for the R rows; lanes added in order at the end.
-template <int R>
-inline void DotRows(const float* x, int64_t ldx, const int8_t* __restrict w, int64_t k, float scale, float* y,
+// y[i, j + u] = scale[j + u] * sum_t x[i, t] q[j + u, t] for R rows of x and U weight rows: R x U pairs of two
+// vector accumulators over k (lanes added in order at the end); each x vector loaded once for the U weight rows,
+// each weight vector widened once for the R rows.
+template <int R, int U>
+inline void DotRows(const float* x, int64_t ldx, const int8_t* __restrict q, int64_t k, const float* scale, float* y,
                     int64_t ldy) {
   namespace v8 = scaling_sparse::int8;
-  Vec a0[R], a1[R];
-  for (int i = 0; i < R; ++i) a0[i] = a1[i] = v8::Zero();
+  Vec acc[R][U];
+  for (int i = 0; i < R; ++i) {
+    for (int u = 0; u < U; ++u) acc[i][u] = v8::Zero();
+  }
   int64_t t = 0;
-  for (; t + 2 * kLanes <= k; t += 2 * kLanes) {
-    const Vec w0 = v8::Widen(w + t), w1 = v8::Widen(w + t + kLanes);
+  for (; t + kLanes <= k; t += kLanes) {
+    Vec w[U];
+    for (int u = 0; u < U; ++u) w[u] = v8::Widen(q + u * k + t);
     for (int i = 0; i < R; ++i) {
-      a0[i] = v8::Fma(v8::Load(x + i * ldx + t), w0, a0[i]);
-      a1[i] = v8::Fma(v8::Load(x + i * ldx + t + kLanes), w1, a1[i]);
+      const Vec a = v8::Load(x + i * ldx + t);
+      for (int u = 0; u < U; ++u) acc[i][u] = v8::Fma(a, w[u], acc[i][u]);
     }
   }
   for (int i = 0; i < R; ++i) {
-    float total = v8::SumLanes(v8::Add(a0[i], a1[i]));
-    for (int64_t u = t; u < k; ++u) total += x[i * ldx + u] * static_cast<float>(w[u]);
-    y[i * ldy] = total * scale;
+    for (int u = 0; u < U; ++u) {
+      float total = v8::SumLanes(acc[i][u]);
+      for (int64_t s = t; s < k; ++s) total += x[i * ldx + s] * static_cast<float>(q[u * k + s]);
+      y[i * ldy + u] = total * scale[u];
+    }
   }
 }
 
@@ -193,12 +199,19 @@ ffi::Error Int8MatmulOutInImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   float* ys = y->typed_data();
   scaling_sparse::ForkJoin(pool, parts, [&](int64_t p) {
     const int64_t j0 = n * p / parts, j1 = n * (p + 1) / parts;
-    for (int64_t j = j0; j < j1; ++j) {  // each weight row read once, widened once, used by every row of x
-      const int8_t* row = qs + j * k;
-      if (j + 2 < j1) __builtin_prefetch(row + 2 * k, 0, 0);
+    // Four weight rows at a time against four rows of x (each read once, widened once for every row of x).
+    int64_t j = j0;
+    for (; j + 4 <= j1; j += 4) {
+      const int8_t* w = qs + j * k;
+      if (j + 8 <= j1) __builtin_prefetch(w + 8 * k, 0, 0);
       int64_t r = 0;
-      for (; r + 4 <= rows; r += 4) DotRows<4>(xs + r * k, k, row, k, ss[j], ys + r * n + j, n);
-      for (; r < rows; ++r) DotRows<1>(xs + r * k, k, row, k, ss[j], ys + r * n + j, n);
+      for (; r + 4 <= rows; r += 4) DotRows<4, 4>(xs + r * k, k, w, k, ss + j, ys + r * n + j, n);
+      for (; r < rows; ++r) DotRows<1, 4>(xs + r * k, k, w, k, ss + j, ys + r * n + j, n);
+    }
+    for (; j < j1; ++j) {
+      int64_t r = 0;
+      for (; r + 4 <= rows; r += 4) DotRows<4, 1>(xs + r * k, k, qs + j * k, k, ss + j, ys + r * n + j, n);
+      for (; r < rows; ++r) DotRows<1, 1>(xs + r * k, k, qs + j * k, k, ss + j, ys + r * n + j, n);
     }
   });
   return ffi::Error::Success();

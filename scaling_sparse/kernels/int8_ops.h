@@ -106,46 +106,60 @@ inline float Dot(const float* __restrict x, const int8_t* __restrict q, int64_t 
   return total;
 }
 
-// C[rows, n] += A[rows, k] . B[k, n] for int8 B (row-major, leading dimensions lda, ldb, ldc; the scales of B's
-// columns are the caller's to apply): register tiles of 4 rows x 2 vectors of columns kept over all k, then
-// single columns. Each C element's sum runs over k in order.
-inline void GemmInt8(const float* A, int64_t lda, const int8_t* B, int64_t ldb, float* C, int64_t ldc, int64_t rows,
-                     int64_t k, int64_t n) {
+// C[rows, n] += A[rows, k] . B[k, n] for int8 B, one strip of NV vectors of columns at column j: tiles of 4 rows
+// x NV vectors kept in registers over all k, each widened weight vector used by the 4 rows.
+template <int RT, int NV>
+inline void GemmInt8Tile(const float* A, int64_t lda, const int8_t* B, int64_t ldb, float* C, int64_t ldc, int64_t k,
+                         int64_t j) {
   using namespace int8;
-  constexpr int64_t width = 2 * kLanes;
-  int64_t j = 0;
-  for (; j + width <= n; j += width) {
-    int64_t r = 0;
-    for (; r + 4 <= rows; r += 4) {
-      Vec acc[4][2];
-      for (int i = 0; i < 4; ++i) {
-        acc[i][0] = Load(C + (r + i) * ldc + j);
-        acc[i][1] = Load(C + (r + i) * ldc + j + kLanes);
-      }
-      for (int64_t t = 0; t < k; ++t) {
-        const Vec w0 = Widen(B + t * ldb + j), w1 = Widen(B + t * ldb + j + kLanes);
-        for (int i = 0; i < 4; ++i) {
-          const Vec a = Broadcast(A[(r + i) * lda + t]);
-          acc[i][0] = Fma(a, w0, acc[i][0]);
-          acc[i][1] = Fma(a, w1, acc[i][1]);
-        }
-      }
-      for (int i = 0; i < 4; ++i) {
-        Store(C + (r + i) * ldc + j, acc[i][0]);
-        Store(C + (r + i) * ldc + j + kLanes, acc[i][1]);
-      }
-    }
-    for (; r < rows; ++r) {
-      Vec a0 = Load(C + r * ldc + j), a1 = Load(C + r * ldc + j + kLanes);
-      for (int64_t t = 0; t < k; ++t) {
-        const Vec a = Broadcast(A[r * lda + t]);
-        a0 = Fma(a, Widen(B + t * ldb + j), a0);
-        a1 = Fma(a, Widen(B + t * ldb + j + kLanes), a1);
-      }
-      Store(C + r * ldc + j, a0);
-      Store(C + r * ldc + j + kLanes, a1);
+  Vec acc[RT][NV];
+  for (int i = 0; i < RT; ++i) {
+    for (int v = 0; v < NV; ++v) acc[i][v] = Load(C + i * ldc + j + v * kLanes);
+  }
+  for (int64_t t = 0; t < k; ++t) {
+    Vec w[NV];
+    for (int v = 0; v < NV; ++v) w[v] = Widen(B + t * ldb + j + v * kLanes);
+    for (int i = 0; i < RT; ++i) {
+      const Vec a = Broadcast(A[i * lda + t]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = Fma(a, w[v], acc[i][v]);
     }
   }
+  for (int i = 0; i < RT; ++i) {
+    for (int v = 0; v < NV; ++v) Store(C + i * ldc + j + v * kLanes, acc[i][v]);
+  }
+}
+
+// Rows in tiles of 8 (AVX-512: 16 accumulators of 32 registers, so the multiply-adds, not the widening or the
+// broadcasts, set the pace), then 4, then one at a time.
+template <int NV>
+inline void GemmInt8Strip(const float* A, int64_t lda, const int8_t* B, int64_t ldb, float* C, int64_t ldc,
+                          int64_t rows, int64_t k, int64_t j) {
+  using namespace int8;
+  int64_t r = 0;
+  if constexpr (kLanes == 16) {
+    for (; r + 8 <= rows; r += 8) GemmInt8Tile<8, NV>(A + r * lda, lda, B, ldb, C + r * ldc, ldc, k, j);
+  }
+  for (; r + 4 <= rows; r += 4) GemmInt8Tile<4, NV>(A + r * lda, lda, B, ldb, C + r * ldc, ldc, k, j);
+  for (; r < rows; ++r) {
+    Vec acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = Load(C + r * ldc + j + v * kLanes);
+    for (int64_t t = 0; t < k; ++t) {
+      const Vec a = Broadcast(A[r * lda + t]);
+      for (int v = 0; v < NV; ++v) acc[v] = Fma(a, Widen(B + t * ldb + j + v * kLanes), acc[v]);
+    }
+    for (int v = 0; v < NV; ++v) Store(C + r * ldc + j + v * kLanes, acc[v]);
+  }
+}
+
+// C[rows, n] += A[rows, k] . B[k, n] for int8 B (row-major, leading dimensions lda, ldb, ldc; the scales of B's
+// columns are the caller's to apply): strips of two vectors of columns, then one vector, then single columns
+// (fewer than a vector). Each C element's sum runs over k in order.
+inline void GemmInt8(const float* A, int64_t lda, const int8_t* B, int64_t ldb, float* C, int64_t ldc, int64_t rows,
+                     int64_t k, int64_t n) {
+  using int8::kLanes;
+  int64_t j = 0;
+  for (; j + 2 * kLanes <= n; j += 2 * kLanes) GemmInt8Strip<2>(A, lda, B, ldb, C, ldc, rows, k, j);
+  for (; j + kLanes <= n; j += kLanes) GemmInt8Strip<1>(A, lda, B, ldb, C, ldc, rows, k, j);
   for (; j < n; ++j) {
     for (int64_t r = 0; r < rows; ++r) {
       float sum = C[r * ldc + j];
