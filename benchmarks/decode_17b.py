@@ -40,7 +40,8 @@ QUICK_MODELS = {"dense": ("tiny", {}), "sparse": ("tiny", SPARSE_ALL),
                 "terraformer": ("tiny", dict(reversible=True, ff_sru_units=8, **SPARSE_ALL))}
 PAPER = {"dense_s_per_token": 3.690, "sparse_s_per_token": 0.183, "sparse_speedup": 20.0,
          "terraformer_speedup": 37.0, "terraformer_s_per_token_below": 0.100,
-         "source": "the paper's 17B rows (reference.md §5): float32, unbatched, on the authors' CPU"}
+         "source": "the paper's 17B rows (Sparse is Enough in Scaling Transformers, section 4; docs/semantics.md): float32, "
+                   "unbatched, on the authors' CPU"}
 
 
 def config_of(name: str, quick: bool):

@@ -1,4 +1,4 @@
-"""The paper's 17B Terraformer row at full depth (issue 31; reference.md §4-5): the sparse 17B model with the
+"""The paper's 17B Terraformer row at full depth (issue 31; docs/semantics.md §4): the sparse 17B model with the
 reversible stack (two attention half-residuals and one FFN half-residual per block) and the SRU recurrence
 (32 units) in the FFN, decoder-only, full attention (decoding attends over a short cache; LSH matters for long
 inputs), 14 blocks: 17.40B parameters. Decoded with int8 weights by benchmarks/decode_17b.py."""
