@@ -79,6 +79,25 @@ def _held_orbax_errors():
         logger.handle(record)
 
 
+@contextlib.contextmanager
+def _held_other_threads_stderr():
+    """Holds what threads other than the main one print to sys.stderr during a save (tensorstore's
+    callbacks print their tracebacks there, not through logging): printed after a save that succeeds,
+    dropped (the caller clears the list) after one that fails. -> the held list of texts."""
+    held: list = []
+    if logging.getLogger("absl").getEffectiveLevel() <= logging.DEBUG:
+        yield held
+        return
+    stream = sys.stderr
+    sys.stderr = _MainThreadOnly(stream, held)
+    try:
+        yield held
+    finally:
+        if sys.stderr is not stream and isinstance(sys.stderr, _MainThreadOnly) and sys.stderr.held is held:
+            sys.stderr = stream
+        stream.write("".join(held))
+
+
 class Checkpointer:
     """An orbax CheckpointManager keeping the last `keep` steps of one workdir, plus any `protected`
     step (the checkpoint a run resumed from stays until that run ends normally: if it diverges, the
@@ -119,12 +138,16 @@ class Checkpointer:
             raise RuntimeError("this Checkpointer was opened read_only")
         state = jax.tree.map(lambda x: np.asarray(x) if isinstance(x, np.generic) else x, state)
         args = ocp.args.Composite(state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state or {}))
-        with _held_orbax_errors() as held:
+        with _held_orbax_errors() as held, _held_other_threads_stderr() as printed:
             try:
                 self.manager.save(int(step), args=args, force=True)
                 self.manager.wait_until_finished()
             except Exception as e:
-                held.clear()  # the message below says it once; orbax logged it from each of its threads
+                # The message below says it once; orbax logged it from each of its threads, and its writes
+                # still in flight print a traceback each when they end (now or after the save has returned).
+                held.clear()
+                printed.clear()
+                _quiet_abandoned_orbax_work()
                 raise self._save_failed(int(step), e) from None
         self.rotate()
 
@@ -261,15 +284,19 @@ def _shapes_by_name(tree) -> dict:
 
 
 class _MainThreadOnly:
-    """sys.stderr for the rest of a process whose restore failed: what other threads write is dropped
-    (orbax's reads still in flight fail when its event loop has closed, each printing a traceback)."""
+    """sys.stderr where what other threads write is held in `held` (a list), or dropped when held is None
+    (orbax's reads and writes still in flight fail when its event loop has closed, each printing a
+    traceback)."""
 
-    def __init__(self, stream):
+    def __init__(self, stream, held: list | None = None):
         self._stream = stream
+        self.held = held
 
     def write(self, text):
         if threading.current_thread() is threading.main_thread():
             return self._stream.write(text)
+        if self.held is not None:
+            self.held.append(text)
         return len(text)
 
     def __getattr__(self, name):
@@ -287,13 +314,28 @@ def quiet_failed_reads():
     try:
         yield
     except Exception:
-        if logging.getLogger("absl").getEffectiveLevel() > logging.DEBUG:
-            if not isinstance(sys.stderr, _MainThreadOnly):
-                sys.stderr = _MainThreadOnly(sys.stderr)
-            default = sys.unraisablehook
-            sys.unraisablehook = lambda u: None if "coroutine" in repr(u.object) else default(u)
-            logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # the abandoned reads' "never retrieved"
+        _quiet_abandoned_orbax_work()
         raise
+
+
+def _quiet_abandoned_orbax_work() -> None:
+    """For the rest of a process whose restore or save failed part-way: orbax's reads and writes still in
+    flight finish after its event loop has closed, and each prints a traceback from its own thread
+    (tensorstore's callback, "Event loop is closed"). Dropped unless --verbosity (absl at DEBUG)."""
+    if logging.getLogger("absl").getEffectiveLevel() > logging.DEBUG:
+        if isinstance(sys.stderr, _MainThreadOnly):
+            sys.stderr.held = None  # a save's holding wrapper stays, now dropping (see _held_other_threads_stderr)
+        else:
+            sys.stderr = _MainThreadOnly(sys.stderr)
+        if not getattr(sys.unraisablehook, "quiet_coroutines", False):
+            default = sys.unraisablehook
+
+            def hook(unraisable):
+                return None if "coroutine" in repr(unraisable.object) else default(unraisable)
+
+            hook.quiet_coroutines = True
+            sys.unraisablehook = hook
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # the abandoned work's "never retrieved"
 
 
 def _abstract(x):

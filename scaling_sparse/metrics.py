@@ -3,6 +3,7 @@ TensorBoard event files (tensorboardX; skipped with one warning when it is not i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import pathlib
@@ -13,6 +14,12 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
 _warned_no_tensorboard = False
+
+
+class MetricsWriteError(RuntimeError):
+    """metrics.jsonl could not be appended to (a full disk); the message says how to go on."""
+
+    exit_code = 1
 
 
 def _open_tensorboard(logdir: pathlib.Path):
@@ -78,19 +85,48 @@ class MetricsWriter:
             return
         record = {"step": int(step)}
         record.update({k: (float(v) if not isinstance(v, (str, bool, int)) else v) for k, v in metrics.items()})
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise MetricsWriteError(f"writing the metrics of step {step} to {self.path} failed "
+                                    f"({e.strerror or e}). Fix: free space on that disk (or check its "
+                                    "permissions), then run the same command again: it resumes from the "
+                                    "last checkpoint") from None
         if self._tb is not None:
-            for name, value in record.items():
-                if name != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(name, value, int(step))
-            self._tb.flush()
+            try:
+                for name, value in record.items():
+                    if name != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                        self._tb.add_scalar(name, value, int(step))
+                self._tb.flush()
+            except OSError as e:
+                self._drop_tensorboard(e)
         if self.echo is not None:
             self.echo(" | ".join(f"{k} {_format(v)}" for k, v in record.items()))
 
+    def _drop_tensorboard(self, error: OSError) -> None:
+        """TensorBoard's event file could not be written (a full disk): one warning, and the run goes on
+        with metrics.jsonl, the record every tool here reads. The writer is marked closed so that
+        tensorboardX's own exit handler does not retry the write with a traceback."""
+        print(f"warning: TensorBoard logging stopped: writing {self.workdir / TENSORBOARD_DIR} failed "
+              f"({error.strerror or error}); {self.path} still has every step", file=sys.stderr)
+        for file_writer in (getattr(self._tb, "all_writers", None) or {}).values():  # tensorboardX internals
+            event_writer = getattr(file_writer, "event_writer", None)
+            if event_writer is None or event_writer._closed:
+                continue
+            event_writer._closed = True
+            with contextlib.suppress(Exception):  # its writer thread ends; its last write may fail too
+                event_writer._worker.stop()
+            with contextlib.suppress(Exception):
+                event_writer._ev_writer.close()
+        self._tb = None
+
     def close(self) -> None:
         if self._tb is not None:
-            self._tb.close()
+            try:
+                self._tb.close()
+            except OSError as e:
+                self._drop_tensorboard(e)
             self._tb = None
 
     def __enter__(self):

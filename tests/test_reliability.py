@@ -370,6 +370,33 @@ def test_a_full_disk_during_a_save_is_one_message_and_the_earlier_checkpoints_re
             unmount(disk)
 
 
+def test_a_full_disk_under_the_metrics_stops_tensorboard_with_a_warning_and_metrics_jsonl_with_a_message(
+        tmp_path, capsys):
+    """TensorBoard's event file is a convenience: its failed write is one warning and the run goes on (also at
+    exit: no retry with a traceback). metrics.jsonl is the record: its failed write stops the run, saying why."""
+    from scaling_sparse.metrics import MetricsWriteError, MetricsWriter
+
+    writer = MetricsWriter(tmp_path, echo=None)
+    if writer._tb is None:
+        pytest.skip("tensorboardX is not installed")
+    file_writers = list(writer._tb.all_writers.values())
+
+    def full(*_):
+        raise OSError(28, "No space left on device")
+
+    writer._tb.flush = full
+    writer.write(1, {"loss": 2.0})
+    writer.write(2, {"loss": 1.5})
+    assert capsys.readouterr().err.count("warning: TensorBoard logging stopped") == 1
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    assert all(w.event_writer._closed for w in file_writers)  # tensorboardX's exit handler writes nothing
+    writer.path = tmp_path / "a_directory"
+    writer.path.mkdir()
+    with pytest.raises(MetricsWriteError, match=r"writing the metrics of step 3 to .*a_directory failed .*Fix: "):
+        writer.write(3, {"loss": 1.0})
+    writer.close()
+
+
 def test_sigint_before_the_first_step_claims_no_checkpoint(trained, corpus, tmp_path, monkeypatch):
     from scaling_sparse import train as train_module
 
