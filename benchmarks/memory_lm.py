@@ -203,6 +203,9 @@ def main(argv=None):
     p.add_argument("--datastore_tokens", type=int, default=None,
                    help="training tokens in each datastore (default 1M; --quick 20k): the whole stdlib stream (~10M "
                         "tokens, ~5 GB of float16 keys) takes ~20 min a store on 2 cores")
+    p.add_argument("--models", default="dense,sparse",
+                   help="which models to run (stdlib size): the rows of the others are kept from the JSON at --out "
+                        "when it was made with the same settings (each kept row names the run it came from)")
     p.add_argument("--root", default=str(ROOT / "workdirs" / "memory_lm"))
     p.add_argument("--out", default=str(RESULTS / f"memory_lm_{machine.machine_kind('cpu')}"))
     args = p.parse_args(argv)
@@ -211,6 +214,12 @@ def main(argv=None):
     temperatures = tuple(float(t) for t in args.temperatures.split(","))
     models = ({"dense": "experiments/configs/tiny.py"} if args.quick else
               {"dense": "experiments/configs/stdlib.py", "sparse": "experiments/configs/stdlib_sparse.py"})
+    chosen = [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.quick:
+        chosen = ["dense"]
+    unknown = sorted(set(chosen) - set(models))
+    if unknown or not chosen:
+        p.error(f"--models={args.models}: choose from {','.join(models)} (comma-separated)")
     data_flags = ["--config.data.source=files", f"--config.data.path={args.path}"] if args.path else []
     store_tokens = args.datastore_tokens or (20_000 if args.quick else 1_000_000)
     knn_lambdas = tuple(float(x) for x in args.knn_lambdas.split(","))
@@ -223,8 +232,15 @@ def main(argv=None):
     # built datastore and its recorded build time are reused), and the JSON is rewritten after each seed.
     timings_path = root / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    results = []
-    for model, config in models.items():
+    settings = dict(steps=steps, seeds=seeds, temperatures=temperatures,
+                    knn={"k": args.knn_k, "lambdas": knn_lambdas, **knn}, fifo=args.fifo,
+                    data=args.path or "stdlib", datastore_tokens=store_tokens)
+    results, carried = _carried_rows(out, [m for m in models if m not in chosen], settings)
+    for name, seconds in carried.pop("timings", {}).items():
+        timings.setdefault(name, seconds)
+    if carried:
+        settings["carried"] = carried
+    for model, config in ((m, models[m]) for m in chosen):
         for seed in range(seeds):
             dirs = {run: root / f"{model}-s{seed}-{run}" for run in RUNS}
             for run, overrides in RUNS.items():
@@ -261,15 +277,37 @@ def main(argv=None):
                 print(f"  {model} s{seed} {variant:13s} perplexity {row['perplexity']:8.3f} (tau {row['temperature']:g}) "
                       f"rare {row['perplexity_rare'] or float('nan'):8.2f} | {row['tokens_per_s']:9.0f} tok/s", flush=True)
                 results.append(row)
-            result = _write(out, results, timings, steps=steps, seeds=seeds, temperatures=temperatures,
-                            knn={"k": args.knn_k, "lambdas": knn_lambdas, **knn}, fifo=args.fifo,
-                            data=args.path or "stdlib", datastore_tokens=store_tokens)
+            result = _write(out, results, timings, **settings)
     summary = result["summary"]
     print(f"\n{'model/variant':28s}{'perplexity':>12s}{'spread':>9s}")
     for name, s in summary.items():
         print(f"{name:28s}{s['mean']:12.3f}{s['spread']:9.3f}")
     _plot(result, out.with_suffix(".png"))
     return result
+
+
+def _carried_rows(out: pathlib.Path, models: list, settings: dict) -> tuple[list, dict]:
+    """The rows of `models` (those not run now) from the earlier JSON at `out` -> (rows, {"<model>": the run
+    they came from, "timings": its timings of them}). Kept only when that run used the same settings (a
+    comparison across settings would not be one); each kept row names its run's time."""
+    path = out.with_suffix(".json")
+    if not models or not path.exists():
+        return [], {}
+    earlier = json.loads(path.read_text())
+    differing = [k for k, v in json.loads(json.dumps(settings)).items() if earlier.get(k) != v]
+    if differing:
+        print(f"warning: {path} was made with other settings ({', '.join(differing)}): its rows of "
+              f"{', '.join(models)} are not kept", file=sys.stderr)
+        return [], {}
+    rows, carried = [], {"timings": {}}
+    for model in models:
+        kept = [dict(r, from_run=r.get("from_run", earlier["time_utc"])) for r in earlier["results"]
+                if r["model"] == model]
+        if kept:
+            rows += kept
+            carried[model] = {"time_utc": kept[0]["from_run"], "machine": earlier.get("machine")}
+            carried["timings"].update({k: v for k, v in earlier.get("timings", {}).items() if k.startswith(f"{model}/")})
+    return rows, carried
 
 
 def _write(out: pathlib.Path, results: list, timings: dict, **settings) -> dict:
