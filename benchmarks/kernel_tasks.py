@@ -1,4 +1,4 @@
-"""How many tasks the CPU decode kernels split their work into (kernels/cpu.py TASKS): an A/B of the
+"""How many tasks the CPU decode kernels split their work into (kernels/cpu.py PARTS): an A/B of the
 same weights decoded with the kernels traced at several task counts, in one process, repeats
 interleaved (issue 31 part 4: kernels that use a many-core host's cores).
 
@@ -45,7 +45,7 @@ def main(argv=None):
     pairs = []
     for preset in args.presets.split(","):
         for count in (int(c) for c in args.counts.split(",")):
-            cpu.TASKS = count  # read when the decode step is traced (prepare_preset compiles it)
+            cpu.PARTS = count  # read when the decode step is traced (prepare_preset compiles it)
             meta, timer = prepare_preset(preset, setup, backend="cpu", capacity_bytes=machine.host_memory_bytes())
             pairs.append(({"preset": preset, "tasks": count, "targets": meta["cpu_kernel_targets"]}, timer))
             print(f"prepared {preset} with {count} tasks ({meta['cpu_kernel_targets']})", flush=True)

@@ -380,7 +380,7 @@ print(hashlib.sha256(b"".join(np.asarray(o).tobytes() for o in outs)).hexdigest(
                     reason="needs taskset and 2 cores")
 def test_kernel_results_do_not_depend_on_the_number_of_cores():
     """The kernels' tasks are claimed by as many workers as XLA's pool has threads (parallel.h); the task
-    split, and so every sum's order, is fixed (cpu.TASKS), other splits compute each output in one task: 1 and 2 cores give the same bits."""
+    split, and so every sum's order, is fixed (cpu.PARTS): 1 and 2 cores give the same bits."""
     env = {k: v for k, v in os.environ.items() if k != cpu.ENV_SWITCH}
     digests = []
     for cores in ("0", "0,1"):

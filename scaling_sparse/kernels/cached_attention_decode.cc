@@ -14,8 +14,7 @@
 // one row each. The caches are outputs aliased to their inputs (`input_output_aliases`): with the
 // decoder's donated caches XLA updates them in place, and only the written column and row are touched.
 // Masked positions are skipped here: in the JAX path their exp(mask - max) is exactly 0.
-// The head rows are split into `parts` tasks (parallel.h; 0: one per thread of XLA's pool); each row's sums do not
-// depend on the split.
+// The head rows are split into `parts` tasks (parallel.h); each row's sums do not depend on the split.
 // Float32 only; sums run in this file's order, so results match the JAX path to rounding
 // (tests/test_cpu_kernels.py).
 
@@ -59,7 +58,6 @@ ffi::Error CachedAttentionDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32>
     std::copy(v_in.typed_data(), v_in.typed_data() + v_in.element_count(), v->typed_data());
   }
   const int64_t visible = pos + 1;
-  if (parts <= 0) parts = scaling_sparse::PoolThreads(pool);  // rows are independent: one task per thread
   parts = std::max<int64_t>(1, std::min(parts, n));
   scaling_sparse::ForkJoin(pool, parts, [&](int64_t p) {
     float* scores = scaling_sparse::Scratch(0, visible);
@@ -106,4 +104,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ScalingSparseCachedAttentionDecode, CachedAttentio
                                   .Attr<float>("scale")
                                   .Attr<bool>("self_mask")
                                   .Attr<float>("self_value")
-                                  .Attr<int64_t>("parts"));  // head rows split into this many tasks (0: one per thread)
+                                  .Attr<int64_t>("parts"));  // head rows split into this many tasks

@@ -38,16 +38,11 @@ TARGETS = (FFN_TARGET, FFN_INT8_TARGET, QKV_TARGET, QKV_INT8_TARGET, ATTENTION_T
 # int8 matmuls with more rows than this (a long prefill) take the JAX path: the kernel re-reads the weights
 # for every 4 rows, XLA's float32 copy is paid once per call.
 INT8_KERNEL_ROWS = 32
-# How the kernels split their work on XLA's intra-op thread pool (parallel.h). The pool's threads take tasks
-# as they free up (the calling thread among them), so a task count is not a thread count.
-# - The sparse FFN and sparse QKV add partial sums (C1's rows, the blocks' shares of y, E's rows) in task
-#   order: their task count is fixed here, from nothing but the shapes (each kernel takes at most this many,
-#   fewer where its blocks or 16-column strips are fewer), so their results are the same on 1 core or 64.
-#   16 tasks keep a 16-core server busy; on 2 cores they cost what 2 did (docs/kernels.md "threads").
-# - Attention's head rows and the int8 matmuls' outputs are each one task's sum: they take one task per
-#   thread of the pool (POOL_TASKS), whatever its size.
-TASKS = int(os.environ.get("SCALING_SPARSE_CPU_TASKS", "16"))
-POOL_TASKS = 0
+# Each kernel splits its work (the FFN's C1 rows and blocks, QKV's modules and columns, attention's head rows) into
+# this many tasks on XLA's intra-op thread pool; the calling thread runs any task a pool thread has not
+# started. 2 uses both cores of the benchmark machine. A fixed count fixes the order of the partial sums,
+# so results do not depend on the machine's thread count.
+PARTS = 2
 
 _active = contextvars.ContextVar("scaling_sparse_cpu_kernels", default=False)
 
@@ -140,7 +135,7 @@ def sparse_ffn_decode(x, c1, c2, cb, w1, w2, b2, *, n_elements: int):
         FFN_TARGET,
         (jax.ShapeDtypeStruct((rows, d), jnp.float32), jax.ShapeDtypeStruct((rows, blocks), jnp.int32)),
     )(x.reshape(rows, d), c1, c2.reshape(c2.shape[0], f), cb.reshape(f), w1.reshape(f, d), w2.reshape(f, d), b2,
-      n_elements=np.int64(n_elements), parts=np.int64(TASKS))
+      n_elements=np.int64(n_elements), parts=np.int64(PARTS))
     return y.reshape(*lead, d), units.reshape(*lead, blocks)
 
 
@@ -156,7 +151,7 @@ def sparse_ffn_decode_int8(x, c1, c2, cb, w1, w2, b2, *, n_elements: int):
         (jax.ShapeDtypeStruct((rows, d), jnp.float32), jax.ShapeDtypeStruct((rows, blocks), jnp.int32)),
     )(x.reshape(rows, d), c1.q, c1.scale.reshape(-1), c2.q.reshape(c2.q.shape[0], f), c2.scale.reshape(f),
       cb.reshape(f), w1.q.reshape(f, d), w1.scale.reshape(f), w2.q.reshape(f, d), w2.scale.reshape(f), b2,
-      n_elements=np.int64(n_elements), parts=np.int64(TASKS))
+      n_elements=np.int64(n_elements), parts=np.int64(PARTS))
     return y.reshape(*lead, d), units.reshape(*lead, blocks)
 
 
@@ -169,7 +164,7 @@ def sparse_qkv_decode(x, gates, kernel, bias, history, conv_q, conv_k, conv_v):
     out = jax.ShapeDtypeStruct((b, d), jnp.float32)
     q, k, v, new_history = jax.ffi.ffi_call(
         QKV_TARGET, (out, out, out, jax.ShapeDtypeStruct(history.shape, jnp.float32)),
-    )(x, gates, kernel, bias, history, *conv_q, *conv_k, *conv_v, parts=np.int64(TASKS))
+    )(x, gates, kernel, bias, history, *conv_q, *conv_k, *conv_v, parts=np.int64(PARTS))
     return (q, k, v), new_history
 
 
@@ -182,7 +177,7 @@ def sparse_qkv_decode_int8(x, gates, kernel, bias, history, conv_q, conv_k, conv
     q, k, v, new_history = jax.ffi.ffi_call(
         QKV_INT8_TARGET, (out, out, out, jax.ShapeDtypeStruct(history.shape, jnp.float32)),
     )(x, gates.q, gates.scale.reshape(-1), kernel.q, kernel.scale.reshape(-1), bias, history, *convs,
-      parts=np.int64(TASKS))
+      parts=np.int64(PARTS))
     return (q, k, v), new_history
 
 
@@ -200,7 +195,7 @@ def cached_attention_decode(q, k_new, v_new, k_t, v, index, *, scale: float, sel
                             input_output_aliases={3: 1, 4: 2})(
         q, k_new, v_new, k_t, v, jnp.asarray(index, jnp.int32), scale=np.float32(scale),
         self_mask=self_value is not None, self_value=np.float32(0.0 if self_value is None else self_value),
-        parts=np.int64(POOL_TASKS))
+        parts=np.int64(PARTS))
 
 
 def int8_matmul(x, q, scale, *, transposed: bool = False):
@@ -213,5 +208,5 @@ def int8_matmul(x, q, scale, *, transposed: bool = False):
     n = q.shape[0] if transposed else q.shape[1]
     y = jax.ffi.ffi_call(INT8_OUT_IN_TARGET if transposed else INT8_IN_OUT_TARGET,
                          jax.ShapeDtypeStruct((rows, n), jnp.float32))(
-        x.reshape(rows, k), q, scale.reshape(n), parts=np.int64(POOL_TASKS))
+        x.reshape(rows, k), q, scale.reshape(n), parts=np.int64(PARTS))
     return y.reshape(*lead, n)

@@ -161,7 +161,6 @@ ffi::Error Int8MatmulInOutImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   if (ffi::Error e = Check(x, q, scale, false, &rows, &k, &n); e.failure()) return e;
   // Tasks split the columns; a matrix too narrow for that (a sparse-QKV module, 64 wide) splits its row
   // groups of 4 instead. Each output is still one task's sum over k in order.
-  if (parts <= 0) parts = scaling_sparse::PoolThreads(pool);
   const int64_t column_parts = std::max<int64_t>(1, std::min(parts, (n + kColumnAlign - 1) / kColumnAlign));
   const int64_t row_groups = (rows + 3) / 4;
   const int64_t row_parts = column_parts == 1 ? std::max<int64_t>(1, std::min(parts, row_groups)) : 1;
@@ -193,7 +192,6 @@ ffi::Error Int8MatmulOutInImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
                                ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, int64_t parts) {
   int64_t rows, k, n;
   if (ffi::Error e = Check(x, q, scale, true, &rows, &k, &n); e.failure()) return e;
-  if (parts <= 0) parts = scaling_sparse::PoolThreads(pool);
   parts = std::max<int64_t>(1, std::min(parts, n));
   const float* xs = x.typed_data();
   const int8_t* qs = q.typed_data();
@@ -228,7 +226,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ScalingSparseInt8MatmulInOut, Int8MatmulInOutImpl,
                                   .Arg<ffi::Buffer<ffi::S8>>()   // q [K, N]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // scale [N]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y [R, N]
-                                  .Attr<int64_t>("parts"));      // column ranges (tasks; 0: one per thread)
+                                  .Attr<int64_t>("parts"));      // column ranges (tasks)
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ScalingSparseInt8MatmulOutIn, Int8MatmulOutInImpl,
                               ffi::Ffi::Bind()

@@ -2,7 +2,6 @@
 #ifndef SCALING_SPARSE_KERNELS_PARALLEL_H_
 #define SCALING_SPARSE_KERNELS_PARALLEL_H_
 
-#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <functional>
@@ -21,43 +20,33 @@ inline void Pause() {
 #endif
 }
 
-// The threads that run a fork: XLA's intra-op pool (its size follows the CPUs this process may use, e.g. under
-// taskset), counted with the calling thread, which is one of the pool's or waits on it. At least 1.
-inline int64_t PoolThreads(xla::ffi::ThreadPool& pool) {
-  return std::max<int64_t>(1, pool.num_threads());
-}
-
 // Runs fn(phase, part) for every part of phase 0, then for every part of phase 1, and so on, on the pool
-// and the calling thread, and returns when all are done. The parts are tasks, not threads: at most
-// PoolThreads threads take part (the caller and PoolThreads - 1 scheduled helpers), each claiming the next free
-// part until none is left, so `parts` may exceed the thread count (a kernel whose partial sums are added in
-// part order fixes `parts` from its shapes alone: its results then do not depend on the thread count). No part of a phase starts before every part of
+// and the calling thread, and returns when all are done. No part of a phase starts before every part of
 // the one before has finished, so a phase may read what the previous one wrote (one fork for several
 // dependent steps, instead of one per step). A thread claims whichever part of the current phase is
 // still free and runs it; a thread that finds them all claimed waits only for parts another thread is
 // running, never for a pool thread that has not started (no deadlock when the pool is busy or has one
 // thread). The state is shared with the scheduled tasks: a task that starts after the call returned
 // finds every part claimed and runs nothing, so fn may refer to the caller's stack.
-// phase_parts[i] is the number of parts of phase i (a phase may have none).
-inline void ForkJoinPhases(xla::ffi::ThreadPool& pool, std::vector<int64_t> phase_parts,
+inline void ForkJoinPhases(xla::ffi::ThreadPool& pool, int64_t parts, int phases,
                            std::function<void(int, int64_t)> fn) {
   struct Phase {
-    int64_t parts = 0;
     std::atomic<int64_t> next{0};      // the next part no thread has claimed
     std::atomic<int64_t> finished{0};  // parts done
   };
   struct State {
     std::function<void(int, int64_t)> run;
+    int64_t parts = 0;
     int phases = 0;
     std::unique_ptr<Phase[]> phase_state;
     void Work() {
       for (int phase = 0; phase < phases; ++phase) {
         Phase& at = phase_state[phase];
-        for (int64_t p; (p = at.next.fetch_add(1, std::memory_order_relaxed)) < at.parts;) {
+        for (int64_t p; (p = at.next.fetch_add(1, std::memory_order_relaxed)) < parts;) {
           run(phase, p);
           at.finished.fetch_add(1, std::memory_order_release);
         }
-        for (int spins = 0; at.finished.load(std::memory_order_acquire) < at.parts; ++spins) {
+        for (int spins = 0; at.finished.load(std::memory_order_acquire) < parts; ++spins) {
           if (spins < 4096) {
             Pause();
           } else {
@@ -67,29 +56,17 @@ inline void ForkJoinPhases(xla::ffi::ThreadPool& pool, std::vector<int64_t> phas
       }
     }
   };
-  int64_t most = 0;
-  for (int64_t parts : phase_parts) most = std::max(most, parts);
-  const int phases = static_cast<int>(phase_parts.size());
-  if (most <= 1) {
-    for (int phase = 0; phase < phases; ++phase) {
-      if (phase_parts[phase] == 1) fn(phase, 0);
-    }
+  if (parts <= 1) {
+    for (int phase = 0; phase < phases && parts == 1; ++phase) fn(phase, 0);
     return;
   }
   auto state = std::make_shared<State>();
   state->run = std::move(fn);
+  state->parts = parts;
   state->phases = phases;
   state->phase_state.reset(new Phase[phases]);
-  for (int phase = 0; phase < phases; ++phase) state->phase_state[phase].parts = std::max<int64_t>(0, phase_parts[phase]);
-  const int64_t helpers = std::min(most, PoolThreads(pool)) - 1;
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([state] { state->Work(); });
+  for (int64_t p = 1; p < parts; ++p) pool.Schedule([state] { state->Work(); });
   state->Work();
-}
-
-// ForkJoinPhases with `phases` phases of `parts` parts each.
-inline void ForkJoinPhases(xla::ffi::ThreadPool& pool, int64_t parts, int phases,
-                           std::function<void(int, int64_t)> fn) {
-  ForkJoinPhases(pool, std::vector<int64_t>(phases, parts), std::move(fn));
 }
 
 // Runs fn(0) .. fn(parts - 1), each once: ForkJoinPhases with one phase.

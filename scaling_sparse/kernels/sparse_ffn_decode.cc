@@ -10,12 +10,11 @@
 // out before the dots read them again; here every weight byte is read once, and a unit whose ReLU is
 // 0 does not read its W2 row (exact for finite weights: 0 * w adds nothing).
 //
-// One fork of three phases (parallel.h): C1's rows in `parts` chunks (kernels/cpu.py TASKS), each into its own partial sum of
-// `low` (added in chunk order: the chunk count is fixed, so the result does not depend on the thread count);
-// the blocks, one task per thread, each computing its blocks' logits (its columns of C2), choices and
-// activations; y's slices, one task per thread, each adding every block's W2 row piece in block order. Sums
-// run in this file's order, not XLA's, so results match the JAX path to rounding (tests/test_cpu_kernels.py).
-
+// The blocks are split into `parts` tasks (parallel.h), each computing its blocks' logits (its
+// columns of C2), choices and share of y; the shares are added in part order, so the result depends
+// on `parts`, not on which thread ran what. Sums run in this file's order, not XLA's, so results match
+// the JAX path to rounding (tests/test_cpu_kernels.py).
+//
 // int8 weights (ScalingSparseFfnDecodeInt8; scaling_sparse/quantize.py): the same steps over int8 C1, C2, W1,
 // W2 with float32 scales, one per output channel of C1 and C2 and one per row of W1 and W2; each scale
 // multiplies a finished sum (C1's partial sums are added first), so every weight byte is read once as int8.
@@ -44,12 +43,10 @@ struct Stored {
   const float* scale;
 };
 
-// Blocks [b0, b1) of one row: logits, first-max choices into units[b], and each chosen unit's activation
-// relu(x . W1 row) into act[b] (times W2's row scale for int8: the factor its W2 row is added with).
+// Blocks [b0, b1) of one row: logits, first-max choices into units[b], and sum_b relu(.) W2 rows into y.
 template <class W>
 void FfnBlocks(const float* x, const float* low, Stored<W> c2, const float* cb, Stored<W> w1, Stored<W> w2,
-               int64_t d, int64_t r, int64_t f, int64_t n_elements, int64_t b0, int64_t b1, int32_t* units,
-               float* act) {
+               int64_t d, int64_t r, int64_t f, int64_t n_elements, int64_t b0, int64_t b1, int32_t* units, float* y) {
   const int64_t col0 = b0 * n_elements, cols = (b1 - b0) * n_elements;
   float* logits = scaling_sparse::Scratch(0, cols);
   if (c2.scale) {
@@ -72,93 +69,68 @@ void FfnBlocks(const float* x, const float* low, Stored<W> c2, const float* cb, 
     }
     units[b] = static_cast<int32_t>(best);
   }
-  // The chosen rows lie far apart, so the hardware prefetcher cannot see them coming: each block's W1 row
-  // is prefetched kAhead blocks before it is read.
-  auto prefetch_row = [&](int64_t b) {
-    const char* a = reinterpret_cast<const char*>(w1.values + (b * n_elements + units[b]) * d);
-    for (int64_t byte = 0; byte < d * static_cast<int64_t>(sizeof(W)); byte += 64) __builtin_prefetch(a + byte, 0, 0);
-  };
-  constexpr int64_t kAhead = 4;
-  for (int64_t b = b0; b < std::min(b0 + kAhead, b1); ++b) prefetch_row(b);
-  for (int64_t b = b0; b < b1; ++b) {
-    if (b + kAhead < b1) prefetch_row(b + kAhead);
+  // The chosen rows lie far apart, so the hardware prefetcher cannot see them coming: each block's two
+  // rows are prefetched kAhead blocks before they are read.
+  auto prefetch_rows = [&](int64_t b) {
     const int64_t unit = b * n_elements + units[b];
-    float h = Dot(x, w1.values + unit * d, d);
-    if (w1.scale) h *= w1.scale[unit];
-    act[b] = h > 0.0f ? (w2.scale ? h * w2.scale[unit] : h) : 0.0f;
-  }
-}
-
-// y[i0, i1) = b2 + sum over the blocks, in block order, of act[b] W2[chosen row of b][i0, i1); a unit whose
-// activation is 0 does not read its W2 row (exact for finite weights: 0 * w adds nothing).
-template <class W>
-void FfnOutputSlice(const float* act, const int32_t* units, Stored<W> w2, const float* b2, int64_t d,
-                    int64_t n_elements, int64_t blocks, int64_t i0, int64_t i1, float* y) {
-  std::memcpy(y + i0, b2 + i0, sizeof(float) * (i1 - i0));
-  auto prefetch_slice = [&](int64_t b) {
-    if (act[b] == 0.0f) return;
-    const char* c = reinterpret_cast<const char*>(w2.values + (b * n_elements + units[b]) * d + i0);
-    for (int64_t byte = 0; byte < (i1 - i0) * static_cast<int64_t>(sizeof(W)); byte += 64) {
+    const char* a = reinterpret_cast<const char*>(w1.values + unit * d);
+    const char* c = reinterpret_cast<const char*>(w2.values + unit * d);
+    for (int64_t byte = 0; byte < d * static_cast<int64_t>(sizeof(W)); byte += 64) {
+      __builtin_prefetch(a + byte, 0, 0);
       __builtin_prefetch(c + byte, 0, 0);
     }
   };
-  constexpr int64_t kAhead = 4;
-  for (int64_t b = 0; b < std::min(kAhead, blocks); ++b) prefetch_slice(b);
-  for (int64_t b = 0; b < blocks; ++b) {
-    if (b + kAhead < blocks) prefetch_slice(b + kAhead);
-    if (act[b] != 0.0f) Axpy(act[b], w2.values + (b * n_elements + units[b]) * d + i0, y + i0, i1 - i0);
+  constexpr int64_t kAhead = 2;
+  for (int64_t b = b0; b < std::min(b0 + kAhead, b1); ++b) prefetch_rows(b);
+  for (int64_t b = b0; b < b1; ++b) {
+    if (b + kAhead < b1) prefetch_rows(b + kAhead);
+    const int64_t unit = b * n_elements + units[b];
+    float h = Dot(x, w1.values + unit * d, d);
+    if (w1.scale) h *= w1.scale[unit];
+    if (h > 0.0f) Axpy(w2.scale ? h * w2.scale[unit] : h, w2.values + unit * d, y, d);
   }
 }
 
-// The controller's first matmul is summed in `chunks` chunks of C1's rows (the `parts` attribute, fixed by
-// kernels/cpu.py: the order of the partial sums, and so the result, does not depend on the thread count); the
-// blocks and y's slices are split one task per thread, each of their sums being one task's, in a fixed order.
 template <class W>
 ffi::Error FfnDecode(ffi::ThreadPool& pool, const float* x, int64_t rows, int64_t d, Stored<W> c1, int64_t r,
                      Stored<W> c2, int64_t f, const float* cb, Stored<W> w1, Stored<W> w2, const float* b2,
-                     float* y, int32_t* units, int64_t n_elements, int64_t chunks) {
+                     float* y, int32_t* units, int64_t n_elements, int64_t parts) {
   const int64_t blocks = f / n_elements;
-  const int64_t threads = scaling_sparse::PoolThreads(pool);
-  chunks = std::max<int64_t>(1, std::min(chunks, d));
-  const int64_t block_parts = std::min(threads, blocks);
-  // y's slices start on multiples of 16 floats (whole vectors, a 64-byte line of float32 W2 rows).
-  const int64_t vectors = (d + 15) / 16;
-  const int64_t slice_parts = std::max<int64_t>(1, std::min(threads, vectors));
-  auto slice = [&](int64_t p) { return std::min(d, 16 * (vectors * p / slice_parts)); };
+  parts = std::max<int64_t>(1, std::min(parts, blocks));
   // The calling thread's scratch (slots the tasks, which use slots 0 and 1, leave alone): no allocation
   // per call.
-  float* low_shares = scaling_sparse::Scratch(6, chunks * r);
-  float* act = scaling_sparse::Scratch(7, blocks);
+  float* low_shares = scaling_sparse::Scratch(6, parts * r);
+  float* shares = scaling_sparse::Scratch(7, parts * d);
   for (int64_t row = 0; row < rows; ++row) {
     const float* xr = x + row * d;
     int32_t* ur = units + row * blocks;
-    float* yr = y + row * d;
-    // One fork, three phases (parallel.h ForkJoinPhases): C1's chunks, the blocks, y's slices.
-    scaling_sparse::ForkJoinPhases(pool, {chunks, block_parts, slice_parts}, [&](int phase, int64_t p) {
+    std::fill(low_shares, low_shares + parts * r, 0.0f);
+    std::fill(shares, shares + parts * d, 0.0f);
+    // One fork, two phases (parallel.h ForkJoinPhases).
+    scaling_sparse::ForkJoinPhases(pool, parts, 2, [&](int phase, int64_t p) {
       if (phase == 0) {
-        // The controller's first matmul ([d] x [d, r]): each chunk of C1's rows into its own share.
-        const int64_t i0 = d * p / chunks, i1 = d * (p + 1) / chunks;
+        // The controller's first matmul ([d] x [d, r]): each task reads its share of C1's rows (C1 is
+        // ~0.4 MB at the medium size: one thread alone took ~25 us for it).
+        const int64_t i0 = d * p / parts, i1 = d * (p + 1) / parts;
         float* share = low_shares + p * r;
-        std::fill(share, share + r, 0.0f);
         int64_t i = i0;
         for (; i + 4 <= i1; i += 4) scaling_sparse::Axpy4(xr + i, c1.values + i * r, r, share, r);
         for (; i < i1; ++i) Axpy(xr[i], c1.values + i * r, share, r);
         return;
       }
-      if (phase == 2) {
-        FfnOutputSlice(act, ur, w2, b2, d, n_elements, blocks, slice(p), slice(p + 1), yr);
-        return;
-      }
-      // Every task adds the low-rank shares in chunk order itself (r floats; no phase of its own).
+      // Every task adds the shares in part order itself (r floats; no third phase for it).
       float* low = scaling_sparse::Scratch(1, r);
       std::fill(low, low + r, 0.0f);
-      for (int64_t q = 0; q < chunks; ++q) Axpy(1.0f, low_shares + q * r, low, r);
+      for (int64_t q = 0; q < parts; ++q) Axpy(1.0f, low_shares + q * r, low, r);
       if (c1.scale) {
         for (int64_t j = 0; j < r; ++j) low[j] *= c1.scale[j];
       }
-      FfnBlocks(xr, low, c2, cb, w1, w2, d, r, f, n_elements, blocks * p / block_parts,
-                blocks * (p + 1) / block_parts, ur, act);
+      FfnBlocks(xr, low, c2, cb, w1, w2, d, r, f, n_elements, blocks * p / parts, blocks * (p + 1) / parts, ur,
+                shares + p * d);
     });
+    float* yr = y + row * d;
+    std::memcpy(yr, b2, sizeof(float) * d);
+    for (int64_t p = 0; p < parts; ++p) Axpy(1.0f, shares + p * d, yr, d);
   }
   return ffi::Error::Success();
 }
@@ -233,7 +205,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ScalingSparseFfnDecode, SparseFfnDecodeImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y [R, d]
                                   .Ret<ffi::Buffer<ffi::S32>>()  // units [R, B]: the chosen unit per block
                                   .Attr<int64_t>("n_elements")
-                                  .Attr<int64_t>("parts"));  // C1 row chunks, summed in this order (kernels/cpu.py TASKS)
+                                  .Attr<int64_t>("parts"));  // blocks split into this many tasks
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ScalingSparseFfnDecodeInt8, SparseFfnDecodeInt8Impl,
                               ffi::Ffi::Bind()

@@ -7,14 +7,13 @@
 //   out_c[s]   = bias_c + sum_{i < kl, j < ks} H[i, s + j - (ks-1)/2] . K_c[i, j]   (zero past the edges)
 // for c in (q, k, v), each K_c [kl, ks_c, M, M], and the new history H[1:]. The JAX path
 // (SparseQKV.decode) runs this as ~25 XLA ops whose small matmuls each run on one core; here it is one
-// fork in three phases (parallel.h ForkJoinPhases), the first of `parts` tasks (fixed by kernels/cpu.py and the
-// shapes, so the partial sums' order does not depend on the thread count), the others of one task per thread:
+// fork of `parts` tasks in two phases (parallel.h ForkJoinPhases):
 //   0. each task gates its share of the inputs i (rows of E) and multiplies them by those rows of E, for
 //      all modules and columns: a partial h. No task waits for another's gated inputs, and each reads a
 //      contiguous share of E;
-//   1. each task sums its slice of h: bias first, then the partials in task order;
-//   2. each task builds the window H with zero rows past the edges, and computes its 16-column strips of q,
-//      k, v, one register tile of (up to 16) modules per strip over every (position, neighbour) tap.
+//   1. each task sums the partials (bias first, then the partials in task order: every task gets the same
+//      h), builds the window H with zero rows past the edges, and computes its 16-column strips of q, k, v,
+//      one register tile of (up to 16) modules per strip over every (position, neighbour) tap.
 // The matmuls are vector_ops.h StreamStrip16 (16 modules per tile, the next chunk's weights prefetched
 // while this one computes; Gemm in builds without AVX-512), Gemm where M is not a multiple of 16.
 // Results match the JAX path to rounding (tests/test_cpu_kernels.py).
@@ -68,22 +67,15 @@ ffi::Error QkvDecode(ffi::ThreadPool& pool, const float* x, int64_t rows, int64_
                      int64_t parts) {
   constexpr bool kInt8 = std::is_same_v<W, int8_t>;
   const int64_t kl = hist + 1;
-  // Phase 2 splits the columns into 16-column strips (the tiles' width; single columns where M is not a
-  // multiple of 16), phase 0 the inputs i into runs of whole 16s, phase 1 h's elements.
+  // Phase 1 splits the columns into 16-column strips (the tiles' width; single columns where M is not a
+  // multiple of 16), phase 0 the inputs i into runs of whole 16s.
   // int8 (GemmInt8): strips of whole vectors wherever M allows, so no task gets a scalar remainder it could avoid.
   const bool strips16 = M % 16 == 0;
   const int64_t lanes = scaling_sparse::int8::kLanes;
   const int64_t tile = kInt8 ? (M % 16 == 0 ? 16 : M % lanes == 0 ? lanes : 1) : (strips16 ? 16 : 1);
   const int64_t tiles = M / tile;
-  // Phase 0's input chunks fix the order of h's partial sums: their count comes from kernels/cpu.py (TASKS) and
-  // the shapes only. Phases 1 and 2 compute each output whole in one task: one task per thread.
-  const int64_t threads = scaling_sparse::PoolThreads(pool);
-  parts = std::max<int64_t>(1, std::min(parts, (d + 15) / 16));
-  const int64_t h_parts = std::max<int64_t>(1, std::min(threads, d / 16));
-  const int64_t column_parts = std::max<int64_t>(1, std::min(threads, tiles));
-  auto columns = [&](int64_t p) {
-    return std::make_pair(tiles * p / column_parts * tile, tiles * (p + 1) / column_parts * tile);
-  };
+  parts = std::max<int64_t>(1, std::min(parts, tiles));
+  auto columns = [&](int64_t p) { return std::make_pair(tiles * p / parts * tile, tiles * (p + 1) / parts * tile); };
   auto inputs = [&](int64_t p) { return p == parts ? d : d * p / parts / 16 * 16; };
   const W *pg = mult.gates, *pe = mult.kernel;
   const float* pb = mult.bias;
@@ -97,8 +89,6 @@ ffi::Error QkvDecode(ffi::ThreadPool& pool, const float* x, int64_t rows, int64_
   // Shared by the tasks of one row: the partial h of each task [parts, S, M], in the calling thread's
   // scratch slot 4 (no kernel's tasks use it).
   float* partials = scaling_sparse::Scratch(4, parts * S * M);
-  // h [S, M], summed from the partials by phase 1 (each task a slice), read whole by every task of phase 2.
-  float* h = scaling_sparse::Scratch(3, d);
   // C[S, n] += A[S, k] . B[k, n] (B's leading dimension M): StreamStrip16 over 16 columns or Gemm for float32
   // weights, GemmInt8 for int8 ones.
   auto matmul = [&](const float* a, int64_t lda, const W* b, float* c, int64_t k, int64_t n, const W* next) {
@@ -117,7 +107,7 @@ ffi::Error QkvDecode(ffi::ThreadPool& pool, const float* x, int64_t rows, int64_
     const float* xr = x + row * d;
     const float* hr = history + row * hist * d;  // [hist, S, M]
     float* nh = new_history + row * hist * d;
-    scaling_sparse::ForkJoinPhases(pool, {parts, h_parts, column_parts}, [&](int phase, int64_t p) {
+    scaling_sparse::ForkJoinPhases(pool, parts, 2, [&](int phase, int64_t p) {
       if (phase == 0) {
         // gated[s, t] = x[i0 + t] D[s, i0 + t] (task-local), while E's first chunk is prefetched into L2.
         // The row stride is an odd number of 64-byte lines, so the S rows a tile reads fall in different L1
@@ -155,33 +145,36 @@ ffi::Error QkvDecode(ffi::ThreadPool& pool, const float* x, int64_t rows, int64_
         }
         return;
       }
-      if (phase == 1) {
-        // h = bias + the partials in task order (int8: bias + E's column scale x the partials' sum), each task
-        // over its slice of h, which is also the new history's last row.
-        const int64_t e0 = d * p / h_parts, e1 = d * (p + 1) / h_parts;
-        if constexpr (kInt8) {
-          std::fill(h + e0, h + e1, 0.0f);
-        } else {
-          std::memcpy(h + e0, pb + e0, sizeof(float) * (e1 - e0));
-        }
-        for (int64_t q = 0; q < parts; ++q) {
-          const float* part = partials + q * S * M;
-          for (int64_t e = e0; e < e1; ++e) h[e] += part[e];
-        }
-        if constexpr (kInt8) {
-          for (int64_t e = e0; e < e1; ++e) h[e] = pb[e] + mult.kernel_scale[e % M] * h[e];
-        }
-        if (hist > 0) std::memcpy(nh + (hist - 1) * d + e0, h + e0, sizeof(float) * (e1 - e0));
-        return;
-      }
-      // Phase 2: window [kl, S + 2 pad, M] (task-local): history rows, then h.
+      // Phase 1: window [kl, S + 2 pad, M] (task-local): history rows, then h = bias + the partials (int8:
+      // bias + E's column scale x the partials' sum).
       const auto [c0, c1] = columns(p);
       float* window = scaling_sparse::Scratch(5, kl * window_rows * M);
       for (int64_t i = 0; i < kl; ++i) {
         float* w = window + i * window_rows * M;
         std::memset(w, 0, sizeof(float) * pad * M);
         std::memset(w + (pad + S) * M, 0, sizeof(float) * pad * M);
-        std::memcpy(w + pad * M, i < hist ? hr + i * d : h, sizeof(float) * d);
+        float* body = w + pad * M;
+        if (i < hist) {
+          std::memcpy(body, hr + i * d, sizeof(float) * d);
+          continue;
+        }
+        if constexpr (kInt8) {
+          std::memset(body, 0, sizeof(float) * d);
+        } else {
+          std::memcpy(body, pb, sizeof(float) * d);
+        }
+        for (int64_t q = 0; q < parts; ++q) {
+          const float* part = partials + q * S * M;
+          for (int64_t e = 0; e < d; ++e) body[e] += part[e];
+        }
+        if constexpr (kInt8) {
+          for (int64_t e = 0; e < d; ++e) body[e] = pb[e] + mult.kernel_scale[e % M] * body[e];
+        }
+        if (hist > 0) {  // h is the new history's last row (this task's columns)
+          for (int64_t s = 0; s < S; ++s) {
+            std::memcpy(nh + (hist - 1) * d + s * M + c0, body + s * M + c0, sizeof(float) * (c1 - c0));
+          }
+        }
       }
       // out[s, c0:c1] = bias_c + sum over window position i and neighbour j of window(i)[s + j - half] .
       // K_c[i, j][:, c0:c1], the taps in (i, j) order and each over m in order, as the JAX path adds them;
@@ -317,7 +310,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ScalingSparseQkvDecode, SparseQkvDecodeImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // k [R, d]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // v [R, d]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // new history [R, kl-1, S, M]
-                                  .Attr<int64_t>("parts"));  // tasks: inputs (phase 0), h (phase 1), columns (phase 2)
+                                  .Attr<int64_t>("parts"));  // tasks: inputs (phase 0), columns (phase 1)
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ScalingSparseQkvDecodeInt8, SparseQkvDecodeInt8Impl,
                               ffi::Ffi::Bind()
