@@ -8,7 +8,7 @@ process cannot compare (two builds of the CPU kernels register the same names). 
     python benchmarks/checkout_ab.py --b=../old --presets=medium_sparse_all --weights=float
 
 Writes benchmarks/results/checkout_ab_cpu.json: per CPU set, preset and weights, the ms/token of every run
-of A and of B, their medians and the ratio A/B of the medians, and the greedy tokens' agreement.
+of A and of B, their medians and the ratio A/B of the medians and the decode path each took.
 """
 
 from __future__ import annotations
@@ -75,19 +75,18 @@ def main(argv=None):
                     runs.append({"cpus": cpus, "side": side, "round": round_, "rows": rows})
     table = []
     for cpus in args.cpus or ["0,1"]:
-        keys = dict.fromkeys((r.get("label", r["preset"]), r.get("weights", "float"))
-                             for run in runs if run["cpus"] == cpus for r in run["rows"])
-        for label, weights in keys:
-            ms = {side: [r["ms_per_token"] for run in runs if run["cpus"] == cpus and run["side"] == side
-                         for r in run["rows"] if (r.get("label", r["preset"]), r.get("weights", "float")) == (label, weights)]
-                  for side in "AB"}
+        by_key = {}  # (label, weights) -> side -> the runs' rows
+        for run in (r for r in runs if r["cpus"] == cpus):
+            for row in run["rows"]:
+                key = (reporting.decode_label(row), row.get("weights", "float"))
+                by_key.setdefault(key, {"A": [], "B": []})[run["side"]].append(row)
+        for (label, weights), sides in by_key.items():
+            ms = {side: [r["ms_per_token"] for r in rows] for side, rows in sides.items()}
             med = {side: statistics.median(v) for side, v in ms.items()}
-            path = {side: next(r.get("decode_path") for run in runs if run["cpus"] == cpus and run["side"] == side
-                               for r in run["rows"] if (r.get("label", r["preset"]), r.get("weights", "float")) == (label, weights))
-                    for side in "AB"}
             table.append({"cpus": cpus, "preset": label, "weights": weights, "ms_per_token_A": ms["A"],
                           "ms_per_token_B": ms["B"], "median_A": med["A"], "median_B": med["B"],
-                          "ratio_A_over_B": med["A"] / med["B"], "decode_path_A": path["A"], "decode_path_B": path["B"]})
+                          "ratio_A_over_B": med["A"] / med["B"], "decode_path_A": sides["A"][0].get("decode_path"),
+                          "decode_path_B": sides["B"][0].get("decode_path")})
             print(f"cpus {cpus:5s} {label:22s} {weights:5s}  A {med['A']:8.3f}  B {med['B']:8.3f} ms/token  "
                   f"A/B {med['A'] / med['B']:.3f}", flush=True)
     result = {**reporting.run_header("checkout_ab"), "A": {"path": str(ROOT), "head": git_head(ROOT)},

@@ -235,8 +235,8 @@ def main(argv=None):
     settings = dict(steps=steps, seeds=seeds, temperatures=temperatures,
                     knn={"k": args.knn_k, "lambdas": knn_lambdas, **knn}, fifo=args.fifo,
                     data=args.path or "stdlib", datastore_tokens=store_tokens)
-    results, carried = _carried_rows(out, [m for m in models if m not in chosen], settings)
-    for name, seconds in carried.pop("timings", {}).items():
+    results, carried, carried_timings = _carried_rows(out, [m for m in models if m not in chosen], settings)
+    for name, seconds in carried_timings.items():
         timings.setdefault(name, seconds)
     if carried:
         settings["carried"] = carried
@@ -286,28 +286,28 @@ def main(argv=None):
     return result
 
 
-def _carried_rows(out: pathlib.Path, models: list, settings: dict) -> tuple[list, dict]:
-    """The rows of `models` (those not run now) from the earlier JSON at `out` -> (rows, {"<model>": the run
-    they came from, "timings": its timings of them}). Kept only when that run used the same settings (a
+def _carried_rows(out: pathlib.Path, models: list, settings: dict) -> tuple[list, dict, dict]:
+    """The rows of `models` (those not run now) from the earlier JSON at `out` -> (rows, {model: the run they
+    came from}, that run's timings of them). Kept only when that run used the same settings (a
     comparison across settings would not be one); each kept row names its run's time."""
     path = out.with_suffix(".json")
     if not models or not path.exists():
-        return [], {}
+        return [], {}, {}
     earlier = json.loads(path.read_text())
     differing = [k for k, v in json.loads(json.dumps(settings)).items() if earlier.get(k) != v]
     if differing:
         print(f"warning: {path} was made with other settings ({', '.join(differing)}): its rows of "
               f"{', '.join(models)} are not kept", file=sys.stderr)
-        return [], {}
-    rows, carried = [], {"timings": {}}
+        return [], {}, {}
+    rows, carried, timings = [], {}, {}
     for model in models:
         kept = [dict(r, from_run=r.get("from_run", earlier["time_utc"])) for r in earlier["results"]
                 if r["model"] == model]
         if kept:
             rows += kept
             carried[model] = {"time_utc": kept[0]["from_run"], "machine": earlier.get("machine")}
-            carried["timings"].update({k: v for k, v in earlier.get("timings", {}).items() if k.startswith(f"{model}/")})
-    return rows, carried
+            timings.update({k: v for k, v in earlier.get("timings", {}).items() if k.startswith(f"{model}/")})
+    return rows, carried, timings
 
 
 def _write(out: pathlib.Path, results: list, timings: dict, **settings) -> dict:

@@ -93,7 +93,7 @@ def _held_other_threads_stderr():
     try:
         yield held
     finally:
-        if sys.stderr is not stream and isinstance(sys.stderr, _MainThreadOnly) and sys.stderr.held is held:
+        if getattr(sys.stderr, "held", None) is held:  # not turned into a dropping wrapper by a failed save
             sys.stderr = stream
         stream.write("".join(held))
 

@@ -140,15 +140,7 @@ inline void GemmInt8Strip(const float* A, int64_t lda, const int8_t* B, int64_t 
     for (; r + 8 <= rows; r += 8) GemmInt8Tile<8, NV>(A + r * lda, lda, B, ldb, C + r * ldc, ldc, k, j);
   }
   for (; r + 4 <= rows; r += 4) GemmInt8Tile<4, NV>(A + r * lda, lda, B, ldb, C + r * ldc, ldc, k, j);
-  for (; r < rows; ++r) {
-    Vec acc[NV];
-    for (int v = 0; v < NV; ++v) acc[v] = Load(C + r * ldc + j + v * kLanes);
-    for (int64_t t = 0; t < k; ++t) {
-      const Vec a = Broadcast(A[r * lda + t]);
-      for (int v = 0; v < NV; ++v) acc[v] = Fma(a, Widen(B + t * ldb + j + v * kLanes), acc[v]);
-    }
-    for (int v = 0; v < NV; ++v) Store(C + r * ldc + j + v * kLanes, acc[v]);
-  }
+  for (; r < rows; ++r) GemmInt8Tile<1, NV>(A + r * lda, lda, B, ldb, C + r * ldc, ldc, k, j);
 }
 
 // C[rows, n] += A[rows, k] . B[k, n] for int8 B (row-major, leading dimensions lda, ldb, ldc; the scales of B's

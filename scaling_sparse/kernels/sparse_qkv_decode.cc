@@ -72,7 +72,7 @@ ffi::Error QkvDecode(ffi::ThreadPool& pool, const float* x, int64_t rows, int64_
   // int8 (GemmInt8): strips of whole vectors wherever M allows, so no task gets a scalar remainder it could avoid.
   const bool strips16 = M % 16 == 0;
   const int64_t lanes = scaling_sparse::int8::kLanes;
-  const int64_t tile = kInt8 ? (M % 16 == 0 ? 16 : M % lanes == 0 ? lanes : 1) : (strips16 ? 16 : 1);
+  const int64_t tile = strips16 ? 16 : (kInt8 && M % lanes == 0 ? lanes : 1);
   const int64_t tiles = M / tile;
   parts = std::max<int64_t>(1, std::min(parts, tiles));
   auto columns = [&](int64_t p) { return std::make_pair(tiles * p / parts * tile, tiles * (p + 1) / parts * tile); };
