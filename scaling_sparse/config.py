@@ -353,9 +353,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                      f"BM25 batches are built for the local corpora only, not data.source={d.source!r}",
                      "set --config.train.trime.ext_batching=random")
         if tr.memory == "long":
-            _require(d.source in ("stdlib", "files", "jsonl"), "train.trime.memory",
-                     "TRIME_long needs batches of consecutive segments of one stream, built for the local corpora "
-                     f"only, not data.source={d.source!r}", "use memory=local or ext, or a local corpus")
+            _require(d.source in ("stdlib", "files", "jsonl") or d.get("tfds_reader", "tf.data") == "grain",
+                     "train.trime.memory", "TRIME_long needs batches of consecutive segments of one stream, built "
+                     "for the local corpora and for TFDS read through Grain, not data.tfds_reader="
+                     f"{d.get('tfds_reader', 'tf.data')!r}", "add --config.data.tfds_reader=grain (ArrayRecord files)")
             _require(isinstance(tr.group_rows, int) and tr.group_rows >= 1 and t.batch_size % tr.group_rows == 0,
                      "train.trime.group_rows", f"{tr.group_rows!r} does not divide train.batch_size {t.batch_size}",
                      "use a divisor of the batch size, e.g. 4")

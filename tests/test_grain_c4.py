@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import free_port, start_cli
-from scaling_sparse.config import load_config
+from scaling_sparse.config import load_config, validate
 from scaling_sparse.data import DataError, grain_rows
 from scaling_sparse.data.pipeline import build_data
 from scaling_sparse.metrics import read_metrics
@@ -191,3 +191,65 @@ def test_two_processes_train_then_one_resumes_with_the_one_process_losses(data_d
     got = {r["step"]: r["train_loss"] for r in read_metrics(multi)}
     assert sorted(got) == list(range(1, 9))
     np.testing.assert_allclose([got[s] for s in range(1, 9)], [want[s] for s in range(1, 9)], rtol=1e-4)
+
+
+def test_trime_long_groups_are_consecutive_windows_of_one_record_stream_per_process_and_resume(
+        data_dir, tokenizer, tmp_path, monkeypatch):
+    """TRIME_long on TFDS (group_rows G = 2 of a batch of 4): each group's rows, step after step, are the
+    consecutive windows of one stream of records (the group's records of Grain's order, back to back);
+    2 processes each read their group's records only and give the 1-process batches; a saved position resumes."""
+    def long_config(batch_size=4):
+        c = config(data_dir, tokenizer, batch_size=batch_size)
+        c.train.objective = "trime"
+        c.train.trime.update(memory="long", group_rows=2)
+        return c
+
+    def build(c, **kw):
+        sources = []
+        original = grain_rows.open_source
+
+        def open_source(builder, split):
+            sources.append(CountingSource(original(builder, split)))
+            return sources[-1]
+
+        monkeypatch.setattr(grain_rows, "open_source", open_source)
+        data = build_data(validate(c), tmp_path / "w", **kw)
+        monkeypatch.setattr(grain_rows, "open_source", original)
+        sources[0].read.clear()
+        return data, sources[0]
+
+    one, one_source = build(long_config())
+    assert one.train.group_rows == 2 and list(one.train.streams) == [0, 1]
+    steps = 10
+    batches = [next(one.train)["inputs"] for _ in range(steps)]
+    tok = one.tokenizer
+    for s in range(2):  # stream s: rows 2s, 2s + 1 of each step, in order, are its text without a gap
+        windows = [b[2 * s + i] for b in batches for i in range(2)]
+        got = np.concatenate(windows)
+        stream, k = [], 0
+        while sum(map(len, stream)) < len(got):  # the stream's records: Grain's order at k * 2 + s
+            ids = tok.encode_batch([grain_rows._text(one.train.order[k * 2 + s])])[0]
+            stream.append(np.asarray(ids + [tok.eos_id]))
+            k += 1
+        np.testing.assert_array_equal(got, np.concatenate(stream)[:len(got)])
+
+    two = [build(long_config(), process_index=i, process_count=2) for i in range(2)]
+    for step in range(steps):
+        got = np.concatenate([next(data.train)["inputs"] for data, _ in two])
+        np.testing.assert_array_equal(got, batches[step])
+    reads = [set(src.read) for _, src in two]
+    assert not reads[0] & reads[1] and len(reads[0] | reads[1]) == len(set(one_source.read))
+
+    again, _ = build(long_config())
+    for _ in range(4):
+        next(again.train)
+    state = json.loads(json.dumps(again.train.get_state()))
+    assert state["group_rows"] == 2 and len(state["rows"]) == 2  # a position per stream
+    resumed, _ = build(long_config())
+    resumed.train.set_state(state)
+    for step in range(4, steps):
+        np.testing.assert_array_equal(next(resumed.train)["inputs"], batches[step])
+    with pytest.raises(DataError, match="groups of 2 consecutive rows.*group_rows=2"):
+        build_data(config(data_dir, tokenizer), tmp_path / "w").train.set_state(state)
+    with pytest.raises(DataError, match="not whole TRIME_long groups"):
+        build(long_config(batch_size=2), process_index=0, process_count=2)

@@ -253,10 +253,12 @@ def build_data(config, workdir, process_index: int = 0, process_count: int = 1) 
                                      (val_split, open_val), process_index, process_count)
     if reader == "grain":
         order_key = cache.fingerprint({"data": key, "reader": "grain", "seed": d.shuffle_seed})[:16]
+        long_memory = t.get("objective", "ce") == "trime" and t.trime.memory == "long"
         train = grain_rows.RowStreamIterator(
             train_source, tokenizer, t.batch_size, t.seq_len, seed=d.shuffle_seed, fingerprint=order_key,
             split=train_split, process_index=process_index, process_count=process_count,
-            gather=grain_rows.process_allgather if process_count > 1 else None)
+            gather=grain_rows.process_allgather if process_count > 1 else None,
+            group_rows=t.trime.group_rows if long_memory else 1)  # TRIME_long: groups of consecutive rows
     else:
         train = StreamIterator(open_train, tokenizer, t.batch_size, t.seq_len, fingerprint=key[:16],
                                split=train_split, process_index=process_index, process_count=process_count)
