@@ -26,8 +26,13 @@ C4 = ["tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9.4", "grain>=0.2.10", "ar
 # once per worker that drew one of its tests). tests/conftest.py refuses to run in that state.
 # TRIME: kNN-LM / TRIME_ext datastores (scaling_sparse/datastore.py) and BM25 batches (data/bm25_batches.py).
 TRIME = ["faiss-cpu>=1.7.4", "bm25s>=0.2"]
+# Work directories on Google Cloud Storage (gs://, scaling_sparse/storage.py): etils.epath and the workdir
+# lease go through fsspec's gcsfs; orbax writes the checkpoints itself.
+CLOUD = ["gcsfs>=2024.2"]
 # importlib_resources: tfds's store_as_tfds_dataset (the tests' small ArrayRecord datasets) imports it.
-TEST = C4 + TRIME + ["pytest>=7.4,<9.2", "pytest-xdist>=3.5", "importlib_resources>=5"]
+# gcp-storage-emulator: the GCS server the object-store tests start on loopback (tests/gcs_server.py).
+TEST = C4 + TRIME + CLOUD + ["pytest>=7.4,<9.2", "pytest-xdist>=3.5", "importlib_resources>=5",
+                             "gcp-storage-emulator>=2024.8"]
 
 setup(
     name="scaling-sparse",
@@ -39,6 +44,6 @@ setup(
     # The CPU decode kernels' sources, compiled on the user's machine (`python -m scaling_sparse.kernels.build`).
     package_data={"scaling_sparse.kernels": ["*.cc", "*.h"]},
     install_requires=CORE,
-    extras_require={"c4": C4, "trime": TRIME, "test": TEST},
+    extras_require={"c4": C4, "trime": TRIME, "cloud": CLOUD, "test": TEST},
     entry_points={"console_scripts": ["scaling-sparse=scaling_sparse.cli:run"]},
 )

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import pathlib
 import sys
 import threading
 
@@ -34,6 +33,7 @@ import numpy as np
 import ml_collections
 import orbax.checkpoint as ocp
 
+from scaling_sparse import storage
 from scaling_sparse.config import ConfigError, ModelConfig
 
 CHECKPOINT_DIR = "checkpoints"
@@ -104,7 +104,8 @@ class Checkpointer:
     state it started from is still there)."""
 
     def __init__(self, workdir, *, keep: int = 3, read_only: bool = False):
-        self.directory = (pathlib.Path(workdir) / CHECKPOINT_DIR).absolute()
+        directory = storage.path(workdir) / CHECKPOINT_DIR
+        self.directory = directory if storage.is_object_store(directory) else directory.absolute()
         if read_only and not self.directory.is_dir():
             raise FileNotFoundError(
                 f"no checkpoints in {self.directory}: train first "
@@ -154,10 +155,8 @@ class Checkpointer:
     def _save_failed(self, step: int, error: Exception) -> "CheckpointSaveError":
         """Removes the incomplete step a failed save left (its space is what a full disk needs) and says what
         is intact."""
-        import shutil
-
         for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-            shutil.rmtree(partial, ignore_errors=True)
+            storage.remove_tree(partial)
         text = str(error)
         cause = ("no space left on the device" if "No space left" in text or "os_error_code='28'" in text
                  else f"{type(error).__name__}: {text.strip().splitlines()[0][:200] if text.strip() else ''}")
@@ -261,7 +260,7 @@ class Checkpointer:
             source = self.directory / str(step)
             if source.exists():
                 dest = target / f"{step}-{why}-{stamp}"
-                source.rename(dest)
+                storage.move_tree(source, dest)
                 echo(f"moved the {why} checkpoint at step {step} to {dest} (kept for inspection)")
         self.manager.reload()
 
@@ -349,16 +348,18 @@ def _abstract(x):
 
 def save_config(config: ml_collections.ConfigDict, workdir) -> None:
     """Writes WORKDIR/config.json atomically; a damaged one there is renamed, not overwritten."""
-    path = pathlib.Path(workdir) / CONFIG_FILE
+    path = storage.path(workdir) / CONFIG_FILE
     try:
         load_saved_config(workdir)
     except DamagedConfigError:
         import time
 
-        path.rename(path.with_name(f"{CONFIG_FILE}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"))
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-    tmp.replace(path)
+        damaged = path.with_name(f"{CONFIG_FILE}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        if storage.is_object_store(path):  # no rename there: a copy, then the write below replaces it
+            damaged.write_bytes(path.read_bytes())
+        else:
+            path.rename(damaged)
+    storage.write_atomic(path, config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 class DamagedConfigError(ConfigError):
@@ -368,7 +369,7 @@ class DamagedConfigError(ConfigError):
 def load_saved_config(workdir) -> ml_collections.ConfigDict | None:
     """WORKDIR/config.json (or the .json file `workdir` names), None if absent; DamagedConfigError if it
     cannot be read as a config."""
-    path = pathlib.Path(workdir)
+    path = storage.path(workdir)
     path = path if path.suffix == ".json" else path / CONFIG_FILE
     if not path.exists():
         return None
@@ -412,4 +413,4 @@ def check_compatible(config: ml_collections.ConfigDict, workdir) -> None:
     changes = ", ".join(f"model.{k}: checkpoint {before.get(k)!r}, config {current.get(k)!r}" for k in differing)
     raise ConfigError(
         f"the config's model does not match the checkpoints in {workdir} ({changes}). Fix: pass the "
-        f"config the run was trained with (saved in {pathlib.Path(workdir) / CONFIG_FILE}) or use a new --workdir.")
+        f"config the run was trained with (saved in {storage.path(workdir) / CONFIG_FILE}) or use a new --workdir.")

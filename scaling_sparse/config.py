@@ -154,6 +154,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.eval_batches = 8
     t.checkpoint_every = 200
     t.keep_checkpoints = 3
+    t.take_over_lease = False  # object-store workdirs: take a lease that looks live (its run is known dead)
     t.seed = 0
     t.sample_at_end = True     # print a sample after training (with the generate settings)
     t.progress = True          # tqdm progress bar

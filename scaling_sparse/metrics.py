@@ -8,10 +8,14 @@ import json
 import math
 import pathlib
 import sys
+import time
 from typing import Callable
+
+from scaling_sparse import storage
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+TB_SYNC_S = 30.0  # object-store workdirs: seconds between copies of the TensorBoard event files
 
 _warned_no_tensorboard = False
 
@@ -38,7 +42,7 @@ def _open_tensorboard(logdir: pathlib.Path):
 def read_metrics(workdir) -> list[dict]:
     """All records of WORKDIR/metrics.jsonl, in order. A torn last line (the process was killed while
     appending it) is dropped: the resumed run logs that step again."""
-    path = pathlib.Path(workdir) / METRICS_FILE
+    path = storage.path(workdir) / METRICS_FILE
     if not path.exists():
         return []
     lines = [line for line in path.read_text().splitlines() if line.strip()]
@@ -64,21 +68,27 @@ class MetricsWriter:
 
     def __init__(self, workdir, *, tensorboard: bool = True, echo: Callable[[str], None] | None = print,
                  enabled: bool = True):
-        self.workdir = pathlib.Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = storage.path(workdir)
         self.path = self.workdir / METRICS_FILE
         self.enabled = enabled
         self.echo = echo if enabled else None
-        self._tb = _open_tensorboard(self.workdir / TENSORBOARD_DIR) if tensorboard and enabled else None
+        # On object storage (no append) metrics.jsonl is rewritten whole with each record, and TensorBoard
+        # writes its event files locally, copied to WORKDIR/tensorboard/ every `tb_sync_s` and at close.
+        self.remote = storage.is_object_store(self.workdir)
+        self._lines = [json.dumps(r) + "\n" for r in read_metrics(self.workdir)] if self.remote and enabled else []
+        if not self.remote:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+        self._tb_dir = (storage.local_mirror(self.workdir) if self.remote else self.workdir) / TENSORBOARD_DIR
+        self._tb = _open_tensorboard(self._tb_dir) if tensorboard and enabled else None
+        self._tb_synced = time.monotonic()
 
     def truncate_after(self, step: int) -> None:
         """Drops records past `step`: a run resumed from a checkpoint at `step` logs them again."""
         if not self.enabled:
             return
         kept = [r for r in read_metrics(self.workdir) if r.get("step", 0) <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(self.path)  # atomic: a crash here leaves the old file or the new one
+        self._lines = [json.dumps(r) + "\n" for r in kept]
+        storage.write_atomic(self.path, "".join(self._lines))  # a crash here leaves the old file or the new one
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -86,8 +96,12 @@ class MetricsWriter:
         record = {"step": int(step)}
         record.update({k: (float(v) if not isinstance(v, (str, bool, int)) else v) for k, v in metrics.items()})
         try:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            if self.remote:
+                self._lines.append(json.dumps(record) + "\n")
+                storage.write_atomic(self.path, "".join(self._lines))
+            else:
+                with self.path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
         except OSError as e:
             raise MetricsWriteError(f"writing the metrics of step {step} to {self.path} failed "
                                     f"({e.strerror or e}). Fix: free space on that disk (or check its "
@@ -99,6 +113,8 @@ class MetricsWriter:
                     if name != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                         self._tb.add_scalar(name, value, int(step))
                 self._tb.flush()
+                if self.remote and time.monotonic() - self._tb_synced > TB_SYNC_S:
+                    self._sync_tensorboard()
             except OSError as e:
                 self._drop_tensorboard(e)
         if self.echo is not None:
@@ -108,7 +124,7 @@ class MetricsWriter:
         """TensorBoard's event file could not be written (a full disk): one warning, and the run goes on
         with metrics.jsonl, the record every tool here reads. The writer is marked closed so that
         tensorboardX's own exit handler does not retry the write with a traceback."""
-        print(f"warning: TensorBoard logging stopped: writing {self.workdir / TENSORBOARD_DIR} failed "
+        print(f"warning: TensorBoard logging stopped: writing {self._tb_dir} failed "
               f"({error.strerror or error}); {self.path} still has every step", file=sys.stderr)
         for file_writer in (getattr(self._tb, "all_writers", None) or {}).values():  # tensorboardX internals
             event_writer = getattr(file_writer, "event_writer", None)
@@ -121,10 +137,20 @@ class MetricsWriter:
                 event_writer._ev_writer.close()
         self._tb = None
 
+    def _sync_tensorboard(self) -> None:
+        """Copies the local event files of an object-store workdir to WORKDIR/tensorboard/ (each whole)."""
+        for f in sorted(self._tb_dir.rglob("*")):
+            if f.is_file():
+                storage.write_atomic(self.workdir / TENSORBOARD_DIR / f.relative_to(self._tb_dir).as_posix(),
+                                     f.read_bytes())
+        self._tb_synced = time.monotonic()
+
     def close(self) -> None:
         if self._tb is not None:
             try:
                 self._tb.close()
+                if self.remote:
+                    self._sync_tensorboard()
             except OSError as e:
                 self._drop_tensorboard(e)
             self._tb = None

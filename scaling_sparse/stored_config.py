@@ -5,8 +5,7 @@ of a workdir need no config file, and `--config.FIELD=VALUE` overrides still app
 
 from __future__ import annotations
 
-import pathlib
-
+from scaling_sparse import storage
 from scaling_sparse.config import ConfigError
 
 
@@ -14,7 +13,7 @@ def get_config(workdir: str):
     """The config stored in WORKDIR/config.json (`workdir` may also name a .json file written there)."""
     from scaling_sparse.checkpoint import CONFIG_FILE, load_saved_config
 
-    path = pathlib.Path(workdir)
+    path = storage.path(workdir)
     path = path if path.suffix == ".json" else path / CONFIG_FILE
     if not path.is_file():
         raise ConfigError(f"no --config was given and {path} does not exist. Fix: pass --config=FILE (e.g. "

@@ -17,7 +17,6 @@ progress bar and config.json; every process takes part in orbax's saves.
 from __future__ import annotations
 
 import functools
-import pathlib
 import signal
 import sys
 import threading
@@ -35,6 +34,7 @@ from scaling_sparse.checkpoint import CheckpointError, Checkpointer, check_compa
 from scaling_sparse.config import ConfigError, ModelConfig, validate
 from scaling_sparse.metrics import MetricsWriter
 from scaling_sparse.optim import make_optimizer, make_schedule, optimizer_settings
+from scaling_sparse import storage
 from scaling_sparse.workdir_lock import check_writable, workdir_lock
 from scaling_sparse.state import (TrainStateLayout, init_train_state, model_spec, restore_params,
                                   restore_train_state)
@@ -309,12 +309,19 @@ def train(config, workdir, *, data=None, echo=print, mesh=None, step: int | None
                           "weights. Fix: train the float model (model.weights=float) and quantise it when you use it "
                           "(eval/generate --weights=int8, or compress --method=int8)")
     mesh = run_mesh(config, mesh)
-    workdir = pathlib.Path(workdir)
+    workdir = storage.path(workdir)
     check_writable(workdir)
     check_compatible(config, workdir)
     primary = distributed.is_primary()
-    with workdir_lock(workdir, enabled=primary):  # one run per workdir; the run's primary holds it
-        return _train_locked(config, workdir, data, echo, mesh, step, primary)
+    # One run per workdir; the run's primary holds the lock (on object storage a lease, docs/storage.md).
+    if storage.is_object_store(workdir):
+        from scaling_sparse.workdir_lease import workdir_lease
+
+        held = workdir_lease(workdir, enabled=primary, take_over=config.train.get("take_over_lease", False))
+    else:
+        held = workdir_lock(workdir, enabled=primary)
+    with held as lease:
+        return _train_locked(config, workdir, data, echo, mesh, step, primary, lease)
 
 
 def _restore_or_init(config, mesh, ckpt, step, data, writer, say, primary):
@@ -344,7 +351,7 @@ def _restore_or_init(config, mesh, ckpt, step, data, writer, say, primary):
     return layout, state, restored
 
 
-def _train_locked(config, workdir, data, echo, mesh, step, primary) -> dict:
+def _train_locked(config, workdir, data, echo, mesh, step, primary, lease=None) -> dict:
     t = config.train
     rules = sharding.logical_rules(config.mesh)
     data = load_data(config, workdir, data)
@@ -407,6 +414,8 @@ def _train_locked(config, workdir, data, echo, mesh, step, primary) -> dict:
                         raise _diverged(step, "the training loss", last_good, ckpt.directory, t)
                     if not bool(all_finite(state["params"])):
                         raise _diverged(step, "a parameter", last_good, ckpt.directory, t)
+                    if lease is not None:
+                        lease.check()  # another run took the object-store lease over: write nothing more
                     ckpt.save(step, state, data.train.get_state())
                     last_good, saved, since_save = step, step, []
         finally:
@@ -501,5 +510,5 @@ def evaluate(config, workdir, *, data=None, step: int | None = None, mesh=None, 
         raise NonFiniteError(f"the validation loss of the checkpoint at step {step} in {workdir} is "
                              f"{metrics['eval_loss']}: its weights are degenerate (a diverged run). Fix: evaluate an "
                              "earlier checkpoint with --step=N (the steps are the directory names under "
-                             f"{pathlib.Path(workdir) / 'checkpoints'})")
+                             f"{storage.path(workdir) / 'checkpoints'})")
     return {"step": step, **metrics}

@@ -1,4 +1,5 @@
-"""One training run per work directory: an exclusive lock on WORKDIR/.lock.
+"""One training run per work directory: an exclusive lock on WORKDIR/.lock (on object storage, a lease:
+workdir_lease.py).
 
 The lock is an fcntl (flock) lock, so the operating system releases it when the process dies, also
 on SIGKILL: a crashed run never leaves a stale lock behind. The file holds who took it (pid, host,
@@ -36,8 +37,15 @@ def check_writable(workdir) -> None:
     a run before it reads, trains or changes anything."""
     import tempfile
 
-    workdir = pathlib.Path(workdir)
+    from scaling_sparse import storage
+
+    workdir = storage.path(workdir)
     try:
+        if storage.is_object_store(workdir):  # no directories there: an object written and removed
+            probe = workdir / f".write_check_{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+            return
         workdir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_check_"):
             pass
@@ -52,12 +60,12 @@ def check_writable(workdir) -> None:
 def workdir_lock(workdir, *, enabled: bool = True):
     """Holds WORKDIR/.lock for the block; raises WorkdirBusyError at once if another run holds it."""
     if not enabled:
-        yield
+        yield None
         return
     busy = (f"{workdir} is in use by another training run ({{who}}). Two runs in one workdir would overwrite "
             "each other's checkpoints and metrics. Fix: wait for it or stop it, or use another --workdir")
     with file_lock(pathlib.Path(workdir) / LOCK_FILE, busy):
-        yield
+        yield None
 
 
 @contextlib.contextmanager

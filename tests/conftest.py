@@ -163,3 +163,17 @@ def start_cli(*args, devices: int = 1, process: tuple | None = None):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return subprocess.Popen([sys.executable, "-m", "scaling_sparse", *args, *extra], cwd=root, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def watched_child(pid: int) -> int:
+    """The JAX process a multi-process command's watcher (process_watch.py) started."""
+    import pathlib
+
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            return int(stat.parent.name)
+    raise AssertionError(f"no child of {pid}")

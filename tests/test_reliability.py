@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import free_port, run_cli, start_cli
+from conftest import free_port, run_cli, start_cli, watched_child
 from scaling_sparse.checkpoint import SET_ASIDE_DIR
 from scaling_sparse.metrics import read_metrics
 
@@ -244,18 +244,6 @@ def wait_for_step(workdir, procs, step, timeout=240):
 
 def finish(procs, timeout=120):
     return [(p.wait(timeout=timeout), *p.communicate()) for p in procs]
-
-
-def watched_child(pid: int) -> int:
-    """The JAX process a multi-process command's watcher (process_watch.py) started."""
-    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            return int(stat.parent.name)
-    raise AssertionError(f"no child of {pid}")
 
 
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step_then_a_dead_peer_is_one_message(

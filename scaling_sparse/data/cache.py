@@ -1,18 +1,22 @@
 """Atomic writes and fingerprints for the files cached under WORKDIR.
 
 Every cached file is written to a temporary file in the same directory and moved into place with
-os.replace, so a crash never leaves a half-written file that a later run would read.
+os.replace, so a crash never leaves a half-written file that a later run would read. On object storage
+(a gs:// or s3:// workdir) a file is one object written whole (storage.py).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pathlib
 import tempfile
 
 import numpy as np
+
+from scaling_sparse import storage
 
 
 def fingerprint(obj) -> str:
@@ -26,6 +30,11 @@ def bytes_digest(data: bytes) -> str:
 
 
 def _atomic(path, write) -> None:
+    if storage.is_object_store(path):  # an object is published whole: no temporary file to rename
+        buffer = io.BytesIO()
+        write(buffer)
+        storage.path(path).write_bytes(buffer.getvalue())
+        return
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -51,7 +60,7 @@ def write_json(path, obj) -> None:
 
 
 def read_json(path):
-    return json.loads(pathlib.Path(path).read_text())
+    return json.loads(storage.path(path).read_text())
 
 
 def save_array(path, array: np.ndarray) -> None:

@@ -18,6 +18,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from scaling_sparse import storage
 from scaling_sparse.data import Data, DataError, cache, corpus, packing, prefix_lm, span_corruption
 from scaling_sparse.data.tokenizer import (TOKENIZER_FILES, Tokenizer, get_tokenizer, recorded_unknown_share,
                                            record_unknown_share)
@@ -138,7 +139,9 @@ def _assemble(config, workdir, tokenizer, source, load, prefix, span, start, pro
                  "text_field": list(corpus.jsonl_fields(d)) if d.source == "jsonl" else "",
                  "validation_fraction": d.validation_fraction, "files": source.signature()}
     key = cache.fingerprint({"corpus": corpus_id, "tokenizer": cache.bytes_digest(tokenizer.model_proto)})
-    stem = workdir / "data_cache" / f"{d.source}-{key[:16]}"
+    # On disk beside the run; for an object-store workdir in a local directory standing for it (the streams are
+    # memory-mapped, which needs files on disk; docs/storage.md).
+    stem = storage.local_mirror(workdir) / "data_cache" / f"{d.source}-{key[:16]}"
     suffixes = [".train.npy", ".validation.npy"] + ([".train_mask.npy", ".validation_mask.npy"] if prefix else [])
     array_paths = [stem.parent / (stem.name + s) for s in suffixes]
     meta_path = stem.parent / (stem.name + ".json")

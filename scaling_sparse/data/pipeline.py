@@ -24,15 +24,15 @@ Leaf modules never import this one.
 
 from __future__ import annotations
 
-import pathlib
-
+from scaling_sparse import storage
 from scaling_sparse.data import Data, DataError
 
 
 def build_data(config, workdir, *, process_index: int = 0, process_count: int = 1) -> Data:
     """Builds tokenizer, training iterator and validation batches for the validated config."""
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = storage.path(workdir)
+    if not storage.is_object_store(workdir):
+        workdir.mkdir(parents=True, exist_ok=True)
     if config.train.batch_size % process_count:
         raise DataError(f"config.train.batch_size {config.train.batch_size} is not divisible by the "
                         f"{process_count} processes. Fix: use a multiple of {process_count}")

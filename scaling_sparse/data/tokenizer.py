@@ -31,6 +31,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import sentencepiece as spm
 
+from scaling_sparse import storage
 from scaling_sparse.data import DataError, cache, corpus
 
 log = logging.getLogger(__name__)
@@ -308,7 +309,7 @@ def cached_or_trained(workdir, request: dict, vocab_size: int, max_chars: int, t
     `train_texts` is a zero-argument callable: the corpus is read only when training is needed.
     `sentinels` > 0: vocab_size - sentinels pieces are learned and the sentinels appended on top.
     """
-    workdir = pathlib.Path(workdir)
+    workdir = storage.path(workdir)
     model_path, meta_path = (workdir / name for name in TOKENIZER_FILES)
     if model_path.is_file():
         if meta_path.is_file():
@@ -348,7 +349,7 @@ def _workdir_tokenizer(model_path: pathlib.Path) -> Tokenizer:
 
 def read_tokenizer_meta(workdir) -> dict:
     """WORKDIR/tokenizer.json ({} when absent); a DataError naming the fix when it is damaged."""
-    meta_path = pathlib.Path(workdir) / TOKENIZER_FILES[1]
+    meta_path = storage.path(workdir) / TOKENIZER_FILES[1]
     if not meta_path.is_file():
         return {}
     try:
@@ -381,7 +382,7 @@ UNKNOWN_SHARE_KEY = "train_unknown_share"
 
 
 def record_unknown_share(workdir, share: float) -> None:
-    meta_path = pathlib.Path(workdir) / TOKENIZER_FILES[1]
+    meta_path = storage.path(workdir) / TOKENIZER_FILES[1]
     cache.write_json(meta_path, {**read_tokenizer_meta(workdir), UNKNOWN_SHARE_KEY: round(share, 6)})
 
 
