@@ -162,6 +162,22 @@ def _workdir() -> str:
     return _WORKDIR.value
 
 
+def _check_object_store(command: str, workdir: str) -> None:
+    """train, eval and generate take a gs:// work directory (docs/storage.md); compress and the datastore
+    (memory-mapped, assembled in a folder then renamed) need one on local disk."""
+    from scaling_sparse import storage
+
+    local_only = command in ("compress", "datastore") or (command == "eval" and _DATASTORE.value)
+    for flag, path in (("--workdir", workdir), ("--out", _OUT.value if command == "compress" else None)):
+        if path and storage.is_object_store(path):
+            storage.path(path)  # s3:// stops here with its own message
+            if local_only:
+                what = f"{command} --datastore" if command == "eval" else command
+                raise UsageError(f"{flag}={path}: {what} works on a local work directory only (docs/storage.md, "
+                                 "\"Not done\"). Fix: copy the work directory to local disk (gcloud storage cp -r "
+                                 f"{path} ./local_copy) and give that path")
+
+
 def cmd_train(config, workdir) -> int:
     from scaling_sparse.train import train
 
@@ -461,6 +477,7 @@ def main(argv) -> int:
         if command == "params":
             return cmd_params(config)
         workdir = _workdir()
+        _check_object_store(command, workdir)
         return {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
                 "compress": cmd_compress, "datastore": cmd_datastore}[command](config, workdir)
     except (ConfigError, UsageError) as e:

@@ -141,3 +141,11 @@ def test_an_s3_workdir_is_refused_with_the_reason_and_what_to_do_instead(tmp_pat
     code, _, err = run_cli(None, "train", f"--config={TINY}", "--workdir=s3://bucket/run", "--config.train.num_steps=1")
     assert code == 2 and "work directories on S3 are not supported yet" in err and "use a gs:// bucket" in err, err
     assert "Traceback" not in err
+
+
+def test_commands_that_need_a_local_workdir_say_so_for_a_bucket(bucket):
+    for argv in (["datastore", f"--workdir={bucket}/x"], ["eval", f"--workdir={bucket}/x", "--datastore"],
+                 ["compress", f"--config={TINY}", f"--workdir={bucket}/x", f"--out={bucket}/y", "--method=svd",
+                  "--keep=0.5"]):
+        code, _, err = run_cli(None, *argv, *([f"--config={TINY}"] if "--config" not in " ".join(argv) else []))
+        assert code == 2 and "works on a local work directory only" in err and "gcloud storage cp -r" in err, err
