@@ -18,6 +18,7 @@ import pytest
 import gcs_server
 from conftest import free_port, run_cli, start_cli, watched_child
 from scaling_sparse import storage
+from scaling_sparse.checkpoint import Checkpointer
 from scaling_sparse.metrics import read_metrics
 
 pytestmark = pytest.mark.xdist_group("object_store")  # one server for the module
@@ -80,11 +81,12 @@ def test_a_run_in_a_bucket_killed_and_resumed_gives_the_local_disk_losses_evalua
     saved = sorted(int(p.name) for p in storage.path(f"{run}/checkpoints").iterdir() if p.name.isdigit())
     assert saved and saved[-1] < 15, saved
 
-    code, out = finish(start_cli("train", *args(run, corpus, "--config.train.num_steps=15", tokenizer)))
-    assert code == 1 and "in use by another training run" in out and "take_over_lease=True" in out, out[-3000:]
-    code, out = finish(start_cli("train", *args(run, corpus, "--config.train.num_steps=15", tokenizer,
-                                                "--config.train.take_over_lease=True")))
-    assert code == 0 and "taking over the lease" in out and "resumed from the checkpoint at step" in out, out[-3000:]
+    # In this process from here on (one device: the global batch is the same).
+    code, out, err = run_cli(None, "train", *args(run, corpus, "--config.train.num_steps=15", tokenizer))
+    assert code == 1 and "in use by another training run" in err and "take_over_lease=True" in err, err
+    code, out, err = run_cli(None, "train", *args(run, corpus, "--config.train.num_steps=15", tokenizer,
+                                                  "--config.train.take_over_lease=True"))
+    assert code == 0 and "taking over the lease" in err and "resumed from the checkpoint at step" in out, err
     assert not storage.path(f"{run}/.lease").exists()  # released at the end
 
     want = {r["step"]: r for r in read_metrics(reference)}
@@ -102,14 +104,16 @@ def test_a_run_in_a_bucket_killed_and_resumed_gives_the_local_disk_losses_evalua
     code, out, err = run_cli(None, "generate", f"--workdir={run}", "--prompt=the cat", "--max_new_tokens=4")
     assert code == 0 and out.startswith("the cat"), err
 
-    # A damaged newest checkpoint: eval falls back to the one before; a resumed run sets it aside (kept).
+    # A damaged newest checkpoint: eval falls back to the one before; set aside as a resumed run does (kept).
     storage.path(f"{run}/checkpoints/15/state/manifest.ocdbt").write_bytes(b"not a manifest")
     code, out, err = run_cli(None, "eval", f"--workdir={run}", "--json")
     assert code == 0 and '"step": 12' in out and "cannot be read" in err, err
-    code, out = finish(start_cli("train", *args(run, corpus, "--config.train.num_steps=15", tokenizer)))
-    assert code == 0 and "moved the unreadable checkpoint at step 15" in out, out[-3000:]
-    aside = [p.name for p in storage.path(f"{run}/checkpoints_set_aside").iterdir()]
-    assert len(aside) == 1 and aside[0].startswith("15-unreadable-"), aside
+    with Checkpointer(run) as ckpt:
+        ckpt.set_aside([15], "unreadable", echo=lambda s: None)
+        assert ckpt.all_steps() == [9, 12]
+    aside = storage.path(f"{run}/checkpoints_set_aside")
+    [moved] = [p for p in aside.iterdir()]
+    assert moved.name.startswith("15-unreadable-") and (moved / "state" / "manifest.ocdbt").read_bytes() == b"not a manifest"
 
 
 def test_the_lease_refuses_a_second_run_is_taken_over_when_stale_and_its_holder_learns_it_lost_it(bucket):
