@@ -156,7 +156,10 @@ class Checkpointer:
         """Removes the incomplete step a failed save left (its space is what a full disk needs) and says what
         is intact."""
         for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-            storage.remove_tree(partial)
+            try:
+                storage.remove_tree(partial)
+            except Exception as e:  # noqa: BLE001 - the save's own error is the one to report
+                print(f"warning: {partial} could not be removed ({e})", file=sys.stderr)
         text = str(error)
         cause = ("no space left on the device" if "No space left" in text or "os_error_code='28'" in text
                  else f"{type(error).__name__}: {text.strip().splitlines()[0][:200] if text.strip() else ''}")
@@ -359,6 +362,9 @@ def save_config(config: ml_collections.ConfigDict, workdir) -> None:
             damaged.write_bytes(path.read_bytes())
         else:
             path.rename(damaged)
+    if config.train.get("take_over_lease", False):  # for this start only: a resume must not inherit it
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.train.take_over_lease = False
     storage.write_atomic(path, config.to_json_best_effort(indent=2, sort_keys=True))
 
 

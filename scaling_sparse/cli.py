@@ -521,11 +521,12 @@ def _with_stored_config(argv: list[str]) -> list[str]:
     if given and argv[given[-1]].endswith(".json"):  # a workdir's config.json: read it as the stored config
         from scaling_sparse import stored_config
         from scaling_sparse.config import ConfigError
+        from scaling_sparse.storage import StorageError
 
         path = argv[given[-1]].split("=", 1)[1]
         try:
             stored_config.get_config(path)
-        except ConfigError as e:
+        except (ConfigError, StorageError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(EXIT_USAGE)
         return [*argv[:given[-1]], f"--config={STORED_CONFIG}:{path}", *argv[given[-1] + 1:]]
@@ -541,10 +542,11 @@ def _with_stored_config(argv: list[str]) -> list[str]:
         return argv
     from scaling_sparse import stored_config
     from scaling_sparse.config import ConfigError
+    from scaling_sparse.storage import StorageError
 
     try:  # here, so a missing or damaged config.json reads as one line, not config_flags' traceback
         stored_config.get_config(workdir)
-    except ConfigError as e:
+    except (ConfigError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     return [argv[0], f"--config={STORED_CONFIG}:{workdir}", *argv[1:]]

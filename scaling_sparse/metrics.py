@@ -102,11 +102,13 @@ class MetricsWriter:
             else:
                 with self.path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - OSError on disk; gcsfs raises its HttpError for a bucket
+            if not isinstance(e, OSError) and not self.remote:
+                raise
             raise MetricsWriteError(f"writing the metrics of step {step} to {self.path} failed "
-                                    f"({e.strerror or e}). Fix: free space on that disk (or check its "
-                                    "permissions), then run the same command again: it resumes from the "
-                                    "last checkpoint") from None
+                                    f"({getattr(e, 'strerror', None) or e}). Fix: free space on that disk (or "
+                                    "check its permissions or the bucket's), then run the same command again: it "
+                                    "resumes from the last checkpoint") from None
         if self._tb is not None:
             try:
                 for name, value in record.items():
@@ -115,17 +117,19 @@ class MetricsWriter:
                 self._tb.flush()
                 if self.remote and time.monotonic() - self._tb_synced > TB_SYNC_S:
                     self._sync_tensorboard()
-            except OSError as e:
+            except Exception as e:  # noqa: BLE001 - as above
+                if not isinstance(e, OSError) and not self.remote:
+                    raise
                 self._drop_tensorboard(e)
         if self.echo is not None:
             self.echo(" | ".join(f"{k} {_format(v)}" for k, v in record.items()))
 
-    def _drop_tensorboard(self, error: OSError) -> None:
+    def _drop_tensorboard(self, error: Exception) -> None:
         """TensorBoard's event file could not be written (a full disk): one warning, and the run goes on
         with metrics.jsonl, the record every tool here reads. The writer is marked closed so that
         tensorboardX's own exit handler does not retry the write with a traceback."""
         print(f"warning: TensorBoard logging stopped: writing {self._tb_dir} failed "
-              f"({error.strerror or error}); {self.path} still has every step", file=sys.stderr)
+              f"({getattr(error, 'strerror', None) or error}); {self.path} still has every step", file=sys.stderr)
         for file_writer in (getattr(self._tb, "all_writers", None) or {}).values():  # tensorboardX internals
             event_writer = getattr(file_writer, "event_writer", None)
             if event_writer is None or event_writer._closed:
@@ -151,7 +155,9 @@ class MetricsWriter:
                 self._tb.close()
                 if self.remote:
                     self._sync_tensorboard()
-            except OSError as e:
+            except Exception as e:  # noqa: BLE001 - as above
+                if not isinstance(e, OSError) and not self.remote:
+                    raise
                 self._drop_tensorboard(e)
             self._tb = None
 

@@ -51,11 +51,23 @@ def path(p):
     except ImportError:
         raise StorageError(f"{url} is on object storage, which needs the {package} package. Fix: pip install "
                            "'scaling-sparse[cloud]'") from None
-    os.environ.setdefault("EPATH_USE_TF", "false")  # before epath picks its backend (the module docstring)
+    _epath_without_tensorflow()
     configure_fsspec()
     from etils import epath
 
     return epath.Path(url)
+
+
+def _epath_without_tensorflow() -> None:
+    """epath serves URLs through fsspec, not TensorFlow's gfile (the module docstring). It reads EPATH_USE_TF
+    once, at its first path of any kind (TFDS makes local ones), and caches the answer: the cache is cleared
+    here so the setting holds whatever ran first."""
+    os.environ.setdefault("EPATH_USE_TF", "false")
+    from etils.epath import gpath
+
+    cached = getattr(gpath, "_is_tf_installed", None)
+    if hasattr(cached, "cache_clear"):
+        cached.cache_clear()
 
 
 def configure_fsspec() -> None:

@@ -403,6 +403,8 @@ def _train_locked(config, workdir, data, echo, mesh, step, primary, lease=None) 
                         raise _diverged(step, f"the training loss ({train_loss})", last_good, ckpt.directory, t)
                     if is_eval:
                         record.update(evaluate_batches(eval_step, state["params"], data.eval_batches, mesh, rules))
+                    if lease is not None:
+                        lease.check()  # another run took the object-store lease over: write nothing more
                     writer.write(step, record)
                     summary.update(record)
                     if bar is not None:

@@ -1,22 +1,25 @@
 """One training run per object-store work directory: a lease object, WORKDIR/.lease (docs/storage.md).
 
-Object stores have no locks a dead process gives back, so the rule is a lease:
-  - taking it: the object is created with a precondition that it does not exist yet (GCS
-    ifGenerationMatch=0, S3 If-None-Match: *, through fsspec's exclusive create), so of two runs
-    starting together exactly one gets it; the other is refused, naming the holder;
-  - holding it: the run rewrites the lease every `renew_s` seconds (a thread) with the time of renewal;
-    before each renewal it reads the lease, and if another run's token is there (it took a stale lease
-    over) it stops renewing and the run is told at its next step (`lost()`);
-  - a stale lease (not renewed for `stale_s`, 10 minutes by default: the holder was killed or cut off)
-    is taken over: deleted, then created again with the same precondition;
-  - the run ends normally: the lease is deleted.
-A SIGKILLed run leaves its lease; the next run waits out `stale_s` from the last renewal or is told
-how to take it over at once (--config.train.take_over_lease=True, when the person knows the run is dead).
+Object stores have no locks that a dead process gives back, so the rule is a lease, and every change to
+it is conditional on the generation (GCS's version number of an object) last seen, through
+google-cloud-storage's `if_generation_match`:
+  - taking it: created only if absent (generation 0): of two runs starting together exactly one gets
+    it; the other is refused, naming the holder and how long ago it renewed;
+  - holding it: rewritten every `renew_s` seconds (a thread), only if still at this run's generation.
+    A failed precondition means another run took it over: the run is told at its next step (`check()`),
+    before it writes metrics or a checkpoint. A run that could not renew for `stale_s` / 2 (the bucket
+    unreachable) stops the same way, before another run may take it over;
+  - a stale lease (not updated for `stale_s`, 10 minutes, by the bucket's clock; its run was killed or
+    cut off), or any lease with train.take_over_lease=True, is taken over: deleted only at the generation
+    read, then created again from generation 0 (of two runs taking it over together, one gets it);
+  - the run ends (finished, stopped, or failed): the lease is deleted, only at this run's generation.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import functools
 import json
 import os
 import socket
@@ -34,114 +37,143 @@ STALE_S = 600.0
 
 
 class LeaseLostError(RuntimeError):
-    """Another run took this run's lease over (this run had not renewed it for longer than the stale limit)."""
+    """Another run took this run's lease over, or this run could not renew it: it must write nothing more."""
 
     exit_code = 1
 
 
-def _filesystem(url: str):
-    import fsspec
+@functools.lru_cache(maxsize=1)
+def _client():
+    """google-cloud-storage (it comes with gcsfs): Application Default Credentials, or STORAGE_EMULATOR_HOST."""
+    from google.cloud import storage as gcs
 
-    storage.configure_fsspec()
-    return fsspec.core.url_to_fs(url)
-
-
-def _read(fs, key) -> dict | None:
-    fs.invalidate_cache(key)  # fsspec caches listings: the lease's size and existence must be fresh
-    try:
-        with fs.open(key, "rb") as f:
-            return json.loads(f.read() or b"{}")
-    except FileNotFoundError:
-        return None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return {}  # torn or foreign content: treated as a lease of unknown age (see `_age`)
+    return gcs.Client()
 
 
-def _create(fs, key, record: dict) -> bool:
-    """Creates the lease object only if absent -> whether this call created it."""
-    try:
-        with fs.open(key, "xb") as f:
-            f.write(json.dumps(record).encode())
-        return True
-    except FileExistsError:
-        return False
-    except OSError as e:  # a precondition failure some fsspec versions report as a plain OSError
-        if "412" in str(e) or "Precondition" in str(e):
-            return False
-        raise
+def _blob(url: str):
+    bucket, _, name = url[len("gs://"):].partition("/")
+    return _client().bucket(bucket).blob(name)
+
+
+def _precondition_failed(error: Exception) -> bool:
+    from google.api_core import exceptions
+
+    return isinstance(error, (exceptions.PreconditionFailed, exceptions.NotFound))
 
 
 class WorkdirLease:
     def __init__(self, workdir, *, renew_s: float = RENEW_S, stale_s: float = STALE_S, take_over: bool = False):
-        self.url = f"{str(workdir).rstrip('/')}/{LEASE_FILE}"
-        self.fs, self.key = _filesystem(self.url)
+        storage.path(workdir)  # the package checks (gcsfs, s3:// refused)
+        self.workdir = str(workdir).rstrip("/")
+        self.url = f"{self.workdir}/{LEASE_FILE}"
         self.renew_s, self.stale_s, self.take_over = renew_s, stale_s, take_over
         self.token = uuid.uuid4().hex
         self.started = time.time()
+        self.generation: int | None = None  # the lease's generation as this run last wrote it
+        self._renewed = time.monotonic()
         self._stop = threading.Event()
         self._lost: str | None = None
         self._thread: threading.Thread | None = None
 
-    def _record(self) -> dict:
-        return {"token": self.token, "pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
-                "started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(self.started)) + " UTC",
-                "renewed_unix": time.time()}
+    def _record(self) -> bytes:
+        return json.dumps({"token": self.token, "pid": os.getpid(), "host": socket.gethostname(),
+                           "command": " ".join(sys.argv), "renewed_unix": time.time(),
+                           "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started))}).encode()
 
-    def acquire(self, workdir) -> None:
-        if _create(self.fs, self.key, self._record()):
-            self._start_renewing()
-            return
-        holder = _read(self.fs, self.key) or {}
-        age = time.time() - float(holder.get("renewed_unix", 0.0) or 0.0)
-        who = (f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}, lease renewed "
-               f"{age:.0f} s ago" if holder.get("token") else "a lease of unknown content")
-        if age < self.stale_s and not self.take_over:
-            raise WorkdirBusyError(
-                f"{workdir} is in use by another training run ({who}). Two runs in one workdir would overwrite each "
-                f"other's checkpoints and metrics. Fix: wait for it or stop it, or use another --workdir. A run that "
-                f"was killed leaves its lease: it is taken over {self.stale_s:.0f} s after its last renewal, or at once "
-                "with --config.train.take_over_lease=True when you know that run is dead")
-        print(f"warning: taking over the lease of {workdir} ({who}): that run is taken to be dead", file=sys.stderr)
-        with contextlib.suppress(FileNotFoundError):
-            self.fs.rm(self.key)
-        if not _create(self.fs, self.key, self._record()):
-            raise WorkdirBusyError(f"{workdir}: another run took the stale lease over at the same moment. Fix: "
-                                   "stop one of the two runs")
-        self._start_renewing()
+    def _write(self, generation: int) -> bool:
+        """Writes the lease if the object is at `generation` (0: absent) -> whether it did."""
+        blob = _blob(self.url)
+        try:
+            blob.upload_from_string(self._record(), content_type="application/json", if_generation_match=generation)
+        except Exception as e:  # noqa: BLE001 - a failed precondition is an answer; anything else is raised
+            if _precondition_failed(e):
+                return False
+            raise
+        self.generation = int(blob.generation)
+        return True
 
-    def _start_renewing(self) -> None:
+    def _holder(self) -> tuple[dict, int, float] | None:
+        """(the lease's content, its generation, seconds since the bucket last updated it), None if absent."""
+        blob = _blob(self.url)
+        try:
+            blob.reload()
+            raw = blob.download_as_bytes(if_generation_match=blob.generation)  # the version whose metadata we hold
+        except Exception as e:  # noqa: BLE001
+            if _precondition_failed(e):
+                return None  # gone, or replaced while being read: the caller tries again
+            raise
+        try:
+            content = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            content = {}
+        age = (datetime.datetime.now(datetime.timezone.utc) - blob.updated).total_seconds()
+        return content if isinstance(content, dict) else {}, int(blob.generation), age
+
+    def acquire(self) -> None:
+        for _ in range(5):  # a lease that vanishes or changes while it is read is read again
+            if self._write(0):
+                break
+            held = self._holder()
+            if held is None:
+                continue
+            holder, generation, age = held
+            if holder.get("token") == self.token:  # our create went through, its reply was lost
+                self.generation = generation
+                break
+            who = (f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}, lease "
+                   f"renewed {age:.0f} s ago" if holder.get("token") else f"a lease of unknown content, {age:.0f} s old")
+            if age < self.stale_s and not self.take_over:
+                raise WorkdirBusyError(
+                    f"{self.workdir} is in use by another training run ({who}). Two runs in one workdir would overwrite "
+                    "each other's checkpoints and metrics. Fix: wait for it or stop it, or use another --workdir. A run "
+                    f"that was killed leaves its lease: it is taken over {self.stale_s:.0f} s after its last renewal, or "
+                    "at once with --config.train.take_over_lease=True when you know that run is dead")
+            print(f"warning: taking over the lease of {self.workdir} ({who}): that run is taken to be dead",
+                  file=sys.stderr)
+            with contextlib.suppress(Exception):  # only at the generation read: another taker may be first
+                _blob(self.url).delete(if_generation_match=generation)
+        else:
+            raise WorkdirBusyError(f"{self.workdir}: its lease kept changing while this run tried to take it (another "
+                                   "run is taking it at the same moment). Fix: stop one of the two runs")
+        self._renewed = time.monotonic()
         self._thread = threading.Thread(target=self._renew_loop, name="workdir-lease", daemon=True)
         self._thread.start()
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.renew_s):
             try:
-                holder = _read(self.fs, self.key)
-                if holder is not None and holder.get("token") != self.token:
-                    self._lost = (f"pid {holder.get('pid')} on {holder.get('host')} took over the lease of "
-                                  f"{self.url} (this run had not renewed it for {self.stale_s:.0f} s)")
+                if not self._write(self.generation):
+                    self._lost = f"another run took over the lease of {self.workdir}"
                     return
-                with self.fs.open(self.key, "wb") as f:
-                    f.write(json.dumps(self._record()).encode())
-            except Exception as e:  # noqa: BLE001 - a network error: retried at the next renewal
+                self._renewed = time.monotonic()
+            except Exception as e:  # noqa: BLE001 - the bucket unreachable: retried at the next renewal
                 print(f"warning: renewing the lease {self.url} failed ({type(e).__name__}: {e}); retrying",
                       file=sys.stderr)
 
     def check(self) -> None:
-        """Raises LeaseLostError once another run has taken the lease over."""
+        """Raises LeaseLostError once another run took the lease over or it could not be renewed for stale_s / 2."""
+        unrenewed = time.monotonic() - self._renewed
+        if not self._lost and unrenewed > self.stale_s / 2:
+            self._lost = f"the lease of {self.workdir} could not be renewed for {unrenewed:.0f} s"
         if self._lost:
-            raise LeaseLostError(f"{self._lost}. This run stops without writing more. Fix: let one run use the "
-                                 "workdir; if this one should go on, stop the other and run the same command again")
+            raise LeaseLostError(f"{self._lost}: this run stops without writing more, so that two runs never write "
+                                 "one workdir. Fix: let one run use the workdir; to go on with this one, make sure no "
+                                 "other is running and run the same command again")
 
     def release(self) -> None:
+        """Deletes the lease if it is still this run's; never raises (it runs while the run ends, maybe on an error)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        if not self._lost:
-            holder = _read(self.fs, self.key)
-            if holder is not None and holder.get("token") == self.token:
-                with contextlib.suppress(FileNotFoundError):
-                    self.fs.rm(self.key)
+        if self.generation is None:
+            return
+        try:  # only at this run's generation: a lease another run took over stays theirs
+            _blob(self.url).delete(if_generation_match=self.generation)
+        except Exception as e:  # noqa: BLE001
+            if not _precondition_failed(e):
+                print(f"warning: the lease {self.url} could not be deleted ({type(e).__name__}: {e}); the next run "
+                      f"takes it over {self.stale_s:.0f} s from now, or at once with "
+                      "--config.train.take_over_lease=True", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -152,8 +184,8 @@ def workdir_lease(workdir, *, enabled: bool = True, take_over: bool = False, ren
     if not enabled:
         yield None
         return
-    lease = WorkdirLease(storage.path(workdir), renew_s=renew_s, stale_s=stale_s, take_over=take_over)
-    lease.acquire(workdir)
+    lease = WorkdirLease(workdir, renew_s=renew_s, stale_s=stale_s, take_over=take_over)
+    lease.acquire()
     try:
         yield lease
     finally:

@@ -42,16 +42,20 @@ def check_writable(workdir) -> None:
     workdir = storage.path(workdir)
     try:
         if storage.is_object_store(workdir):  # no directories there: an object written and removed
-            probe = workdir / f".write_check_{os.getpid()}"
+            import uuid
+
+            probe = workdir / f".write_check_{socket.gethostname()}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
             probe.write_bytes(b"")
-            probe.unlink()
+            probe.unlink(missing_ok=True)
             return
         workdir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_check_"):
             pass
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - OSError on disk; gcsfs raises its HttpError for a bucket
+        if not isinstance(e, OSError) and not storage.is_object_store(workdir):
+            raise
         raise WorkdirNotWritableError(
-            f"the work directory {workdir} cannot be written ({e.strerror or e}): training writes its checkpoints, "
+            f"the work directory {workdir} cannot be written ({getattr(e, 'strerror', None) or e}): training writes its checkpoints, "
             "metrics and config.json there. Nothing was changed. Fix: make it writable, or give a --workdir on a "
             "writable disk (a copy of this one resumes from its checkpoints)") from None
 

@@ -56,11 +56,21 @@ def _patch_emulator():
         return wrapped
 
     by_id = lambda request: request.params.get("object_id")  # noqa: E731
-    by_query = lambda request: (request.query.get("name") or [None])[0]  # noqa: E731
+    def upload_name(request):
+        """An upload's object: in the query, or in a multipart upload's metadata part, or in the JSON body that
+        starts a resumable one (google-cloud-storage and gcsfs use all three)."""
+        name = (request.query.get("name") or [None])[0]
+        kind = (request.query.get("uploadType") or [""])[0]
+        if name is None and kind == "multipart":
+            name = (request.data or {}).get("meta", {}).get("name")
+        elif name is None and kind == "resumable" and "upload_id" not in request.query:
+            name = (request.data or {}).get("name") if isinstance(request.data, dict) else None
+        return name
+
     wrapped = {objects.get: with_preconditions(objects.get, by_id),
                objects.download: with_preconditions(objects.download, by_id),
                objects.delete: with_preconditions(objects.delete, by_id),
-               objects.insert: with_preconditions(objects.insert, by_query)}
+               objects.insert: with_preconditions(objects.insert, upload_name)}
     server.HANDLERS = tuple((regex, {method: wrapped.get(h, h) for method, h in handlers.items()})
                             for regex, handlers in server.HANDLERS)
     objects.insert = wrapped[objects.insert]  # the router's fallback for uploads without the /upload prefix

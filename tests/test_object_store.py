@@ -33,6 +33,9 @@ def bucket(tmp_path_factory):
     port = free_port()
     server = subprocess.Popen([sys.executable, str(pathlib.Path(__file__).with_name("gcs_server.py")), str(port),
                                "bucket"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    import select
+
+    assert select.select([server.stdout], [], [], 60)[0], "the GCS server did not start within 60 s"
     assert server.stdout.readline().strip() == "ready"
     env = {**gcs_server.environment(port), "SCALING_SPARSE_CACHE": str(tmp_path_factory.mktemp("cache"))}
     before = {k: os.environ.get(k) for k in env}
@@ -67,12 +70,12 @@ def test_a_run_in_a_bucket_killed_and_resumed_gives_the_local_disk_losses_evalua
     port = free_port()
     procs = [start_cli("train", *args(run, corpus, "--config.train.num_steps=1000", tokenizer), devices=4,
                        process=(port, i, 2)) for i in range(2)]  # killed long before its end
-    deadline = time.time() + 300
-    while time.time() < deadline and all(p.poll() is None for p in procs):
-        if max([r["step"] for r in read_metrics(run)] or [0]) >= 4:  # past the checkpoint at step 3
-            break
+    deadline, logged = time.time() + 300, 0
+    while time.time() < deadline and all(p.poll() is None for p in procs) and logged < 4:
+        logged = max([r["step"] for r in read_metrics(run)] or [0])  # past the checkpoint at step 3 at 4
         time.sleep(0.2)
     assert all(p.poll() is None for p in procs), [finish(p)[1][-3000:] for p in procs]
+    assert logged >= 4, f"the bucket run logged {logged} steps in 300 s"
     for p in procs:  # the JAX processes, not their watchers (which would stop them gracefully: process_watch.py)
         os.kill(watched_child(p.pid), signal.SIGKILL)
     for p in procs:
@@ -117,28 +120,38 @@ def test_a_run_in_a_bucket_killed_and_resumed_gives_the_local_disk_losses_evalua
 
 
 def test_the_lease_refuses_a_second_run_is_taken_over_when_stale_and_its_holder_learns_it_lost_it(bucket):
+    import threading
+
     from scaling_sparse.workdir_lease import LeaseLostError, WorkdirLease
     from scaling_sparse.workdir_lock import WorkdirBusyError
 
-    workdir = storage.path(f"{bucket}/lease-test")
+    workdir, lease = f"{bucket}/lease-test", storage.path(f"{bucket}/lease-test/.lease")
     first = WorkdirLease(workdir, renew_s=0.05)
-    first.acquire(workdir)
-    with pytest.raises(WorkdirBusyError, match="in use by another training run .*renewed"):
-        WorkdirLease(workdir).acquire(workdir)
+    first.acquire()
+    with pytest.raises(WorkdirBusyError, match="in use by another training run .*renewed .* s ago"):
+        WorkdirLease(workdir).acquire()
     first._stop.set()  # the holder hangs: no more renewals
     first._thread.join()
-    second = WorkdirLease(workdir, stale_s=0.2)
-    time.sleep(0.3)
-    second.acquire(workdir)  # stale: taken over
-    first._stop.clear()
-    first._start_renewing()  # the old holder wakes up, reads the lease before renewing, and stops
-    time.sleep(0.3)
-    with pytest.raises(LeaseLostError, match="took over the lease"):
+    second = WorkdirLease(workdir, stale_s=0.0)  # everything is stale to it
+    second.acquire()
+    first._stop.clear()  # the old holder wakes up: its renewal's precondition fails, it stops renewing
+    first._thread = threading.Thread(target=first._renew_loop, daemon=True)
+    first._thread.start()
+    first._thread.join(timeout=60)
+    with pytest.raises(LeaseLostError, match="another run took over the lease"):
         first.check()
     first.release()
-    assert storage.path(f"{workdir}/.lease").exists()  # the old holder did not delete the new one's lease
+    assert lease.exists()  # the old holder did not delete the new one's lease
     second.release()
-    assert not storage.path(f"{workdir}/.lease").exists()
+    assert not lease.exists()
+
+    # A holder that cannot renew stops itself before another run may take its lease over.
+    cut_off = WorkdirLease(workdir, renew_s=3600, stale_s=0.2)
+    cut_off.acquire()
+    time.sleep(0.15)
+    with pytest.raises(LeaseLostError, match="could not be renewed"):
+        cut_off.check()
+    cut_off.release()
 
 
 def test_an_s3_workdir_is_refused_with_the_reason_and_what_to_do_instead(tmp_path):

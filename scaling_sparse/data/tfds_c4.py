@@ -23,11 +23,11 @@ import collections
 import itertools
 import logging
 import os
-import pathlib
 from typing import Callable, Iterator
 
 import numpy as np
 
+from scaling_sparse import storage
 from scaling_sparse.data import Data, DataError, cache, packing
 from scaling_sparse.data.tokenizer import get_tokenizer
 
@@ -72,7 +72,7 @@ def import_tfds():
 def open_builder(data_config):
     """The prepared TFDS builder for data_config.tfds_name, or a DataError saying how to prepare it."""
     name, data_dir = data_config.tfds_name, data_config.tfds_data_dir
-    if data_dir and not pathlib.Path(os.path.expanduser(data_dir)).is_dir():
+    if data_dir and not storage.path(os.path.expanduser(data_dir)).is_dir():  # a local folder or a gs:// one
         raise DataError(f"config.data.tfds_data_dir={data_dir!r} does not exist. " + _prepare_hint(name, data_dir))
     _, tfds = import_tfds()
     try:
