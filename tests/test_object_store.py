@@ -60,7 +60,7 @@ def finish(proc) -> tuple[int, str]:
 
 
 def test_a_run_in_a_bucket_killed_and_resumed_gives_the_local_disk_losses_evaluates_and_generates(
-        bucket, corpus, tmp_path):
+        bucket, corpus, tmp_path, monkeypatch):
     reference = tmp_path / "local"
     code, out = finish(start_cli("train", *args(reference, corpus, "--config.train.num_steps=15")))
     assert code == 0, out[-3000:]
@@ -106,6 +106,16 @@ def test_a_run_in_a_bucket_killed_and_resumed_gives_the_local_disk_losses_evalua
     np.testing.assert_allclose(float(out.split('"eval_loss": ')[1].split(",")[0]), want[15]["eval_loss"], rtol=1e-5)
     code, out, err = run_cli(None, "generate", f"--workdir={run}", "--prompt=the cat", "--max_new_tokens=4")
     assert code == 0 and out.startswith("the cat"), err
+
+    # The token caches are in the bucket too: a host with an empty disk copies them instead of tokenizing.
+    from scaling_sparse.config import validate
+    from scaling_sparse.data.pipeline import build_data
+    from scaling_sparse.stored_config import get_config
+
+    assert any(p.name.endswith(".train.npy") for p in storage.path(f"{run}/data_cache").iterdir())
+    monkeypatch.setenv("SCALING_SPARSE_CACHE", str(tmp_path / "another_host"))
+    assert build_data(validate(get_config(run)), run).stats["cache_hit"]
+    assert list((tmp_path / "another_host").rglob("*.train.npy"))
 
     # A damaged newest checkpoint: eval falls back to the one before; set aside as a resumed run does (kept).
     storage.path(f"{run}/checkpoints/15/state/manifest.ocdbt").write_bytes(b"not a manifest")

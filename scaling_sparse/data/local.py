@@ -110,6 +110,32 @@ def _read_cache(meta_path, array_paths):
         return None
 
 
+def _fetch_cache(bucket_cache, meta_path: pathlib.Path, array_paths: list):
+    """The data cache another host (or an earlier run) published in the bucket, copied to this host's disk ->
+    _read_cache's answer, or None when the bucket has none (or it cannot be read: rebuilt, derived data)."""
+    if not (bucket_cache / meta_path.name).exists():
+        return None
+    try:
+        for p in [*array_paths, meta_path]:  # the meta last, as when it was written
+            storage.download(bucket_cache / p.name, p)
+    except Exception as e:  # noqa: BLE001 - a network or permission error: derived data, rebuilt here
+        print(f"warning: the data cache in {bucket_cache} could not be copied ({type(e).__name__}: {e}); "
+              "rebuilding it here", file=sys.stderr)
+        return None
+    return _read_cache(meta_path, array_paths)
+
+
+def _publish_cache(bucket_cache, paths: list) -> None:
+    """Copies this host's new data cache to the bucket, the meta file last (its presence says the arrays
+    are complete), so other hosts and later runs copy it instead of tokenizing the corpus again."""
+    try:
+        for p in paths:
+            storage.write_atomic(bucket_cache / p.name, p.read_bytes())
+    except Exception as e:  # noqa: BLE001 - derived data: each host can build its own
+        print(f"warning: the data cache could not be copied to {bucket_cache} ({type(e).__name__}: {e}); other "
+              "hosts build their own", file=sys.stderr)
+
+
 def _bm25_order(stem, train_stream, seq_len: int, batch_size: int, seed: int, progress: bool):
     """TRIME_ext's BM25 grouping of the training windows (data/bm25_batches.py), cached beside the streams
     (derived data: a damaged file is regrouped)."""
@@ -140,14 +166,18 @@ def _assemble(config, workdir, tokenizer, source, load, prefix, span, start, pro
                  "validation_fraction": d.validation_fraction, "files": source.signature()}
     key = cache.fingerprint({"corpus": corpus_id, "tokenizer": cache.bytes_digest(tokenizer.model_proto)})
     # On disk beside the run; for an object-store workdir in a local directory standing for it (the streams are
-    # memory-mapped, which needs files on disk; docs/storage.md).
+    # memory-mapped, which needs files on disk), copied to and from WORKDIR/data_cache in the bucket
+    # (docs/storage.md).
     stem = storage.local_mirror(workdir) / "data_cache" / f"{d.source}-{key[:16]}"
+    bucket_cache = storage.path(workdir) / "data_cache" if storage.is_object_store(workdir) else None
     suffixes = [".train.npy", ".validation.npy"] + ([".train_mask.npy", ".validation_mask.npy"] if prefix else [])
     array_paths = [stem.parent / (stem.name + s) for s in suffixes]
     meta_path = stem.parent / (stem.name + ".json")
 
     # The meta file is written last: if it exists, all arrays were completely written before it.
     cached = _read_cache(meta_path, array_paths)
+    if cached is None and bucket_cache is not None:
+        cached = _fetch_cache(bucket_cache, meta_path, array_paths)
     if cached is not None:
         corpus_stats, arrays = cached
         cache_hit = True
@@ -167,6 +197,8 @@ def _assemble(config, workdir, tokenizer, source, load, prefix, span, start, pro
             cache.save_array(p, a)
         cache.write_json(meta_path, corpus_stats)
         cache_hit = False
+    if bucket_cache is not None and process_index == 0 and not (bucket_cache / meta_path.name).exists():
+        _publish_cache(bucket_cache, [*array_paths, meta_path])  # also one another local process built
     train_stream, val_stream = arrays[:2]
     train_mask, val_mask = arrays[2:] if prefix else (None, None)
     if span:
