@@ -165,9 +165,13 @@ class Checkpointer:
                  else f"{type(error).__name__}: {text.strip().splitlines()[0][:200] if text.strip() else ''}")
         self.manager.reload()
         intact = [s for s in self.all_steps() if s != step]
-        kept = (f"The checkpoints at steps {intact} in {self.directory} are intact and the incomplete one was "
-                f"removed; running the same command again resumes from step {intact[-1]}" if intact else
-                f"No earlier checkpoint is in {self.directory}; the incomplete one was removed")
+        # On GCS orbax writes the step in place and marks it complete last (no temporary directory to remove):
+        # the incomplete one is never read as a checkpoint.
+        gone = ("the incomplete one has no commit marker and is not read" if storage.is_object_store(self.directory)
+                else "the incomplete one was removed")
+        kept = (f"The checkpoints at steps {intact} in {self.directory} are intact and {gone}; running the same "
+                f"command again resumes from step {intact[-1]}" if intact else
+                f"No earlier checkpoint is in {self.directory}; {gone}")
         fix = "free space on that disk" if cause.startswith("no space") else "check the disk and its permissions"
         return CheckpointSaveError(f"saving the checkpoint at step {step} failed ({cause}). {kept}. Fix: {fix}, "
                                    "then run the same command again")
