@@ -339,7 +339,8 @@ def _plot(result: dict, path: pathlib.Path) -> None:
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
         ax.set_ylabel("validation perplexity")
         ax.set_ylim(min(means) * 0.95, max(means) * 1.03)
-        ax.set_title(f"{model} ({result['steps']} steps, {result['seeds']} seed(s))")
+        ran = len({r["seed"] for r in result["results"] if r["model"] == model})  # a run cut short has fewer
+        ax.set_title(f"{model} ({result['steps']} steps, {ran} of {result['seeds']} seed(s))")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
