@@ -74,7 +74,8 @@ class CountingSource:
         return self.source[i]
 
 
-def counted_build(monkeypatch, data_dir, tokenizer, work, **kw):
+def counted_build(monkeypatch, data_dir, tokenizer, work, config_=None, **kw):
+    """build_data (of `config_`, default the module's config) with the training source's reads counted."""
     sources = []
     original = grain_rows.open_source
 
@@ -83,7 +84,7 @@ def counted_build(monkeypatch, data_dir, tokenizer, work, **kw):
         return sources[-1]
 
     monkeypatch.setattr(grain_rows, "open_source", open_source)
-    data = build_data(config(data_dir, tokenizer), work, **kw)
+    data = build_data(validate(config_) if config_ is not None else config(data_dir, tokenizer), work, **kw)
     monkeypatch.setattr(grain_rows, "open_source", original)
     train_source = sources[0]
     train_source.read.clear()  # the validation stream read the other source; count training reads only
@@ -205,18 +206,7 @@ def test_trime_long_groups_are_consecutive_windows_of_one_record_stream_per_proc
         return c
 
     def build(c, **kw):
-        sources = []
-        original = grain_rows.open_source
-
-        def open_source(builder, split):
-            sources.append(CountingSource(original(builder, split)))
-            return sources[-1]
-
-        monkeypatch.setattr(grain_rows, "open_source", open_source)
-        data = build_data(validate(c), tmp_path / "w", **kw)
-        monkeypatch.setattr(grain_rows, "open_source", original)
-        sources[0].read.clear()
-        return data, sources[0]
+        return counted_build(monkeypatch, data_dir, tokenizer, tmp_path / "w", c, **kw)
 
     one, one_source = build(long_config())
     assert one.train.group_rows == 2 and list(one.train.streams) == [0, 1]
