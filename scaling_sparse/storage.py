@@ -51,7 +51,6 @@ def path(p):
     except ImportError:
         raise StorageError(f"{url} is on object storage, which needs the {package} package. Fix: pip install "
                            "'scaling-sparse[cloud]'") from None
-    _epath_without_tensorflow()
     configure_fsspec()
     from etils import epath
 
@@ -70,10 +69,19 @@ def _epath_without_tensorflow() -> None:
         cached.cache_clear()
 
 
+_configured = False
+
+
 def configure_fsspec() -> None:
-    """No cached listings: fsspec's filesystems remember what a directory held (gcsfs forever by default), so a
-    process would not see an object another one wrote (a lease, a checkpoint, metrics). Options the user set
-    in fsspec's config win."""
+    """Once per process, before the first URL: epath without TensorFlow, and fsspec with no cached listings
+    (fsspec's filesystems remember what a directory held, gcsfs forever by default, so a process would not
+    see an object another one wrote: a lease, a checkpoint, metrics). Options the user set in fsspec's
+    config win."""
+    global _configured
+    if _configured:
+        return
+    _configured = True
+    _epath_without_tensorflow()
     import logging
 
     import fsspec.config
