@@ -73,7 +73,7 @@ class MetricsWriter:
         self.enabled = enabled
         self.echo = echo if enabled else None
         # On object storage (no append) metrics.jsonl is rewritten whole with each record, and TensorBoard
-        # writes its event files locally, copied to WORKDIR/tensorboard/ every `tb_sync_s` and at close.
+        # writes its event files locally, copied to WORKDIR/tensorboard/ every TB_SYNC_S seconds and at close.
         self.remote = storage.is_object_store(self.workdir)
         self._lines = [json.dumps(r) + "\n" for r in read_metrics(self.workdir)] if self.remote and enabled else []
         if not self.remote:
